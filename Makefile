@@ -1,0 +1,38 @@
+# longvl developer entry points. `make train` and `make test` work on a fresh machine.
+PYTHON ?= python3.11
+VENV ?= .venv
+# Clusters override this, e.g. `make setup TORCH_SPEC="torch==2.13.0 --index-url <cuda index>"`.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.longvl-setup
+export DS_ACCELERATOR ?= cpu
+export WANDB_MODE ?= offline
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup train test test-fast bench clean
+
+setup: $(STAMP)
+
+# Idempotent: re-runs only when the project metadata changes. torch goes in first so the project's
+# `torch>=...` requirement is already satisfied and pip never resolves a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+train: setup
+	$(PY) -m train pipeline=demo
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not dist and not slurm" $(PYTEST_ARGS)
+
+bench: setup
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .cache

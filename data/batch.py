@@ -1,0 +1,74 @@
+"""The contract between data/ and train/.
+
+`Document` is one processed sample (tokenized text with its vision placeholders, pixels and positions);
+`data.packing` turns a stream of documents into `PackedBatch`es of exactly `seq_len` tokens. The trainer and
+every backend consume `PackedBatch` as is: nothing downstream re-derives what it carries.
+
+Conventions:
+- Vision tensors follow transformers' Qwen3-VL layout: `pixel_values` [num_patches, C * T * ps * ps] in the
+  patch order of its image processor, `grid_thw` [num_items, 3] in patch units (before the 2x2 merge).
+- `position_ids` are interleaved-MRoPE (t, h, w) indices that restart at 0 for every document.
+- `labels[i]` is the token to predict at position i (the next token of the same document), `loss_weights[i]`
+  its weight (0 where nothing is predicted: document ends, vision placeholders, prompts, padding). The loss
+  is sum(w * ce) / sum(w) with both sums taken over the whole global batch, which makes per-token (w=1),
+  per-sample (w=1/N_s) and square-root (w=1/sqrt(N_s)) normalisation one formula.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Document:
+    """One processed sample before packing. All token tensors have length n."""
+
+    key: str  # "<shard>/<sample key>", unique in a data set; used for dedup checks and error messages
+    source: int  # index of the data set in the stage's mixture
+    input_ids: torch.Tensor  # [n] int64
+    position_ids: torch.Tensor  # [3, n] int64, starting at 0
+    target_mask: torch.Tensor  # [n] bool: token i is predicted from tokens < i (text the model learns)
+    pixel_values: torch.Tensor | None = None  # images, [P, C*T*ps*ps]
+    image_grid_thw: torch.Tensor | None = None  # [num_images, 3]
+    pixel_values_videos: torch.Tensor | None = None  # videos, [P, C*T*ps*ps]
+    video_grid_thw: torch.Tensor | None = None  # [num_videos, 3]
+
+    def __len__(self) -> int:
+        return int(self.input_ids.numel())
+
+
+@dataclass
+class PackedBatch:
+    """One packed sequence of seq_len tokens holding several documents (and a trailing pad segment)."""
+
+    input_ids: torch.Tensor  # [L] int64
+    position_ids: torch.Tensor  # [3, L] int64, restarting per document
+    cu_seqlens: torch.Tensor  # [D + 1] int32, document boundaries; the pad tail is its own segment
+    labels: torch.Tensor  # [L] int64, IGNORE_INDEX where nothing is predicted
+    loss_weights: torch.Tensor  # [L] float32
+    source_ids: torch.Tensor  # [L] int64, mixture index per token (-1 for padding)
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    doc_keys: list[str] = field(default_factory=list)  # keys of the documents in this sequence, in order
+    num_pad: int = 0  # padding tokens at the end
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def has_vision(self) -> bool:
+        return self.pixel_values is not None or self.pixel_values_videos is not None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
+        moved: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device, non_blocking=non_blocking) if torch.is_tensor(value) else value
+        return PackedBatch(**moved)
