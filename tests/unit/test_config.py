@@ -1,0 +1,91 @@
+"""The Hydra config tree: every group composes, `--cfg job` prints it, and each bad value fails at start-up
+with one line naming the key."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from train.config.compose import CONFIG_DIR, compose_config, load_config, stage_configs
+from train.config.model import ConfigError
+from train.config.schema import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+GROUPS = ("model", "stage", "pipeline", "data", "backend", "parallel", "optim", "logging")
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def test_every_group_has_options() -> None:
+    for group in GROUPS:
+        assert _options(group), f"configs/{group}/ has no option"
+
+
+@pytest.mark.parametrize("group", [g for g in GROUPS if g != "pipeline"])
+def test_every_option_composes_and_validates(group: str) -> None:
+    for option in _options(group):
+        cfg = load_config([f"{group}={option}"])
+        assert isinstance(cfg, TrainConfig)
+
+
+def test_every_pipeline_expands_to_its_stages() -> None:
+    for option in _options("pipeline"):
+        configs = stage_configs([f"pipeline={option}"])
+        stages = yaml.safe_load((CONFIG_DIR / "pipeline" / f"{option}.yaml").read_text())["stages"]
+        assert [c.stage.name for c in configs] == [s["stage"] for s in stages]
+
+
+def test_cfg_job_prints_the_composed_config() -> None:
+    out = subprocess.run([sys.executable, "-m", "train", "--cfg", "job", "optim.lr=0.0123"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    printed = yaml.safe_load(out.stdout)
+    assert set(GROUPS) <= set(printed)
+    assert printed["optim"]["lr"] == 0.0123
+    assert printed["model"]["text"]["num_attention_heads"] > 0
+
+
+BAD_VALUES = [
+    (["model=does_not_exist"], "model"),
+    (["optim.lr=fast"], "optim.lr"),
+    (["stage.seq_len=abc"], "stage.seq_len"),
+    (["optim.lr=-0.001"], "optim.lr"),
+    (["stage.seq_len=1000"], "stage.seq_len"),
+    (["model.text.num_attention_heads=6", "model.text.num_key_value_heads=4"], "model.text.num_attention_heads"),
+    (["model.vision.deepstack_visual_indexes=[0,99]"], "model.vision.deepstack_visual_indexes[1]"),
+    (["model.text.mrope_section=[1,1,1]"], "model.text.mrope_section"),
+    (["no_such_key=1"], "no_such_key"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD_VALUES, ids=[k for _, k in BAD_VALUES])
+def test_bad_value_names_the_key_in_one_line(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides)
+    message = str(err.value)
+    assert key in message, message
+    assert "\n" not in message
+
+
+def test_cli_reports_config_errors_as_one_line_before_any_work() -> None:
+    out = subprocess.run([sys.executable, "-m", "train", "optim.lr=-1"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert lines == [lines[0]] and "optim.lr=-1" in lines[0], out.stderr
+
+
+def test_pipeline_rejects_a_stage_override() -> None:
+    pipeline = _options("pipeline")[0]
+    with pytest.raises(ConfigError, match="conflicts with pipeline"):
+        stage_configs([f"pipeline={pipeline}", "stage=s1"])
+
+
+def test_composed_config_does_not_depend_on_time_or_host() -> None:
+    # Every rank composes its own config: two compositions must be identical.
+    assert compose_config([]) == compose_config([])

@@ -1,0 +1,95 @@
+"""Compose, type-check and validate the training configuration from configs/ with Hydra's compose API.
+
+We call `compose` ourselves instead of decorating a main with `@hydra.main`: every torchrun/srun rank must
+build the same config without Hydra creating time-stamped output dirs or changing the working directory,
+and every mistake must come out as one line naming the key (`ConfigError`), not a stack trace.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data.errors import DataError
+from train.config.model import ConfigError
+from train.config.schema import TrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+SCHEMA_NAME = "train_schema"
+
+
+def register_schemas() -> None:
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+
+
+def compose_config(overrides: Sequence[str] = (), config_dir: Path = CONFIG_DIR) -> DictConfig:
+    """The composed (typed) DictConfig for `overrides`; raises ConfigError with a one-line message."""
+    register_schemas()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(_one_line(err)) from err
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """The dataclass object of a composed config, validated."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from err
+    assert isinstance(obj, TrainConfig)
+    try:
+        obj.validate()
+    except DataError as err:  # data/ raises its own error type; to the user it is one more config error
+        raise ConfigError(str(err)) from err
+    return obj
+
+
+def load_config(overrides: Sequence[str] = ()) -> TrainConfig:
+    return to_train_config(compose_config(overrides))
+
+
+def stage_configs(overrides: Sequence[str] = ()) -> list[TrainConfig]:
+    """The configs to run: one per stage of the selected pipeline, or the single selected stage.
+
+    Each pipeline stage is composed afresh (its own stage file, data mix and LR schedule) from the user's
+    overrides plus `stage=<name>` plus the pipeline's per-stage overrides, so a stage of a pipeline is
+    exactly the config `python -m train stage=<name> ...` would run.
+    """
+    base = load_config(overrides)
+    if not base.pipeline.stages:
+        return [base]
+    clashing = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") == "stage"]
+    if clashing:
+        raise ConfigError(f"{clashing[0]} conflicts with pipeline={base.pipeline.name}: the pipeline picks "
+                          f"the stages (override stage keys as stage.KEY=VALUE)")
+    configs = []
+    for i, entry in enumerate(base.pipeline.stages):
+        try:
+            configs.append(load_config([*overrides, f"stage={entry.stage}", *entry.overrides]))
+        except ConfigError as err:
+            raise ConfigError(f"pipeline.stages[{i}] ({entry.stage}): {err}") from err
+    return configs
+
+
+def _one_line(err: BaseException) -> str:
+    """Hydra/OmegaConf errors span several lines (value, type, full_key, object_type); keep what names the
+    key and the problem."""
+    full_key = getattr(err, "full_key", None)
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    message = next((ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "reference_type="))),
+                   type(err).__name__)
+    if full_key and full_key not in message:
+        message = f"{full_key}: {message}"
+    cause = err.__cause__
+    if cause is not None and isinstance(cause, OmegaConfBaseException) and str(cause) not in message:
+        message = f"{message} ({_one_line(cause)})"
+    return message

@@ -1,0 +1,201 @@
+"""Dataclass schemas of the training configuration, one per Hydra config group.
+
+`TrainConfig` is registered in Hydra's ConfigStore (train/config/compose.py) and comes first in
+configs/train.yaml's defaults list, so every YAML file and every command-line override is type-checked
+against these dataclasses. Semantic checks that types cannot express live in `validate()` methods and raise
+`ConfigError` naming the dotted key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from data.config import DataConfig
+from train.config.model import ConfigError, ModelConfig
+
+# Module groups a stage can train; everything else is frozen (requires_grad False, no optimizer state).
+TRAINABLE_GROUPS = ("vision", "merger", "llm")
+BACKENDS = ("deepspeed", "megatron")
+PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class StageConfig:
+    """One pretraining stage: what trains, how long the sequences are, how many tokens, from which weights."""
+
+    name: str = "s1"
+    trainable: list[str] = field(default_factory=lambda: list(TRAINABLE_GROUPS))
+    seq_len: int = 8192
+    # Tokens to train on (packed capacity, padding included). The step count is
+    # ceil(token_budget / (seq_len * global_batch_size)) unless max_steps > 0 overrides it.
+    token_budget: int = 0
+    max_steps: int = 0
+    global_batch_size: int = 8  # packed sequences per optimizer step, over all data-parallel ranks
+    # Weights to start from when the stage's run dir has no checkpoint yet: a native or HF model directory,
+    # or the previous stage (the pipeline runner fills it in). A checkpoint in the run dir always wins.
+    init_from: Optional[str] = None
+    save_every: int = 100
+    keep_last: int = 2
+    log_every: int = 1
+
+    def num_steps(self) -> int:
+        if self.max_steps > 0:
+            return self.max_steps
+        per_step = self.seq_len * self.global_batch_size
+        return -(-self.token_budget // per_step)
+
+    def validate(self, prefix: str = "stage") -> None:
+        if self.seq_len <= 0 or self.seq_len % 64:
+            raise ConfigError(f"{prefix}.seq_len={self.seq_len} must be a positive multiple of 64")
+        for i, group in enumerate(self.trainable):
+            if group not in TRAINABLE_GROUPS:
+                raise ConfigError(f"{prefix}.trainable[{i}]={group!r} is not one of {list(TRAINABLE_GROUPS)}")
+        if not self.trainable:
+            raise ConfigError(f"{prefix}.trainable is empty: nothing would train")
+        if self.global_batch_size <= 0:
+            raise ConfigError(f"{prefix}.global_batch_size={self.global_batch_size} must be > 0")
+        if self.max_steps < 0 or self.token_budget < 0:
+            raise ConfigError(f"{prefix}.max_steps / {prefix}.token_budget must be >= 0")
+        if self.num_steps() <= 0:
+            raise ConfigError(f"{prefix}: set {prefix}.token_budget or {prefix}.max_steps (both are 0)")
+        for key in ("save_every", "keep_last", "log_every"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{prefix}.{key}={getattr(self, key)} must be > 0")
+
+
+@dataclass
+class PipelineStage:
+    stage: str = "s1"  # name of a configs/stage/ option
+    overrides: list[str] = field(default_factory=list)  # extra Hydra overrides for this stage only
+
+
+@dataclass
+class PipelineConfig:
+    """An ordered list of stages; stage k+1 starts from stage k's final weights with a fresh optimizer."""
+
+    name: str = ""
+    stages: list[PipelineStage] = field(default_factory=list)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def validate(self, prefix: str = "optim") -> None:
+        if self.name != "adamw":
+            raise ConfigError(f"{prefix}.name={self.name!r}: only 'adamw' is supported")
+        for key in ("lr", "min_lr", "weight_decay", "eps", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{prefix}.{key}={getattr(self, key)} must be >= 0")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{prefix}.min_lr={self.min_lr} exceeds {prefix}.lr={self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{prefix}.betas={list(self.betas)} must be two values in [0, 1)")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{prefix}.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.schedule not in LR_SCHEDULES:
+            raise ConfigError(f"{prefix}.schedule={self.schedule!r} is not one of {list(LR_SCHEDULES)}")
+
+
+@dataclass
+class BackendConfig:
+    name: str = "deepspeed"
+    precision: str = "bf16"
+    zero_stage: int = 1  # DeepSpeed ZeRO stage; megatron uses distributed_optimizer instead
+    distributed_optimizer: bool = True  # megatron only (ZeRO-1 equivalent)
+    activation_checkpointing: bool = False
+
+    def validate(self, prefix: str = "backend") -> None:
+        if self.name not in BACKENDS:
+            raise ConfigError(f"{prefix}.name={self.name!r} is not one of {list(BACKENDS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"{prefix}.precision={self.precision!r} is not one of {list(PRECISIONS)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{prefix}.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel sizes; data parallelism takes the remaining ranks (world / (tp * pp * cp))."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    sequence_parallel: bool = False
+
+    def validate(self, prefix: str = "parallel") -> None:
+        for key in ("tp", "pp", "cp", "ep"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{prefix}.{key}={getattr(self, key)} must be >= 1")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        model_parallel = self.tp * self.pp * self.cp
+        if world_size % model_parallel:
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.tp * parallel.pp * "
+                              f"parallel.cp = {self.tp}*{self.pp}*{self.cp} = {model_parallel}")
+        dp = world_size // model_parallel
+        if (dp * self.cp) % self.ep:
+            raise ConfigError(f"parallel.ep={self.ep} does not divide the data x context parallel size "
+                              f"{dp}*{self.cp}={dp * self.cp} (world size {world_size})")
+        return dp
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "longvl"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    progress_bar: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    plot_loss: bool = True  # loss-curve PNG per stage in the run dir
+
+    def validate(self, prefix: str = "logging") -> None:
+        if self.wandb.mode not in ("offline", "online", "disabled"):
+            raise ConfigError(f"{prefix}.wandb.mode={self.wandb.mode!r} is not one of offline/online/disabled")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Every rank composes its own config, so nothing here may depend on time or host: the run dir is named
+    # by the user (or the pipeline), never by a timestamp.
+    run_dir: str = "runs/default"
+    # Root of the data sets; data YAMLs refer to it as ${data_root}/<data set>/shard-*.tar.
+    data_root: str = "demo_data"
+    seed: int = 1234
+
+    def validate(self) -> None:
+        self.model.validate("model")
+        self.stage.validate("stage")
+        self.optim.validate("optim")
+        self.backend.validate("backend")
+        self.parallel.validate("parallel")
+        self.logging.validate("logging")
+        validate_data = getattr(self.data, "validate", None)
+        if validate_data is not None:
+            validate_data("data")
+        if self.stage.seq_len % (2 * self.parallel.cp):
+            raise ConfigError(f"stage.seq_len={self.stage.seq_len} is not divisible by 2 x parallel.cp="
+                              f"{2 * self.parallel.cp}")
