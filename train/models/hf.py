@@ -1,0 +1,253 @@
+"""Import/export of transformers' Qwen3-VL and Qwen3-VL-MoE checkpoints (config.json + safetensors).
+
+Native parameter names are transformers' Qwen3VL(Moe)ForConditionalGeneration state_dict names without the
+leading "model." (`visual.*`, `language_model.*`, `lm_head.weight`), same shapes and semantics, so the weight
+mapping is a prefix change plus two details:
+- tied embeddings: with tie_word_embeddings, HF checkpoints do not store `lm_head.weight`;
+- MoE experts: transformers >= 5 holds `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] (our layout) and
+  writes them so, but checkpoints written by transformers 4.x (the published Qwen3-VL-MoE weights) hold the
+  transposes [E, H, 2I] / [E, I, H]. We accept both and always write the transformers-5 layout.
+This module does not import transformers: it is a test-only dependency of the project.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.config.model import ConfigError, ModelConfig, TextConfig, VisionConfig
+from train.models.native_io import (
+    DEFAULT_MAX_SHARD_SIZE, EMBED, LM_HEAD, CheckpointError, StateDict, atomic_directory,
+    check_state_dict_fits, drop_tied_lm_head, model_config_from_dict, read_safetensors_dir,
+    restore_tied_lm_head, write_safetensors_dir,
+)
+
+HF_CONFIG_FILE = "config.json"
+HF_PREFIX = "model."
+MODEL_TYPES = {False: "qwen3_vl", True: "qwen3_vl_moe"}  # keyed by is_moe
+ARCHITECTURES = {False: "Qwen3VLForConditionalGeneration", True: "Qwen3VLMoeForConditionalGeneration"}
+# transformers' vision tower hard-codes these; a config asking for others cannot be represented.
+HF_VISION_LAYER_NORM_EPS = 1e-6
+HF_VISION_ROPE_THETA = 10000.0
+
+_VISION_REQUIRED = ("depth", "hidden_size", "intermediate_size", "num_heads", "patch_size", "spatial_merge_size",
+                    "temporal_patch_size", "num_position_embeddings", "deepstack_visual_indexes")
+_TEXT_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_TEXT_OPTIONAL = ("num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "attention_bias",
+                  "hidden_act")
+_MOE_REQUIRED = ("num_experts_per_tok", "moe_intermediate_size")
+_MOE_OPTIONAL = ("decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef")
+_TOKEN_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+# ---- config.json <-> ModelConfig ----------------------------------------------------------------------
+
+def model_config_from_hf(config: dict, name: str | None = None, source: str = HF_CONFIG_FILE) -> ModelConfig:
+    """ModelConfig from a transformers Qwen3-VL / Qwen3-VL-MoE config.json dict (4.x or 5.x spelling)."""
+    model_type = _require(config, "model_type", source)
+    if model_type not in MODEL_TYPES.values():
+        raise ConfigError(f"{source}: model_type={model_type!r} is not one of {sorted(MODEL_TYPES.values())}")
+    is_moe = model_type == MODEL_TYPES[True]
+    text_hf = _require(config, "text_config", source)
+    vision_hf = _require(config, "vision_config", source)
+    text = _text_from_hf(text_hf, is_moe, config, f"{source}: text_config")
+    vision = _vision_from_hf(vision_hf, text["hidden_size"], f"{source}: vision_config")
+    values: dict[str, Any] = {"name": name or model_type, "vision": vision, "text": text}
+    values.update({key: _require(config, key, source) for key in _TOKEN_IDS})
+    return model_config_from_dict(values, source)
+
+
+def _text_from_hf(text: dict, is_moe: bool, top: dict, where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {key: _require(text, key, where) for key in _TEXT_REQUIRED}
+    out.update({key: text[key] for key in _TEXT_OPTIONAL if text.get(key) is not None})
+    # transformers' defaults when head_dim is absent: 128 for dense, hidden/heads for MoE.
+    out["head_dim"] = text.get("head_dim") or (out["hidden_size"] // out["num_attention_heads"] if is_moe else 128)
+    out.update(_rope_from_hf(text, where))
+    # The top-level flag is what transformers ties by; 4.x files also repeat it inside text_config.
+    out["tie_word_embeddings"] = bool(top.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    if is_moe:
+        num_experts = text.get("num_experts", text.get("num_local_experts"))
+        if num_experts is None:
+            raise ConfigError(f"{where}: num_experts is missing")
+        out["num_experts"] = num_experts
+        out.update({key: _require(text, key, where) for key in _MOE_REQUIRED})
+        out.update({key: text[key] for key in _MOE_OPTIONAL if text.get(key) is not None})
+        if text.get("norm_topk_prob") is False:
+            raise ConfigError(f"{where}: norm_topk_prob=false is not supported (Qwen3-VL-MoE renormalises top-k)")
+    return out
+
+
+def _rope_from_hf(text: dict, where: str) -> dict[str, Any]:
+    # transformers 5 writes rope_parameters; 4.x wrote rope_scaling plus a text-level rope_theta.
+    rope = text.get("rope_parameters") or text.get("rope_scaling")
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{where}: rope_parameters is missing")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"{where}: rope_parameters.rope_type={rope_type!r} is not supported (only 'default')")
+    if rope.get("mrope_interleaved") is False:
+        raise ConfigError(f"{where}: rope_parameters.mrope_interleaved=false (contiguous Qwen2-VL MRoPE) is "
+                          "not supported; Qwen3-VL uses interleaved MRoPE")
+    theta = rope.get("rope_theta", text.get("rope_theta"))
+    if theta is None:
+        raise ConfigError(f"{where}: rope_parameters.rope_theta is missing")
+    return {"rope_theta": float(theta), "mrope_section": list(_require(rope, "mrope_section", where))}
+
+
+def _vision_from_hf(vision: dict, text_hidden: int, where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {key: _require(vision, key, where) for key in _VISION_REQUIRED}
+    out["deepstack_visual_indexes"] = list(out["deepstack_visual_indexes"])
+    for key in ("hidden_act", "in_channels"):
+        if vision.get(key) is not None:
+            out[key] = vision[key]
+    out_hidden = _require(vision, "out_hidden_size", where)
+    if out_hidden != text_hidden:
+        raise ConfigError(f"{where}: out_hidden_size={out_hidden} differs from text_config.hidden_size="
+                          f"{text_hidden}; the merger must project to the LLM width")
+    theta = (vision.get("rope_parameters") or {}).get("rope_theta", HF_VISION_ROPE_THETA)
+    if theta != HF_VISION_ROPE_THETA:
+        raise ConfigError(f"{where}: rope_parameters.rope_theta={theta} is not supported "
+                          f"(the vision 2D RoPE uses {HF_VISION_ROPE_THETA})")
+    return out
+
+
+def _require(mapping: dict, key: str, where: str) -> Any:
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(mapping).__name__}")
+    if mapping.get(key) is None:
+        raise ConfigError(f"{where}: required key {key!r} is missing")
+    return mapping[key]
+
+
+def model_config_to_hf(cfg: ModelConfig) -> dict:
+    """transformers config.json dict (5.x spelling, readable by 4.57 too) for `cfg`."""
+    cfg.validate()
+    if cfg.vision.layer_norm_eps != HF_VISION_LAYER_NORM_EPS:
+        raise ConfigError(f"model.vision.layer_norm_eps={cfg.vision.layer_norm_eps} cannot be exported: "
+                          f"transformers' Qwen3-VL vision tower fixes it to {HF_VISION_LAYER_NORM_EPS}")
+    is_moe = cfg.text.is_moe
+    out: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[is_moe]],
+        "model_type": MODEL_TYPES[is_moe],
+        "text_config": _text_to_hf(cfg.text, MODEL_TYPES[is_moe]),
+        "vision_config": _vision_to_hf(cfg.vision, cfg.text.hidden_size, MODEL_TYPES[is_moe]),
+        "tie_word_embeddings": cfg.text.tie_word_embeddings,
+    }
+    out.update({key: getattr(cfg, key) for key in _TOKEN_IDS})
+    return out
+
+
+def _text_to_hf(text: TextConfig, model_type: str) -> dict[str, Any]:
+    keys = _TEXT_REQUIRED + _TEXT_OPTIONAL + ("head_dim", "tie_word_embeddings")
+    out: dict[str, Any] = {key: _plain(getattr(text, key)) for key in keys}
+    out["model_type"] = f"{model_type}_text"
+    out["rope_parameters"] = {"rope_type": "default", "rope_theta": text.rope_theta,
+                              "mrope_section": list(text.mrope_section), "mrope_interleaved": True}
+    if text.is_moe:
+        if not text.norm_topk_prob:
+            raise ConfigError("model.text.norm_topk_prob=false cannot be exported: transformers' Qwen3-VL-MoE "
+                              "always renormalises the top-k router weights")
+        out["num_experts"] = text.num_experts
+        out.update({key: _plain(getattr(text, key)) for key in _MOE_REQUIRED + _MOE_OPTIONAL})
+    return out
+
+
+def _vision_to_hf(vision: VisionConfig, text_hidden: int, model_type: str) -> dict[str, Any]:
+    out: dict[str, Any] = {key: _plain(getattr(vision, key)) for key in _VISION_REQUIRED}
+    out.update(hidden_act=vision.hidden_act, in_channels=vision.in_channels, out_hidden_size=text_hidden,
+               model_type=f"{model_type}_vision")
+    return out
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+# ---- state dicts --------------------------------------------------------------------------------------
+
+def hf_to_native_state_dict(cfg: ModelConfig, hf_state_dict: StateDict, source: str = "HF state dict",
+                            legacy_expert_layout: bool = False) -> StateDict:
+    """Native state dict (with `lm_head.weight`, tied or not) from an HF checkpoint's tensors.
+
+    `legacy_expert_layout` resolves the expert layout when shapes cannot (hidden == 2 * moe_intermediate or
+    hidden == moe_intermediate): true for files written by transformers 4.x.
+    """
+    native: StateDict = {}
+    for key, tensor in hf_state_dict.items():
+        if key == LM_HEAD:
+            native[key] = tensor
+        elif key.startswith(HF_PREFIX):
+            native[key[len(HF_PREFIX):]] = tensor
+        else:
+            raise CheckpointError(f"{source}: tensor {key!r} is neither 'model.*' nor {LM_HEAD!r}")
+    if cfg.text.is_moe:
+        native = _experts_to_current_layout(cfg, native, legacy_expert_layout)
+    return restore_tied_lm_head(native, cfg.text.tie_word_embeddings, EMBED, LM_HEAD, source)
+
+
+def native_to_hf_state_dict(cfg: ModelConfig, state_dict: StateDict) -> StateDict:
+    """HF on-disk state dict: "model." prefix, and no `lm_head.weight` when embeddings are tied."""
+    on_disk = drop_tied_lm_head(state_dict, cfg.text.tie_word_embeddings, EMBED, LM_HEAD)
+    return {key if key == LM_HEAD else HF_PREFIX + key: tensor for key, tensor in on_disk.items()}
+
+
+def _experts_to_current_layout(cfg: ModelConfig, state_dict: StateDict, legacy: bool) -> StateDict:
+    experts, hidden, inter = cfg.text.num_experts, cfg.text.hidden_size, cfg.text.moe_intermediate_size
+    current = {".mlp.experts.gate_up_proj": (experts, 2 * inter, hidden),
+               ".mlp.experts.down_proj": (experts, hidden, inter)}
+    out = dict(state_dict)
+    for key, tensor in state_dict.items():
+        suffix = next((s for s in current if key.endswith(s)), None)
+        if suffix is None:
+            continue
+        shape, transposed = current[suffix], (current[suffix][0], current[suffix][2], current[suffix][1])
+        ambiguous = shape == transposed
+        if tuple(tensor.shape) == transposed and (legacy or not ambiguous):
+            out[key] = tensor.transpose(1, 2).contiguous()
+    return out
+
+
+# ---- checkpoint directories ---------------------------------------------------------------------------
+
+def load_hf_checkpoint(directory: str | Path) -> tuple[ModelConfig, StateDict]:
+    """(ModelConfig, native state dict) from a transformers Qwen3-VL(-MoE) directory."""
+    directory = Path(directory)
+    config_path = directory / HF_CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: not found (not a transformers model directory?)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path}: invalid JSON ({exc})") from None
+    cfg = model_config_from_hf(config, name=directory.resolve().name, source=str(config_path))
+    state_dict = hf_to_native_state_dict(cfg, read_safetensors_dir(directory), str(directory),
+                                         legacy_expert_layout=_written_by_transformers_4(config))
+    check_state_dict_fits(cfg, state_dict, source=str(directory))
+    return cfg, state_dict
+
+
+def _written_by_transformers_4(config: dict) -> bool:
+    major = re.match(r"\d+", str(config.get("transformers_version", "")))
+    return major is not None and int(major.group()) < 5
+
+
+def save_hf_checkpoint(directory: str | Path, cfg: ModelConfig, state_dict: StateDict, *, force: bool = False,
+                       max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write a transformers-loadable directory atomically (config.json + safetensors, sharded if large)."""
+    config = model_config_to_hf(cfg)
+    check_state_dict_fits(cfg, state_dict, source="state dict to export")
+    config["dtype"] = _dominant_dtype(state_dict)
+    hf_state_dict = native_to_hf_state_dict(cfg, state_dict)
+    with atomic_directory(directory, force=force) as tmp:
+        (tmp / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        write_safetensors_dir(tmp, hf_state_dict, max_shard_size)
+    return Path(directory)
+
+
+def _dominant_dtype(state_dict: StateDict) -> str:
+    floats = [t.dtype for t in state_dict.values() if t.is_floating_point()]
+    dtype = max(set(floats), key=floats.count) if floats else torch.float32
+    return str(dtype).removeprefix("torch.")
