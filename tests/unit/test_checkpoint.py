@@ -1,0 +1,141 @@
+"""Checkpoint directories: atomic saves, `latest`, keep-last-k, RNG/loader state, model-shape refusal.
+
+The backend here is a stand-in (a linear layer and its AdamW in one file): these tests are about the
+directory protocol around `backend.save/load`, which is the same for every backend.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train.checkpoint import (
+    StageDir, check_fingerprint, load_checkpoint, model_fingerprint, save_checkpoint,
+)
+from train.config.model import ModelConfig, TextConfig
+from train.models.native_io import CheckpointError
+
+
+class FileBackend:
+    """Stand-in for a Backend: the model + optimizer state as one file in the checkpoint dir."""
+
+    def __init__(self, fail_on_save: bool = False) -> None:
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(4, 4)
+        self.optim = torch.optim.AdamW(self.model.parameters(), lr=0.1)
+        self.fail_on_save = fail_on_save
+
+    def step(self) -> None:
+        self.model(torch.randn(2, 4)).square().sum().backward()
+        self.optim.step()
+        self.optim.zero_grad()
+
+    def save(self, directory: Path) -> None:
+        torch.save({"model": self.model.state_dict(), "optim": self.optim.state_dict()}, directory / "state.pt")
+        if self.fail_on_save:
+            raise RuntimeError("disk full")
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / "state.pt")
+        self.model.load_state_dict(state["model"])
+        self.optim.load_state_dict(state["optim"])
+
+
+@pytest.fixture
+def model_cfg() -> ModelConfig:
+    return ModelConfig(text=TextConfig(hidden_size=256, num_attention_heads=2, num_key_value_heads=1))
+
+
+def _save(stage: StageDir, step: int, backend, cfg: ModelConfig, keep_last: int = 2) -> Path:
+    return save_checkpoint(stage, step, backend, {"batches": step}, cfg, {"stage": "s1"}, keep_last)
+
+
+def test_save_writes_complete_dir_then_latest(tmp_path: Path, model_cfg: ModelConfig) -> None:
+    stage = StageDir(tmp_path, "s1")
+    assert stage.latest() is None
+    ckpt = _save(stage, 100, FileBackend(), model_cfg)
+    assert ckpt == tmp_path / "s1" / "checkpoints" / "step_000100"
+    assert stage.latest() == ckpt
+    assert (stage.checkpoints / "latest").read_text().strip() == "step_000100"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "rank_00000.pt", "state.pt"]
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["step"] == 100 and meta["world_size"] == 1 and meta["stage"] == "s1"
+    assert meta["model"]["model.text.hidden_size"] == 256
+    assert not [p for p in stage.checkpoints.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_keep_last_k(tmp_path: Path, model_cfg: ModelConfig) -> None:
+    stage = StageDir(tmp_path, "s1")
+    backend = FileBackend()
+    for step in (10, 20, 30, 40):
+        _save(stage, step, backend, model_cfg, keep_last=2)
+    assert [p.name for p in stage.list_checkpoints()] == ["step_000030", "step_000040"]
+    _save(stage, 50, backend, model_cfg, keep_last=1)
+    assert [p.name for p in stage.list_checkpoints()] == ["step_000050"]
+
+
+def test_failed_save_keeps_latest_and_previous_checkpoint(tmp_path: Path, model_cfg: ModelConfig) -> None:
+    stage = StageDir(tmp_path, "s1")
+    good = _save(stage, 10, FileBackend(), model_cfg)
+    before = (good / "state.pt").read_bytes()
+    with pytest.raises(RuntimeError, match="disk full"):
+        _save(stage, 20, FileBackend(fail_on_save=True), model_cfg, keep_last=1)
+    assert stage.latest() == good and (good / "state.pt").read_bytes() == before
+    assert not stage.step_dir(20).exists()  # only the hidden temp dir holds the partial save
+    # The next successful save cleans the leftover and moves on.
+    _save(stage, 20, FileBackend(), model_cfg, keep_last=1)
+    assert stage.latest() == stage.step_dir(20)
+    assert not [p for p in stage.checkpoints.iterdir() if p.name.startswith(".step")]
+
+
+def test_resave_of_same_step_replaces_it(tmp_path: Path, model_cfg: ModelConfig) -> None:
+    stage = StageDir(tmp_path, "s1")
+    backend = FileBackend()
+    _save(stage, 10, backend, model_cfg)
+    backend.step()
+    _save(stage, 10, backend, model_cfg)
+    saved = torch.load(stage.step_dir(10) / "state.pt")["model"]["weight"]
+    assert torch.equal(saved, backend.model.weight.detach())
+
+
+def test_load_restores_model_optimizer_rng_and_loader(tmp_path: Path, model_cfg: ModelConfig) -> None:
+    stage = StageDir(tmp_path, "s1")
+    backend = FileBackend()
+    backend.step()
+    weight_at_save = backend.model.weight.detach().clone()
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    ckpt = _save(stage, 7, backend, model_cfg)
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    backend.step()  # training goes on; the state and the RNGs move past the checkpoint
+
+    fresh = FileBackend()
+    restored = load_checkpoint(stage, ckpt, fresh, model_cfg)
+    assert restored["loader"] == {"batches": 7} and restored["meta"]["step"] == 7
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(3), expected[2])
+    assert torch.equal(fresh.model.weight, weight_at_save)
+    assert fresh.optim.state_dict()["state"][0]["step"] == 1  # optimizer state came back, not a fresh one
+
+
+def test_checkpoint_of_another_model_shape_is_refused(tmp_path: Path, model_cfg: ModelConfig) -> None:
+    stage = StageDir(tmp_path, "s1")
+    ckpt = _save(stage, 5, FileBackend(), model_cfg)
+    other = ModelConfig(text=TextConfig(hidden_size=512, num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(stage, ckpt, FileBackend(), other)
+    message = str(err.value)
+    assert "\n" not in message and "model.text.hidden_size=256 there, 512 in this run" in message
+    # The name is a label, not a shape: renaming the model is fine.
+    renamed = ModelConfig(name="renamed", text=model_cfg.text)
+    check_fingerprint(model_fingerprint(model_cfg), renamed, "x")
+
+
+def test_latest_naming_a_missing_dir_is_an_error(tmp_path: Path, model_cfg: ModelConfig) -> None:
+    stage = StageDir(tmp_path, "s1")
+    ckpt = _save(stage, 5, FileBackend(), model_cfg)
+    (ckpt / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        stage.latest()

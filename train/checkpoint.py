@@ -1,0 +1,256 @@
+"""Checkpoint directories of a stage: atomic resumable saves, `latest`, keep-last-k, and the stage handoff.
+
+Layout of one stage (`<run_dir>/<stage>/`):
+
+    checkpoints/step_000100/     backend.save() files + meta.json + rank_00000.pt (RNG + loader state) ...
+    checkpoints/latest           the name of the newest complete checkpoint ("step_000100")
+    final/                       native model dir (model_config.yaml + model.safetensors): the handoff
+    summary.json                 the stage's result; written last, so its presence means "stage done"
+
+A save goes to `checkpoints/.step_000100.tmp`, every file is fsync'ed, the directory is renamed into place,
+and only then is `latest` replaced (write temp, fsync, os.replace). A crash at any point leaves `latest`
+naming a complete checkpoint (or absent). Old checkpoints are pruned only after `latest` moved on.
+
+Every rank calls `save`/`load` (the backend's save is collective); rank 0 does the renames. All ranks must
+see the same file system (one node, or a shared cluster file system).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from train.config.model import ModelConfig
+from train.models.hf import HF_CONFIG_FILE, load_hf_checkpoint
+from train.models.native_io import (
+    NATIVE_CONFIG_FILE, CheckpointError, load_native_checkpoint, save_native_checkpoint,
+)
+
+LATEST = "latest"
+META = "meta.json"
+FINAL = "final"
+SUMMARY = "summary.json"
+STEP_DIR = re.compile(r"step_(\d{6,})")
+
+
+def model_fingerprint(cfg: ModelConfig) -> dict[str, Any]:
+    """The model-shape part of a config, flattened to dotted keys (the name is a label, not a shape)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}", sub)
+        else:
+            flat[prefix] = value
+
+    walk("model", {k: v for k, v in asdict(cfg).items() if k != "name"})
+    return flat
+
+
+def check_fingerprint(saved: dict[str, Any], cfg: ModelConfig, source: str) -> None:
+    """One-line refusal naming the first model key whose value differs from the checkpoint's."""
+    current = model_fingerprint(cfg)
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            raise CheckpointError(f"{source} was written for another model shape: {key}={saved.get(key)!r} "
+                                  f"there, {current.get(key)!r} in this run")
+
+
+class StageDir:
+    """Paths of one stage's run dir and the operations on its checkpoints."""
+
+    def __init__(self, run_dir: str | Path, stage: str) -> None:
+        self.root = Path(run_dir) / stage
+        self.checkpoints = self.root / "checkpoints"
+        self.final = self.root / FINAL
+        self.summary = self.root / SUMMARY
+
+    def step_dir(self, step: int) -> Path:
+        return self.checkpoints / f"step_{step:06d}"
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None. A `latest` naming a missing directory is an error: it
+        means someone deleted checkpoints by hand, and silently restarting from scratch would be worse."""
+        pointer = self.checkpoints / LATEST
+        if not pointer.is_file():
+            return None
+        name = pointer.read_text().strip()
+        path = self.checkpoints / name
+        if not STEP_DIR.fullmatch(name) or not (path / META).is_file():
+            raise CheckpointError(f"{pointer} names {name!r}, which is not a complete checkpoint directory")
+        return path
+
+    def read_meta(self, ckpt: Path) -> dict[str, Any]:
+        try:
+            return json.loads((ckpt / META).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{ckpt / META}: unreadable ({exc})") from None
+
+    def is_done(self) -> bool:
+        return self.summary.is_file() and self.final.is_dir()
+
+    def list_checkpoints(self) -> list[Path]:
+        found = [p for p in self.checkpoints.glob("step_*") if STEP_DIR.fullmatch(p.name) and p.is_dir()]
+        return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+# ---- save ---------------------------------------------------------------------------------------------
+
+def save_checkpoint(stage_dir: StageDir, step: int, backend: Any, loader_state: dict[str, Any],
+                    model_cfg: ModelConfig, meta: dict[str, Any], keep_last: int) -> Path:
+    """Write the resumable state after `step` atomically; return the checkpoint directory. Collective.
+
+    `meta` (JSON) is stored in meta.json next to the step, the world size and the model fingerprint."""
+    rank = _rank()
+    final = stage_dir.step_dir(step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
+        tmp.mkdir(parents=True)
+    _barrier()
+    backend.save(tmp)
+    torch.save({"rng": rng_state(), "loader": loader_state}, tmp / f"rank_{rank:05d}.pt")
+    _barrier()
+    if rank == 0:
+        full_meta = {**meta, "step": step, "world_size": _world_size(), "model": model_fingerprint(model_cfg)}
+        (tmp / META).write_text(json.dumps(full_meta, indent=1, sort_keys=True) + "\n")
+        _fsync_tree(tmp)
+        _replace_dir(tmp, final)
+        _write_latest(stage_dir.checkpoints, final.name)
+        _prune(stage_dir, keep_last, keep=final)
+    _barrier()
+    return final
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename `tmp` onto `final`. An existing `final` (same step, written by a run that crashed before it
+    moved `latest`) is moved aside first and removed only after the new one is in place."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_latest(directory: Path, name: str) -> None:
+    tmp = directory / f".{LATEST}.tmp"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / LATEST)
+    _fsync_dir(directory)
+
+
+def _prune(stage_dir: StageDir, keep_last: int, keep: Path) -> None:
+    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names)."""
+    others = [p for p in stage_dir.list_checkpoints() if p != keep]
+    old = others[: max(0, len(others) - (keep_last - 1))]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for path in sorted(p for p in directory.rglob("*") if p.is_dir()):
+        _fsync_dir(path)
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- load ---------------------------------------------------------------------------------------------
+
+def load_checkpoint(stage_dir: StageDir, ckpt: Path, backend: Any, model_cfg: ModelConfig) -> dict[str, Any]:
+    """Restore backend state and this rank's RNG from `ckpt`; return {"meta": ..., "loader": ...}."""
+    meta = stage_dir.read_meta(ckpt)
+    check_fingerprint(meta.get("model", {}), model_cfg, str(ckpt))
+    if meta.get("world_size") != _world_size():
+        raise CheckpointError(f"{ckpt} was written by {meta.get('world_size')} ranks, this run has "
+                              f"{_world_size()}: resume with the same layout (stages may change it)")
+    rank_file = ckpt / f"rank_{_rank():05d}.pt"
+    if not rank_file.is_file():
+        raise CheckpointError(f"{rank_file}: missing (incomplete checkpoint)")
+    backend.load(ckpt)
+    per_rank = torch.load(rank_file, weights_only=False)
+    set_rng_state(per_rank["rng"])
+    return {"meta": meta, "loader": per_rank["loader"]}
+
+
+# ---- stage handoff: layout-independent full weights ----------------------------------------------------
+
+def save_final(stage_dir: StageDir, backend: Any, model_cfg: ModelConfig) -> Path:
+    """Gather the full model (every rank must call) and write `final/` as a native model dir on rank 0."""
+    state_dict = backend.state_dict_for_export()
+    if _rank() == 0:
+        save_native_checkpoint(stage_dir.final, model_cfg, state_dict, force=True)
+    _barrier()
+    return stage_dir.final
+
+
+def read_model_dir(path: str | Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Full native state dict of a native or HF model directory, refused if its shapes are another model's."""
+    path = Path(path)
+    if (path / NATIVE_CONFIG_FILE).is_file():
+        saved_cfg, state_dict = load_native_checkpoint(path)
+    elif (path / HF_CONFIG_FILE).is_file():
+        saved_cfg, state_dict = load_hf_checkpoint(path)
+    else:
+        raise CheckpointError(f"{path}: neither a native model dir ({NATIVE_CONFIG_FILE}) nor an HF one "
+                              f"({HF_CONFIG_FILE})")
+    check_fingerprint(model_fingerprint(saved_cfg), model_cfg, str(path))
+    return state_dict
+
+
+# ---- RNG ----------------------------------------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- process group helpers (a single process without a group behaves as rank 0 of 1) -------------------
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
