@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.errors import BadSample
+from data.errors import BadSample, DataError
 
 # Pillow refuses images above ~179M pixels (decompression bomb); a real image above this many is data
 # we do not want to decode in the loader either.
@@ -44,12 +44,12 @@ class ImageConfig:
     def validate(self, prefix: str = "data.image") -> None:
         for key in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels"):
             if getattr(self, key) <= 0:
-                raise ValueError(f"{prefix}.{key}={getattr(self, key)} must be > 0")
+                raise DataError(f"{prefix}.{key}={getattr(self, key)} must be > 0")
         if self.min_pixels > self.max_pixels:
-            raise ValueError(f"{prefix}.min_pixels={self.min_pixels} exceeds {prefix}.max_pixels={self.max_pixels}")
+            raise DataError(f"{prefix}.min_pixels={self.min_pixels} exceeds {prefix}.max_pixels={self.max_pixels}")
         for key in ("image_mean", "image_std"):
             if len(getattr(self, key)) != 3:
-                raise ValueError(f"{prefix}.{key}={getattr(self, key)} must have 3 values (RGB)")
+                raise DataError(f"{prefix}.{key}={getattr(self, key)} must have 3 values (RGB)")
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
