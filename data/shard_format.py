@@ -77,15 +77,19 @@ def _infer_type(members: dict[str, bytes]) -> str:
     raise BadSample(f"json: no \"type\" and no image/video member to infer it from (members {sorted(members)})")
 
 
-def _caption_parts(meta: dict, members: dict[str, bytes]) -> list[Part]:
-    images = sorted(m for m in members if member_kind(m) == "image")
-    if len(images) != 1:
-        raise BadSample(f"caption sample needs exactly one image member, has {images or 'none'}")
-    parts = [Part("image", member=images[0])]
+def _media_and_prompt(meta: dict, members: dict[str, bytes], kind: str) -> list[Part]:
+    """The one image/video member of a caption or video sample, then its optional (unlearned) prompt."""
+    found = sorted(m for m in members if member_kind(m) == kind)
+    if len(found) != 1:
+        raise BadSample(f"{kind} sample needs exactly one {kind} member, has {found or 'none'}")
+    parts = [Part(kind, member=found[0])]
     if "prompt" in meta:
         parts.append(Part("text", text=_field(meta, "prompt", str), learn=False))
-    parts.append(Part("text", text=_field(meta, "caption", str)))
     return parts
+
+
+def _caption_parts(meta: dict, members: dict[str, bytes]) -> list[Part]:
+    return _media_and_prompt(meta, members, "image") + [Part("text", text=_field(meta, "caption", str))]
 
 
 def _interleaved_parts(meta: dict, members: dict[str, bytes]) -> list[Part]:
@@ -111,12 +115,7 @@ def _interleaved_parts(meta: dict, members: dict[str, bytes]) -> list[Part]:
 
 
 def _video_parts(meta: dict, members: dict[str, bytes]) -> list[Part]:
-    videos = sorted(m for m in members if member_kind(m) == "video")
-    if len(videos) != 1:
-        raise BadSample(f"video sample needs exactly one video member, has {videos or 'none'}")
-    parts = [Part("video", member=videos[0])]
-    if "prompt" in meta:
-        parts.append(Part("text", text=_field(meta, "prompt", str), learn=False))
+    parts = _media_and_prompt(meta, members, "video")
     if "qa" in meta:
         for i, qa in enumerate(_field(meta, "qa", list)):
             if not isinstance(qa, dict):
