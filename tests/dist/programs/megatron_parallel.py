@@ -1,0 +1,160 @@
+"""torchrun program: one megatron parallelism (dp | tp | pp | cp | ep) on 2 ranks vs the same GPT on 1 process.
+
+Phase 1 trains the single-process reference on every rank (all parallel sizes 1, no communication: plain
+torch AdamW + clip_grad_norm_). Phase 2 rebuilds megatron's groups for the layout under test, loads the
+reference's initial weights into the sharded model, trains through megatron's DDP, optimizer and
+get_forward_backward_func, and compares step-0 loss and grad norm, every loss, and the final parameters.
+"""
+from __future__ import annotations
+
+import sys
+from functools import partial
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+import megatron_common as mc
+from train.backends.megatron.parallel_state import (ParallelSizes, destroy_parallel_groups, init_parallel_groups,
+                                                   config_kwargs as parallel_config_kwargs)
+
+STEPS = 3
+
+
+def gpt_forward(model, batch, attention_mask=None, packed_seq_params=None):
+    return model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"],
+                 packed_seq_params=packed_seq_params)
+
+
+def forward_step(data_iterator, model, packed_seq_params=None):
+    batch = next(data_iterator)
+    output = gpt_forward(model, batch, packed_seq_params=packed_seq_params)
+
+    def loss_func(per_token_loss):
+        loss_sum, num_tokens = mc.masked_loss_sum(per_token_loss, batch["loss_mask"])
+        return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+    return output, loss_func
+
+
+def train_parallel(chunks, optimizer, steps: list[list[dict]], step_fn=forward_step):
+    """Megatron's own training step; returns per step (global mean loss, grad norm)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    out = []
+    for microbatches in steps:
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = get_forward_backward_func()(
+            forward_step_func=step_fn, data_iterator=iter(microbatches), model=chunks,
+            num_microbatches=len(microbatches), seq_length=microbatches[0]["tokens"].shape[1],
+            micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=False)
+        _, grad_norm, _ = optimizer.step()
+        # Loss sum and count from the last pipeline stage of every replica; TP duplicates cancel in the ratio.
+        total = sum((r["lm loss"] for r in reports), torch.zeros(2))
+        dist.all_reduce(total)
+        out.append((float(total[0] / total[1]), float(grad_norm)))
+    return out
+
+
+def reference_phase(config_kwargs: dict, spec, batches: list[dict], forward=gpt_forward):
+    init_parallel_groups(SimpleNamespace(tp=1, pp=1, cp=1, ep=1, dp=None))
+    model = mc.build_gpt(mc.tiny_config(**config_kwargs), spec)
+    initial = mc.params_of(model)
+    losses, norms = mc.reference_train(model, batches, forward)
+    final = mc.params_of(model)
+    destroy_parallel_groups()
+    return initial, final, losses, norms
+
+
+def compare(failures, label, results, ref_losses, ref_norms, max_diff):
+    mc.check_close(failures, f"{label} step-0 loss", results[0][0], ref_losses[0])
+    mc.check_close(failures, f"{label} step-0 grad norm", results[0][1], ref_norms[0])
+    for step, ((loss, _), ref) in enumerate(zip(results, ref_losses)):
+        mc.check_close(failures, f"{label} step-{step} loss", loss, ref)
+    if dist.get_rank() == 0:
+        print(f"{label} max |param - reference| after {len(results)} steps: {max_diff:.3g}", flush=True)
+    if not max_diff <= 1e-5:
+        failures.append(f"{label}: params differ by {max_diff}")
+
+
+def run_layout(failures, label, sizes, config_kwargs, ref_spec, spec, full_batches, local_steps,
+               distributed_optimizer=False, step_fn=forward_step, ref_forward=gpt_forward, sp_norms=False):
+    ref_kwargs = {k: v for k, v in config_kwargs.items() if k != "sequence_parallel"}
+    initial, final, ref_losses, ref_norms = reference_phase(ref_kwargs, ref_spec, full_batches, ref_forward)
+    sizes = init_parallel_groups(sizes)
+    from megatron.core import parallel_state as mpu
+
+    config = mc.tiny_config(**config_kwargs, **parallel_config_kwargs(sizes))
+    model = mc.build_gpt(config, spec, pre_process=mpu.is_pipeline_first_stage(),
+                         post_process=mpu.is_pipeline_last_stage())
+    mc.load_full_weights(model, initial, config.num_layers)
+    ddp = mc.wrap_ddp(config, model, distributed_optimizer)
+    optimizer = mc.megatron_optimizer([ddp], distributed_optimizer)
+    results = train_parallel([ddp], optimizer, local_steps, step_fn)
+    compare(failures, label, results, ref_losses, ref_norms, mc.max_param_diff(model, final, config.num_layers))
+    destroy_parallel_groups()
+
+
+def rows(batch: dict, start: int, stop: int) -> dict:
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+def run_dp(failures):
+    batches = mc.random_batches(STEPS, batch=4)
+    r = dist.get_rank()
+    local = [[rows(b, 2 * r, 2 * r + 2)] for b in batches]
+    run_layout(failures, "dp2+distopt", ParallelSizes(dp=2), {}, None, None, batches, local,
+               distributed_optimizer=True)
+
+
+def sequence_parallel_spec(num_layers: int):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from train.backends.megatron.cpu_compat import SequenceParallelTorchNorm
+
+    layer = get_gpt_layer_local_spec()
+    layer.submodules.input_layernorm = SequenceParallelTorchNorm
+    layer.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=SequenceParallelTorchNorm)
+
+
+def run_tp(failures):
+    batches = mc.random_batches(STEPS, batch=2)
+    run_layout(failures, "tp2+sp", ParallelSizes(tp=2), {"sequence_parallel": True},
+               None, sequence_parallel_spec(2), batches, [[b] for b in batches])
+
+
+def run_pp(failures):
+    batches = mc.random_batches(STEPS, batch=4)
+    # Two micro-batches of 2 so the 1F1B schedule really overlaps the stages.
+    local = [[rows(b, 0, 2), rows(b, 2, 4)] for b in batches]
+    run_layout(failures, "pp2 1f1b", ParallelSizes(pp=2), {}, None, None, batches, local)
+
+
+def run_ep(failures):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    moe = dict(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+               add_bias_linear=False, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
+    spec = get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=False)
+    batches = mc.random_batches(STEPS, batch=4)
+    r = dist.get_rank()
+    local = [[rows(b, 2 * r, 2 * r + 2)] for b in batches]
+    run_layout(failures, "ep2 moe alltoall", ParallelSizes(ep=2), moe, spec, spec, batches, local)
+
+
+MODES = {"dp": run_dp, "tp": run_tp, "pp": run_pp, "ep": run_ep}
+
+
+def main() -> None:
+    mc.start()
+    failures: list[str] = []
+    for mode in sys.argv[1:]:
+        MODES[mode](failures)
+    mc.finish(failures)
+
+
+if __name__ == "__main__":
+    main()

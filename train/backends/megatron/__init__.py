@@ -1,0 +1,1 @@
+"""Megatron-core backend: parallel groups, CPU compatibility layer, context-parallel core attention."""
