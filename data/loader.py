@@ -1,0 +1,262 @@
+"""Distributed, exactly resumable streaming of a stage's data mix as `PackedBatch`es.
+
+Who reads what: the loader takes the data-parallel rank and size (never the global rank), so the
+tensor/context/pipeline peers of a rank compute identical batches. Each (dp rank, loader worker) pair is a
+"slot"; every data set's shards are dealt to slots (sample-level striding when there are fewer shards than
+slots, see `data.shards.slot_plan`), so within an epoch no sample is read twice or missed.
+
+What a worker does (`_WorkerStream`): document k of its stream comes from data set `SourceSchedule.source(k)`
+(a pure function of seed, slot and k), whose `SourceStream` returns the next sample; the sample is encoded
+(bad ones counted and skipped), cut to seq_len (`fit_document`) and handed to the best-fit packer.
+
+Exact resume: a worker's whole state is small and explicit: k, per-source cursors (epoch, shard position,
+sample offset), the packing buffer as restore keys (source, shard, offset) that are re-read and re-encoded on
+load, and counters. Each batch travels from its worker with the worker's state *after* producing it, and the
+loader records it only when it hands the batch to the trainer, so `state_dict()` describes what the trainer
+consumed, not what workers prefetched. torch's DataLoader takes batches from workers round-robin; on resume,
+physical worker p plays logical worker (p + next_worker) % W, so the order continues where it stopped.
+A state whose mix fingerprint (data sets, shards, weights, seq_len, seed, world layout...) differs from the
+loader's is refused with a DataError naming every difference: a new stage starts a fresh state.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from typing import Any
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.batch import Document, PackedBatch
+from data.config import DataConfig
+from data.errors import BadSample, DataError
+from data.mixture import SourceSchedule, mixture_probabilities
+from data.packing import BestFitPacker, BufferEntry, VisionTokens, fit_document
+from data.shards import RestoreKey, Sample, ShardError, SourceStream, list_shards, read_sample
+
+log = logging.getLogger(__name__)
+EncodeFn = Callable[[Sample, str, int], Document]  # (webdataset sample, key, source) -> Document
+STATE_VERSION = 1
+STAT_NAMES = ("samples", "bad_samples", "bad_shards", "truncated", "dropped_too_long")
+
+
+class _Stats:
+    """Per-source counters of one worker, the bad-fraction limit and rate-limited warnings."""
+
+    def __init__(self, cfg: DataConfig, counts: dict[str, list[int]] | None = None) -> None:
+        self.cfg = cfg
+        num = len(cfg.datasets)
+        self.counts = {name: list(counts[name]) if counts else [0] * num for name in STAT_NAMES}
+        self._last_warning, self._suppressed = -float("inf"), 0
+
+    def add(self, name: str, source: int) -> None:
+        self.counts[name][source] += 1
+
+    def bad(self, name: str, source: int, what: str) -> None:
+        """Count a bad sample or shard, warn (rate-limited) and stop once the bad fraction is too high."""
+        self.add(name, source)
+        now = time.monotonic()
+        if now - self._last_warning >= self.cfg.warn_interval_s:
+            more = f" ({self._suppressed} more since the last warning)" if self._suppressed else ""
+            log.warning("skipping bad data in %r: %s%s", self.cfg.datasets[source].name, what, more)
+            self._last_warning, self._suppressed = now, 0
+        else:
+            self._suppressed += 1
+        bad = sum(self.counts["bad_samples"]) + sum(self.counts["bad_shards"])
+        seen = bad + sum(self.counts["samples"])
+        if seen >= self.cfg.bad_sample_grace and bad > self.cfg.max_bad_fraction * seen:
+            raise DataError(f"bad data fraction {bad}/{seen} = {bad / seen:.3f} passed data.max_bad_fraction="
+                            f"{self.cfg.max_bad_fraction}; last: {what}; per data set: {self.summary()}")
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        return {d.name: {k: v[i] for k, v in self.counts.items()} for i, d in enumerate(self.cfg.datasets)}
+
+
+class _WorkerStream:
+    """One logical worker: mixture -> source streams -> encode -> fit -> best-fit packer."""
+
+    def __init__(self, spec: "_Spec", logical: int, state: dict[str, Any] | None) -> None:
+        self.spec, self.logical = spec, logical
+        cfg = spec.cfg
+        slot = spec.dp_rank * spec.num_logical + logical
+        num_slots = spec.dp_size * spec.num_logical
+        self.schedule = SourceSchedule(spec.probabilities, cfg.seed, slot)
+        self.streams = [SourceStream(i, d.name, spec.shards[i], slot, num_slots, cfg.seed, cfg.max_epochs,
+                                     self._bad_shard) for i, d in enumerate(cfg.datasets)]
+        self.packer = BestFitPacker(spec.seq_len, cfg.packing_buffer, cfg.loss_weighting, spec.tokens.pad)
+        self.k, self.batches = 0, 0
+        self.stats = _Stats(cfg)
+        if state is not None:
+            self._load(state)
+
+    def state(self) -> dict[str, Any]:
+        return {"k": self.k, "batches": self.batches, "streams": [s.state() for s in self.streams],
+                "buffer": [list(e.tag) for e in self.packer.buffer], "stats": self.stats.counts}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.k, self.batches = int(state["k"]), int(state["batches"])
+        for stream, cursor in zip(self.streams, state["streams"]):
+            stream.load_state(cursor)
+        self.stats = _Stats(self.spec.cfg, state["stats"])
+        for tag in state["buffer"]:
+            key: RestoreKey = (int(tag[0]), int(tag[1]), int(tag[2]))
+            sample = read_sample(self.spec.shards[key[0]], key)
+            try:
+                doc = self.spec.encode(sample, _doc_key(sample), key[0])
+            except BadSample as e:
+                raise DataError(f"cannot restore buffered sample {_doc_key(sample)}: {e}") from None
+            fitted = fit_document(doc, self.spec.seq_len, self.spec.tokens)
+            if fitted is None:
+                raise DataError(f"restored sample {_doc_key(sample)} no longer fits seq_len={self.spec.seq_len}")
+            self.packer.buffer.append(BufferEntry(fitted, key))
+
+    def __iter__(self) -> Iterator[tuple[PackedBatch, dict[str, Any]]]:
+        while True:
+            batch = self.packer.next_sequence(self._pull)
+            if batch is None:
+                return
+            self.batches += 1
+            yield batch, self.state()
+
+    def _pull(self) -> BufferEntry | None:
+        while not all(s.exhausted for s in self.streams):
+            source = self.schedule.source(self.k)
+            self.k += 1
+            got = self.streams[source].next()
+            if got is None:
+                continue  # this data set finished its epochs; k still advances (pure schedule)
+            key, sample = got
+            doc = self._encode(sample, source)
+            if doc is None:
+                continue
+            fitted = fit_document(doc, self.spec.seq_len, self.spec.tokens)
+            if fitted is None:
+                self.stats.add("dropped_too_long", source)
+                continue
+            if fitted is not doc:
+                self.stats.add("truncated", source)
+            return BufferEntry(fitted, key)
+        return None
+
+    def _encode(self, sample: Sample, source: int) -> Document | None:
+        key = _doc_key(sample)
+        try:
+            doc = self.spec.encode(sample, key, source)
+        except BadSample as e:
+            self.stats.bad("bad_samples", source, f"{sample['__url__']} key {sample['__key__']!r}: {e.reason}")
+            return None
+        self.stats.add("samples", source)
+        return doc
+
+    def _bad_shard(self, source: int, error: ShardError) -> None:
+        self.stats.bad("bad_shards", source, f"shard {error.path}: {error.reason}")
+
+
+def _doc_key(sample: Sample) -> str:
+    shard = os.path.basename(str(sample["__url__"]))
+    return f"{shard.removesuffix('.tar')}/{sample['__key__']}"
+
+
+class _Spec:
+    """What every worker needs, fixed for the loader's lifetime (copied into worker processes)."""
+
+    def __init__(self, cfg: DataConfig, encode: EncodeFn, seq_len: int, dp_rank: int, dp_size: int,
+                 tokens: VisionTokens) -> None:
+        self.cfg, self.encode, self.seq_len, self.tokens = cfg, encode, seq_len, tokens
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.num_logical = max(1, cfg.num_workers)
+        self.shards = [list_shards(d) for d in cfg.datasets]
+        self.probabilities = mixture_probabilities([d.weight for d in cfg.datasets], cfg.temperature)
+
+
+class _PackedDataset(IterableDataset):
+    def __init__(self, spec: _Spec, states: list[dict[str, Any] | None], rotation: int) -> None:
+        self.spec, self.states, self.rotation = spec, states, rotation
+
+    def __iter__(self) -> Iterator[tuple[PackedBatch, int, dict[str, Any]]]:
+        info = get_worker_info()
+        logical = ((info.id if info else 0) + self.rotation) % self.spec.num_logical
+        for batch, state in _WorkerStream(self.spec, logical, self.states[logical]):
+            yield batch, logical, state
+
+
+def _passthrough(item: Any) -> Any:
+    return item
+
+
+class StreamingLoader:
+    """Iterable of PackedBatch for one data-parallel rank, with `state_dict()` / `load_state_dict()`."""
+
+    def __init__(self, cfg: DataConfig, encode: EncodeFn, seq_len: int, *, dp_rank: int = 0, dp_size: int = 1,
+                 tokens: VisionTokens = VisionTokens()) -> None:
+        cfg.validate()
+        if seq_len < 2:
+            raise DataError(f"seq_len={seq_len} must be >= 2")
+        if not 0 <= dp_rank < dp_size:
+            raise DataError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
+        self.spec = _Spec(cfg, encode, seq_len, dp_rank, dp_size, tokens)  # lists shards: fails fast
+        self._workers: list[dict[str, Any] | None] = [None] * self.spec.num_logical
+        self._batches = 0
+        self._next_worker = 0
+
+    @property
+    def batches_yielded(self) -> int:
+        return self._batches
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that decides which batches come out; a saved state only fits an identical one."""
+        spec, cfg = self.spec, self.spec.cfg
+        shard_names = [[os.path.basename(p) for p in shards] for shards in spec.shards]
+        return {
+            "datasets": [d.name for d in cfg.datasets],
+            "weights": [d.weight for d in cfg.datasets],
+            "shards": [hashlib.sha1("\n".join(names).encode()).hexdigest()[:16] for names in shard_names],
+            "temperature": cfg.temperature, "seq_len": spec.seq_len, "seed": cfg.seed,
+            "loss_weighting": cfg.loss_weighting, "packing_buffer": cfg.packing_buffer,
+            "max_epochs": cfg.max_epochs, "dp_rank": spec.dp_rank, "dp_size": spec.dp_size,
+            "num_workers": spec.num_logical, "tokens": asdict(spec.tokens),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the trainer has consumed: plain ints, lists and strings (no tensors, no pickles)."""
+        return {"version": STATE_VERSION, "mix": self.fingerprint(), "batches": self._batches,
+                "next_worker": self._next_worker, "workers": [dict(w) if w else None for w in self._workers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        now = self.fingerprint()
+        diffs = [f"{k}: state {state['mix'].get(k)!r}, now {v!r}" for k, v in now.items()
+                 if state["mix"].get(k) != v]
+        if diffs:
+            raise DataError("data loader state does not fit this data mix (a new mix needs a fresh state, i.e. "
+                            "a new stage); differs in " + "; ".join(diffs))
+        self._batches, self._next_worker = int(state["batches"]), int(state["next_worker"])
+        self._workers = [dict(w) if w else None for w in state["workers"]]
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Counters per data set (samples, bad samples/shards, cut and dropped documents) for logging,
+        summed over the workers as of the last consumed batch."""
+        totals = {d.name: dict.fromkeys(STAT_NAMES, 0) for d in self.spec.cfg.datasets}
+        for worker in self._workers:
+            for stat, values in (worker or {}).get("stats", {}).items():
+                for d, value in zip(self.spec.cfg.datasets, values):
+                    totals[d.name][stat] += value
+        return totals
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        dataset = _PackedDataset(self.spec, list(self._workers), self._next_worker)
+        cfg = self.spec.cfg
+        items: Any = iter(dataset)
+        if cfg.num_workers > 0:
+            items = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, collate_fn=_passthrough,
+                               prefetch_factor=cfg.prefetch_factor)
+        for batch, logical, state in items:
+            # Record before handing the batch over: once the trainer holds it, it counts as consumed.
+            self._workers[logical] = state
+            self._batches += 1
+            self._next_worker = (logical + 1) % self.spec.num_logical
+            yield batch

@@ -1,0 +1,205 @@
+"""Best-fit packing of documents into `PackedBatch`es of exactly seq_len tokens, and per-document loss weights.
+
+Packing: a buffer holds up to `buffer_size` documents. A sequence starts with the oldest document in the
+buffer (so no document waits more than buffer_size sequences), then repeatedly takes the longest buffered
+document that still fits the remaining space, refilling the buffer after each take; when nothing fits, the
+rest is padding. Documents are never split across sequences: one longer than seq_len is cut at a text
+boundary (before the vision_start of the span the limit falls in, so an image or a video frame group keeps
+all its placeholder tokens, pixels and grid row) or dropped if no target would survive the cut.
+
+Loss weights: every supervised target of a document with N_s targets (in this sequence) gets
+  sqrt -> 1/sqrt(N_s)    per_token -> 1    per_sample -> 1/N_s.
+The trainer divides sum(w * ce) by sum(w) taken over the whole global batch (all data-parallel and
+context-parallel ranks and micro-batches). That single normaliser turns the three weightings into their
+textbook losses (per_token: mean over tokens; per_sample: mean over documents; sqrt: the Qwen3-VL
+square-root-normalised loss sum_s sum_t l_t/sqrt(N_s) / sum_s sqrt(N_s)), and because it is global the loss
+does not depend on how documents happen to be split across ranks, micro-batches or sequences.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from data.batch import IGNORE_INDEX, Document, PackedBatch
+
+
+@dataclass(frozen=True)
+class VisionTokens:
+    """Special token ids (from the tokenizer) and the merge size that maps grids to placeholder counts."""
+
+    vision_start: int = 3
+    vision_end: int = 4
+    image_pad: int = 5
+    video_pad: int = 6
+    spatial_merge_size: int = 2
+    pad: int = 0
+
+
+def document_loss_weight(num_targets: int, mode: str) -> float:
+    """Weight of each supervised target of a document with `num_targets` targets."""
+    if num_targets <= 0:
+        return 0.0
+    if mode == "sqrt":
+        return 1.0 / math.sqrt(num_targets)
+    if mode == "per_token":
+        return 1.0
+    if mode == "per_sample":
+        return 1.0 / num_targets
+    raise ValueError(f"loss weighting {mode!r} is not one of sqrt, per_token, per_sample")
+
+
+def num_targets(doc: Document) -> int:
+    """Supervised targets: tokens predicted from an earlier token of the same document (index >= 1)."""
+    return int(doc.target_mask[1:].sum())
+
+
+def fit_document(doc: Document, seq_len: int, tokens: VisionTokens) -> Document | None:
+    """`doc` if it fits; else its longest prefix <= seq_len that ends on a text boundary; None if that
+    prefix would keep no supervised target."""
+    n = len(doc)
+    if n <= seq_len:
+        return doc
+    ids = doc.input_ids
+    cut = seq_len
+    starts = (ids[:cut] == tokens.vision_start).nonzero().flatten()
+    if starts.numel():
+        last = int(starts[-1])
+        span_end = last + 1
+        while span_end < n and int(ids[span_end]) in (tokens.image_pad, tokens.video_pad):
+            span_end += 1
+        if cut <= span_end:  # the limit falls inside [vision_start .. vision_end]: cut before the span
+            cut = last
+    if cut < 2 or not bool(doc.target_mask[1:cut].any()):
+        return None
+    return _prefix(doc, cut, tokens)
+
+
+def _prefix(doc: Document, cut: int, tokens: VisionTokens) -> Document:
+    ids = doc.input_ids[:cut]
+    per_group = tokens.spatial_merge_size ** 2
+    images, image_rows = _kept_items(doc.image_grid_thw, int((ids == tokens.image_pad).sum()), per_group, False)
+    videos, video_rows = _kept_items(doc.video_grid_thw, int((ids == tokens.video_pad).sum()), per_group, True)
+    return Document(
+        key=doc.key, source=doc.source, input_ids=ids, position_ids=doc.position_ids[:, :cut],
+        target_mask=doc.target_mask[:cut],
+        pixel_values=None if images is None else doc.pixel_values[:image_rows],
+        image_grid_thw=images,
+        pixel_values_videos=None if videos is None else doc.pixel_values_videos[:video_rows],
+        video_grid_thw=videos,
+    )
+
+
+def _kept_items(grid: torch.Tensor | None, kept_tokens: int, per_group: int,
+                is_video: bool) -> tuple[torch.Tensor | None, int]:
+    """Grid rows (a video's t shrunk to its whole kept frame groups) and pixel rows covering kept_tokens."""
+    if grid is None or kept_tokens == 0:
+        return None, 0
+    rows, pixel_rows, left = [], 0, kept_tokens
+    for t, h, w in grid.tolist():
+        group_tokens = h * w // per_group
+        groups = t if not is_video else min(t, left // group_tokens)
+        if is_video and groups == 0 or left < groups * group_tokens:
+            break
+        rows.append([groups, h, w])
+        pixel_rows += groups * h * w
+        left -= groups * group_tokens
+        if left == 0:
+            break
+    if left:
+        raise ValueError(f"document cut leaves {left} placeholder tokens without a whole grid item")
+    return torch.tensor(rows, dtype=grid.dtype), pixel_rows
+
+
+def _cat(parts: list[Any]) -> torch.Tensor | None:
+    parts = [p for p in parts if p is not None]
+    return torch.cat(parts) if parts else None
+
+
+def build_packed(docs: list[Document], seq_len: int, weighting: str, pad_id: int = 0) -> PackedBatch:
+    """Concatenate documents (total <= seq_len) and pad the tail, which becomes its own segment."""
+    used = sum(len(d) for d in docs)
+    if used > seq_len:
+        raise ValueError(f"documents hold {used} tokens, more than seq_len={seq_len}")
+    num_pad = seq_len - used
+    labels, weights, sources, bounds = [], [], [], [0]
+    for d in docs:
+        n = len(d)
+        label = torch.full((n,), IGNORE_INDEX, dtype=torch.long)
+        label[:-1] = torch.where(d.target_mask[1:], d.input_ids[1:], IGNORE_INDEX)
+        labels.append(label)
+        weights.append((label != IGNORE_INDEX).float() * document_loss_weight(num_targets(d), weighting))
+        sources.append(torch.full((n,), d.source, dtype=torch.long))
+        bounds.append(bounds[-1] + n)
+    if num_pad:
+        labels.append(torch.full((num_pad,), IGNORE_INDEX, dtype=torch.long))
+        weights.append(torch.zeros(num_pad))
+        sources.append(torch.full((num_pad,), -1, dtype=torch.long))
+        bounds.append(seq_len)
+    pad_ids = torch.full((num_pad,), pad_id, dtype=torch.long)
+    pad_positions = torch.arange(num_pad, dtype=torch.long).expand(3, num_pad)
+    return PackedBatch(
+        input_ids=torch.cat([d.input_ids.long() for d in docs] + [pad_ids]),
+        position_ids=torch.cat([d.position_ids.long() for d in docs] + [pad_positions], dim=1),
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+        labels=torch.cat(labels), loss_weights=torch.cat(weights), source_ids=torch.cat(sources),
+        pixel_values=_cat([d.pixel_values for d in docs]),
+        image_grid_thw=_cat([d.image_grid_thw for d in docs]),
+        pixel_values_videos=_cat([d.pixel_values_videos for d in docs]),
+        video_grid_thw=_cat([d.video_grid_thw for d in docs]),
+        doc_keys=[d.key for d in docs], num_pad=num_pad,
+    )
+
+
+@dataclass
+class BufferEntry:
+    doc: Document
+    tag: Any  # opaque to the packer: the loader stores the document's restore key here
+
+
+class BestFitPacker:
+    """Holds the buffer between sequences; `buffer` (in order) is all the state there is."""
+
+    def __init__(self, seq_len: int, buffer_size: int, weighting: str, pad_id: int = 0) -> None:
+        self.seq_len, self.buffer_size, self.weighting, self.pad_id = seq_len, buffer_size, weighting, pad_id
+        self.buffer: list[BufferEntry] = []
+
+    def next_sequence(self, pull: Callable[[], BufferEntry | None]) -> PackedBatch | None:
+        """Pack one sequence, pulling documents (each <= seq_len) until the buffer is full or pull is dry.
+        None once the buffer is empty and pull returns nothing."""
+        self._fill(pull)
+        if not self.buffer:
+            return None
+        chosen = [self.buffer.pop(0).doc]
+        room = self.seq_len - len(chosen[0])
+        while room > 0:
+            self._fill(pull)
+            best = self._best_fit(room)
+            if best is None:
+                break
+            chosen.append(self.buffer.pop(best).doc)
+            room -= len(chosen[-1])
+        return build_packed(chosen, self.seq_len, self.weighting, self.pad_id)
+
+    def _fill(self, pull: Callable[[], BufferEntry | None]) -> None:
+        while len(self.buffer) < self.buffer_size:
+            entry = pull()
+            if entry is None:
+                return
+            if len(entry.doc) > self.seq_len:
+                raise ValueError(f"document {entry.doc.key} has {len(entry.doc)} tokens > seq_len "
+                                 f"{self.seq_len}: pass it through fit_document first")
+            self.buffer.append(entry)
+
+    def _best_fit(self, room: int) -> int | None:
+        best, best_len = None, 0
+        for i, entry in enumerate(self.buffer):
+            n = len(entry.doc)
+            if best_len < n <= room:
+                best, best_len = i, n
+                if n == room:
+                    break
+        return best
