@@ -12,9 +12,10 @@ Targets (`target_mask[i]`: token i is a training target, predicted from tokens <
   the document's first token (nothing precedes it).
 
 Budget: the vision items of a document share `vision_fraction * seq_len` tokens equally; an image gets at
-most its share of pixels (never below min_pixels), a video its share of frames x pixels (data.video). A
-document with vision that still exceeds seq_len raises BadSample: packing must never cut a vision span.
-Text-only documents are returned whole; splitting long text is the packer's choice.
+most its share of pixels (never below min_pixels), a video its share of frames x pixels (data.video), so
+the vision spans of a document always fit one sequence. Documents are returned whole even when their text
+makes them longer than seq_len: data.packing.fit_document cuts them at a text boundary, never inside a
+vision span.
 """
 from __future__ import annotations
 
@@ -100,9 +101,6 @@ class DocumentEncoder:
                 self._add_video(b, sample[part.member], part.member, budget)
         b.add([self.tok.eos_id], True)
         b.target[0] = False
-        if n_vision and len(b.ids) > self.seq_len:
-            raise BadSample(f"document has {len(b.ids)} tokens with {n_vision} vision item(s), more than "
-                            f"seq_len={self.seq_len}")
         return self._document(b, key, source)
 
     def _add_text(self, b: _Builder, part: Part) -> None:
