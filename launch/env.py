@@ -1,0 +1,221 @@
+"""Process start: turn the launcher's environment into one `DistEnv`, then into torch.distributed.
+
+Three launchers are recognised, in this order:
+- torchrun (or any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). This also
+  covers "one srun task per node running torchrun": torchrun's variables win over SLURM's.
+- a SLURM step started by srun (SLURM_STEP_ID, SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, ...): one task per
+  GPU. MASTER_ADDR is the first host of the step's nodelist (parsed here, so no `scontrol` is needed) and
+  MASTER_PORT is derived from SLURM_JOB_ID, so two jobs on one node never share a port.
+- nothing of the above: a single process, world size 1.
+An inconsistent environment raises `LaunchEnvError` with one line naming the variable and its value.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping, NoReturn
+
+import torch
+import torch.distributed as dist
+
+TORCHRUN_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+TORCHRUN_ADDR_VARS = ("MASTER_ADDR", "MASTER_PORT")
+# Below Linux's ephemeral range (32768-60999) so a derived port never collides with an outgoing connection.
+JOB_PORT_BASE = 20000
+JOB_PORT_SPAN = 10000
+
+
+class LaunchEnvError(RuntimeError):
+    """The launcher's environment is missing a variable or contradicts itself."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    backend: str
+    device: str
+    launcher: str  # "torchrun", "slurm" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def parse_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM hostlist such as `node[01-03,07],gpu5` or `r[1-2]-n[1,3]` into host names, in order."""
+    hosts: list[str] = []
+    for pattern in _split_top_level(nodelist):
+        hosts.extend(_expand_host(pattern, nodelist))
+    if not hosts:
+        raise LaunchEnvError(f"nodelist {nodelist!r} names no host")
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are outside brackets (commas inside brackets separate ranges)."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth not in (0, 1):
+            raise LaunchEnvError(f"nodelist {text!r} has unbalanced brackets")
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise LaunchEnvError(f"nodelist {text!r} has unbalanced brackets")
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_host(pattern: str, whole: str) -> list[str]:
+    match = re.search(r"\[([^\]]*)\]", pattern)
+    if match is None:
+        return [pattern]
+    prefix, suffix = pattern[: match.start()], pattern[match.end():]
+    names = []
+    for item in match.group(1).split(","):
+        for number in _expand_range(item.strip(), whole):
+            names.extend(_expand_host(prefix + number + suffix, whole))
+    return names
+
+
+def _expand_range(item: str, whole: str) -> list[str]:
+    """`01-03` -> 01, 02, 03 (zero padding kept from the lower bound, as SLURM does); `7` -> 7."""
+    match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+    if match is None:
+        raise LaunchEnvError(f"nodelist {whole!r} has a bad range {item!r}")
+    low_text, high_text = match.group(1), match.group(2) or match.group(1)
+    low, high = int(low_text), int(high_text)
+    if high < low:
+        raise LaunchEnvError(f"nodelist {whole!r} has a descending range {item!r}")
+    return [str(n).zfill(len(low_text)) for n in range(low, high + 1)]
+
+
+def parse_tasks_per_node(spec: str) -> list[int]:
+    """Expand SLURM's compressed task counts, e.g. `2(x3),1` -> [2, 2, 2, 1]."""
+    counts: list[int] = []
+    for item in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
+        if match is None:
+            raise LaunchEnvError(f"SLURM tasks-per-node {spec!r} has a bad item {item!r}")
+        counts.extend([int(match.group(1))] * int(match.group(2) or 1))
+    return counts
+
+
+def master_port_for_job(job_id: int) -> int:
+    """A port in [20000, 30000) that is fixed for a job (so a requeued job uses it again)."""
+    return JOB_PORT_BASE + job_id % JOB_PORT_SPAN
+
+
+def _int_var(environ: Mapping[str, str], name: str) -> int:
+    value = environ.get(name)
+    if value is None:
+        raise LaunchEnvError(f"{name} is not set")
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchEnvError(f"{name}={value!r} is not an integer") from None
+
+
+def _check_rank(rank_name: str, rank: int, size_name: str, size: int) -> None:
+    if size < 1:
+        raise LaunchEnvError(f"{size_name}={size} must be at least 1")
+    if not 0 <= rank < size:
+        raise LaunchEnvError(f"{rank_name}={rank} is outside [0, {size_name}={size})")
+
+
+def _backend_and_device(local_rank: int, cuda: bool) -> tuple[str, str]:
+    return ("nccl", f"cuda:{local_rank}") if cuda else ("gloo", "cpu")
+
+
+def _from_torchrun(environ: Mapping[str, str], cuda: bool) -> DistEnv:
+    missing = [n for n in TORCHRUN_RANK_VARS + TORCHRUN_ADDR_VARS if n not in environ]
+    if missing:
+        present = [n for n in TORCHRUN_RANK_VARS if n in environ]
+        raise LaunchEnvError(f"torchrun variables half set: {', '.join(present)} set but {', '.join(missing)} missing")
+    rank, world = _int_var(environ, "RANK"), _int_var(environ, "WORLD_SIZE")
+    local_rank = _int_var(environ, "LOCAL_RANK")
+    # Launchers other than torchrun may omit LOCAL_WORLD_SIZE; then all ranks are taken to share one node.
+    local_world = _int_var(environ, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in environ else world
+    _check_rank("RANK", rank, "WORLD_SIZE", world)
+    _check_rank("LOCAL_RANK", local_rank, "LOCAL_WORLD_SIZE", local_world)
+    if local_world > world:
+        raise LaunchEnvError(f"LOCAL_WORLD_SIZE={local_world} exceeds WORLD_SIZE={world}")
+    port = _int_var(environ, "MASTER_PORT")
+    backend, device = _backend_and_device(local_rank, cuda)
+    return DistEnv(rank, world, local_rank, local_world, environ["MASTER_ADDR"], port, backend, device, "torchrun")
+
+
+def _from_slurm(environ: Mapping[str, str], cuda: bool) -> DistEnv:
+    rank, world = _int_var(environ, "SLURM_PROCID"), _int_var(environ, "SLURM_NTASKS")
+    local_rank, node_id = _int_var(environ, "SLURM_LOCALID"), _int_var(environ, "SLURM_NODEID")
+    _check_rank("SLURM_PROCID", rank, "SLURM_NTASKS", world)
+    nodelist_name = "SLURM_STEP_NODELIST" if "SLURM_STEP_NODELIST" in environ else "SLURM_JOB_NODELIST"
+    hosts = parse_nodelist(environ.get(nodelist_name) or "")
+    _check_rank("SLURM_NODEID", node_id, f"len({nodelist_name})", len(hosts))
+    tasks_name = "SLURM_STEP_TASKS_PER_NODE" if "SLURM_STEP_TASKS_PER_NODE" in environ else "SLURM_TASKS_PER_NODE"
+    per_node = parse_tasks_per_node(environ.get(tasks_name) or str(world))
+    if sum(per_node) != world:
+        raise LaunchEnvError(f"SLURM_NTASKS={world} does not match {tasks_name}={environ.get(tasks_name)!r}")
+    if len(per_node) != len(hosts):
+        raise LaunchEnvError(f"{tasks_name}={environ.get(tasks_name)!r} does not fit {nodelist_name} ({len(hosts)} hosts)")
+    local_world = per_node[node_id]
+    _check_rank("SLURM_LOCALID", local_rank, "tasks on this node", local_world)
+    # An explicit MASTER_ADDR/MASTER_PORT (exported by the batch script) wins over the derived ones.
+    addr = environ.get("MASTER_ADDR") or hosts[0]
+    port = _int_var(environ, "MASTER_PORT") if "MASTER_PORT" in environ else master_port_for_job(_int_var(environ, "SLURM_JOB_ID"))
+    backend, device = _backend_and_device(local_rank, cuda)
+    return DistEnv(rank, world, local_rank, local_world, addr, port, backend, device, "slurm")
+
+
+def detect_env(environ: Mapping[str, str] | None = None, cuda: bool | None = None) -> DistEnv:
+    """Read the launcher's variables (default: os.environ) into a DistEnv; see the module docstring."""
+    environ = os.environ if environ is None else environ
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if any(name in environ for name in TORCHRUN_RANK_VARS):
+        return _from_torchrun(environ, cuda)
+    # SLURM_STEP_ID tells an srun task from the batch shell, which also carries SLURM_PROCID=0 and the job's
+    # SLURM_NTASKS: a program started directly from the batch script is one process, not rank 0 of many.
+    if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ:
+        return _from_slurm(environ, cuda)
+    backend, device = _backend_and_device(0, cuda)
+    return DistEnv(0, 1, 0, 1, "127.0.0.1", 0, backend, device, "single")
+
+
+def init_distributed(env: DistEnv, timeout_s: float = 300.0) -> None:
+    """Start the process group of `env`. A single process gets a one-rank group too (an in-memory store,
+    no port), so code can call collectives whatever the launcher."""
+    if dist.is_initialized():
+        raise LaunchEnvError("torch.distributed is already initialised")
+    if env.device.startswith("cuda"):
+        torch.cuda.set_device(env.local_rank)
+    timeout = timedelta(seconds=timeout_s)
+    if env.world_size == 1:
+        dist.init_process_group(env.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return
+    dist.init_process_group(
+        env.backend,
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timeout,
+    )
+
+
+def shutdown_distributed(exit_code: int = 0) -> NoReturn:
+    """End a rank: barrier, destroy the group, flush, os._exit. Ending any other way aborts sporadically
+    at interpreter exit ("terminate called without an active exception"); see notes/cpu-backends.md."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
