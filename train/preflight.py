@@ -1,0 +1,144 @@
+"""Checks that run before anything expensive (process groups, model build, shard streaming).
+
+Each check raises `PreflightError` with one line naming the key, file or value at fault. The pipeline runs
+them for every stage up front, so a typo in stage 3's shards stops the run before stage 0 trains for a day.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from train.checkpoint import StageDir, check_fingerprint, model_fingerprint
+from train.config.model import ConfigError, ModelConfig
+from train.config.schema import TrainConfig
+from train.models.native_io import NATIVE_CONFIG_FILE, CheckpointError, load_model_config_yaml
+
+
+class PreflightError(ValueError):
+    """The run cannot start; the message is one line naming what to fix."""
+
+
+def check_layout(cfg: TrainConfig, world_size: int) -> int:
+    """The data-parallel size; refuses a world size the parallel sizes do not divide."""
+    try:
+        dp = cfg.parallel.data_parallel_size(world_size)
+    except ConfigError as err:
+        raise PreflightError(str(err)) from None
+    if cfg.stage.global_batch_size % dp:
+        raise PreflightError(f"stage.global_batch_size={cfg.stage.global_batch_size} is not divisible by the "
+                             f"data-parallel size {dp} (world size {world_size})")
+    return dp
+
+
+def check_seq_len(cfg: TrainConfig) -> None:
+    cp = cfg.parallel.cp
+    if cfg.stage.seq_len % (2 * cp):
+        raise PreflightError(f"stage.seq_len={cfg.stage.seq_len} ({cfg.stage.name}) is not divisible by "
+                             f"2 x parallel.cp = {2 * cp} (context parallel splits each sequence in 2*cp chunks)")
+
+
+def check_shards(cfg: TrainConfig) -> None:
+    """Every shard pattern of the stage's mix matches at least one file."""
+    from data.errors import DataError
+    from data.shards import list_shards
+
+    for dataset in cfg.data.datasets:
+        try:
+            list_shards(dataset)
+        except DataError as err:
+            raise PreflightError(f"stage {cfg.stage.name}: {err}") from None
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """The run dir can be created and written (a probe file is created and removed)."""
+    path = Path(run_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        raise PreflightError(f"run_dir={str(run_dir)!r} is not writable ({err.strerror or err})") from None
+
+
+def check_resume_and_init(cfg: TrainConfig, init_from_pipeline: bool = False) -> None:
+    """A checkpoint in the stage's run dir (which would win) or the init_from weights must fit the model."""
+    stage_dir = StageDir(cfg.run_dir, cfg.stage.name)
+    try:
+        latest = stage_dir.latest()
+        if latest is not None:
+            meta = stage_dir.read_meta(latest)
+            check_fingerprint(meta.get("model", {}), cfg.model, str(latest))
+            return
+        if cfg.stage.init_from and not init_from_pipeline:
+            check_init_from(cfg.stage.init_from, cfg.model)
+    except (CheckpointError, ConfigError) as err:
+        raise PreflightError(str(err)) from None
+
+
+def check_init_from(path: str, model: ModelConfig) -> None:
+    """init_from is a native or HF model directory whose config has this run's model shape."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise PreflightError(f"stage.init_from={path!r} is not a directory")
+    if (directory / NATIVE_CONFIG_FILE).is_file():
+        saved = load_model_config_yaml(directory / NATIVE_CONFIG_FILE)
+    elif (directory / "config.json").is_file():
+        import json
+
+        from train.models.hf import model_config_from_hf
+
+        saved = model_config_from_hf(json.loads((directory / "config.json").read_text()),
+                                     source=str(directory / "config.json"))
+    else:
+        raise PreflightError(f"stage.init_from={path!r} has neither {NATIVE_CONFIG_FILE} nor config.json")
+    check_fingerprint(model_fingerprint(saved), model, f"stage.init_from={path}")
+
+
+def check_tokenizer(tokenizer: Any, model: ModelConfig, where: str) -> None:
+    """The tokenizer's special ids are the model's, and its vocabulary fits the embedding table."""
+    pairs = (("image_token_id", tokenizer.image_pad_id), ("video_token_id", tokenizer.video_pad_id),
+             ("vision_start_token_id", tokenizer.vision_start_id), ("vision_end_token_id", tokenizer.vision_end_id))
+    for key, token_id in pairs:
+        if getattr(model, key) != token_id:
+            raise PreflightError(f"tokenizer {where} has {key.removesuffix('_id')} id {token_id} but "
+                                 f"model.{key}={getattr(model, key)}")
+    if tokenizer.vocab_size > model.text.vocab_size:
+        raise PreflightError(f"tokenizer {where} has {tokenizer.vocab_size} tokens but "
+                             f"model.text.vocab_size={model.text.vocab_size}")
+
+
+def check_tokenizer_file(cfg: TrainConfig) -> None:
+    path = tokenizer_path(cfg)
+    if path is None:
+        return
+    from data.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.load(path)
+    except (OSError, ValueError) as err:
+        raise PreflightError(f"data.tokenizer={path!r}: {err}") from None
+    check_tokenizer(tokenizer, cfg.model, path)
+
+
+def tokenizer_path(cfg: TrainConfig) -> str | None:
+    return getattr(cfg.data, "tokenizer", None) or None
+
+
+def preflight(configs: Sequence[TrainConfig], world_size: int) -> None:
+    """All checks for all stages, cheapest first. Stage k > 0 of a pipeline starts from stage k-1's final
+    weights, which do not exist yet; only their model shape (the same config key) matters there."""
+    for i, cfg in enumerate(configs):
+        check_layout(cfg, world_size)
+        check_seq_len(cfg)
+        if i > 0:
+            try:
+                check_fingerprint(model_fingerprint(configs[i - 1].model), cfg.model,
+                                  f"stage {configs[i - 1].stage.name} (handing over to {cfg.stage.name})")
+            except CheckpointError as err:
+                raise PreflightError(str(err)) from None
+    check_run_dir(configs[0].run_dir)
+    for i, cfg in enumerate(configs):
+        check_shards(cfg)
+        check_tokenizer_file(cfg)
+        check_resume_and_init(cfg, init_from_pipeline=i > 0)
