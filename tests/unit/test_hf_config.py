@@ -153,3 +153,11 @@ def test_model_yaml_with_unknown_key_names_the_file(tmp_path):
     path.write_text((MODEL_DIR / "tiny.yaml").read_text().replace("  head_dim: 16", "  head_dims: 16"))
     with pytest.raises(ConfigError, match=r"bad\.yaml.*head_dims"):
         load_model_config_yaml(path)
+
+
+def test_exported_config_carries_the_transformers_4_rope_keys():
+    """Readers pinned to transformers 4.x ignore rope_parameters and read rope_scaling + rope_theta."""
+    cfg = load_model_config_yaml(MODEL_DIR / "qwen3vl_8b.yaml")
+    hf = model_config_to_hf(cfg)
+    del hf["text_config"]["rope_parameters"]
+    assert model_config_from_hf(hf, name=cfg.name) == cfg

@@ -123,7 +123,7 @@ def _require(mapping: dict, key: str, where: str) -> Any:
 
 
 def model_config_to_hf(cfg: ModelConfig) -> dict:
-    """transformers config.json dict (5.x spelling, readable by 4.57 too) for `cfg`."""
+    """transformers config.json dict for `cfg` (5.x keys plus the 4.x rope keys; weights use the 5.x layout)."""
     cfg.validate()
     if cfg.vision.layer_norm_eps != HF_VISION_LAYER_NORM_EPS:
         raise ConfigError(f"model.vision.layer_norm_eps={cfg.vision.layer_norm_eps} cannot be exported: "
@@ -144,8 +144,10 @@ def _text_to_hf(text: TextConfig, model_type: str) -> dict[str, Any]:
     keys = _TEXT_REQUIRED + _TEXT_OPTIONAL + ("head_dim", "tie_word_embeddings")
     out: dict[str, Any] = {key: _plain(getattr(text, key)) for key in keys}
     out["model_type"] = f"{model_type}_text"
-    out["rope_parameters"] = {"rope_type": "default", "rope_theta": text.rope_theta,
-                              "mrope_section": list(text.mrope_section), "mrope_interleaved": True}
+    rope = {"rope_type": "default", "mrope_section": list(text.mrope_section), "mrope_interleaved": True}
+    out["rope_parameters"] = {**rope, "rope_theta": text.rope_theta}
+    # transformers 4.x (and tools pinned to it) read these two instead; 5.x folds them into rope_parameters.
+    out["rope_scaling"], out["rope_theta"] = rope, text.rope_theta
     if text.is_moe:
         if not text.norm_topk_prob:
             raise ConfigError("model.text.norm_topk_prob=false cannot be exported: transformers' Qwen3-VL-MoE "
