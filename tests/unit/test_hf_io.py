@@ -162,3 +162,15 @@ def test_hf_directory_without_text_config(tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config\.json: required key 'text_config' is missing"):
         load_hf_checkpoint(tmp_path / "hf")
+
+
+def test_export_of_an_expert_parallel_shard_is_refused(tmp_path):
+    """Known failure mode: exporting one expert-parallel rank's experts (E/2) instead of the gathered set."""
+    cfg = tiny_moe_config()
+    sd = dict(native_state_dict(cfg))
+    key = "language_model.layers.1.mlp.experts.gate_up_proj"
+    sd[key] = sd[key][: cfg.text.num_experts // 2]
+    with pytest.raises(CheckpointError, match=rf"'{key}' has shape \[2, 64, 64\], the model config expects "
+                                              r"\[4, 64, 64\]"):
+        save_hf_checkpoint(tmp_path / "hf", cfg, sd)
+    assert not (tmp_path / "hf").exists()
