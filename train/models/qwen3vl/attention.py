@@ -62,9 +62,10 @@ def _sdpa_per_segment(q, k, v, cu_seqlens, causal) -> torch.Tensor:
         if length == 0:
             continue
         seg = slice(start, start + length)
-        # [l, H, D] -> [H, l, D]: SDPA treats the head dim as a batch dim.
-        out = F.scaled_dot_product_attention(q[seg].transpose(0, 1), k[seg].transpose(0, 1),
-                                             v[seg].transpose(0, 1), is_causal=causal, enable_gqa=gqa)
-        outputs.append(out.transpose(0, 1))
+        # [l, H, D] -> [1, H, l, D]. The batch dim matters: with 3-D inputs torch falls back to the math
+        # kernel, which materialises the l x l scores; 4-D inputs get the fused (flash) CPU/CUDA kernel.
+        out = F.scaled_dot_product_attention(*(t[seg].transpose(0, 1)[None] for t in (q, k, v)),
+                                             is_causal=causal, enable_gqa=gqa)
+        outputs.append(out[0].transpose(0, 1))
         start += length
     return torch.cat(outputs, dim=0) if len(outputs) != 1 else outputs[0]
