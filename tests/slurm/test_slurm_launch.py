@@ -1,0 +1,112 @@
+"""slurm/pretrain.sbatch and submit_pipeline.sh on a real local SLURM cluster, with the stand-in trainer.
+
+The stand-in's per-step value folds in every earlier step, so "values equal the closed-form uninterrupted
+run and every step is logged exactly once" proves: the resume point was the stop step's checkpoint, no step
+was skipped or repeated, and both ranks stopped after the same step (else the all_reduce would hang or
+differ).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster_lib import REPO, STANDIN, Cluster, logged_steps, read_log, standin_cmd, wait_for
+
+pytestmark = pytest.mark.slurm
+
+SBATCH = str(REPO / "slurm" / "pretrain.sbatch")
+STEPS = 20
+
+
+def _reference_values(world_size: int, steps: int) -> list[float]:
+    spec = importlib.util.spec_from_file_location("standin_train", STANDIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.reference_values(world_size, steps)
+
+
+def submit_standin(cluster: Cluster, run_dir: Path, *sbatch_args: str, steps: int = STEPS, step_sleep: float = 0.0) -> int:
+    return cluster.sbatch(
+        "-n2", f"--output={run_dir}/slurm.out", *sbatch_args, SBATCH,
+        f"run_dir={run_dir}", f"steps={steps}", "save_every=4", f"step_sleep={step_sleep}",
+        extra_env={"LONGVL_CMD": standin_cmd(), "LONGVL_SIGNAL_REPEAT_S": "1"},
+    )
+
+
+def assert_matches_uninterrupted_run(run_dir: Path, steps: int = STEPS) -> None:
+    records = read_log(run_dir)
+    assert logged_steps(run_dir) == list(range(1, steps + 1)), "every step exactly once, in order"
+    values = [r["value"] for r in records if "value" in r]
+    assert values == _reference_values(2, steps)
+    assert records[-1] == {"event": "complete", "step": steps, "stage": ""}
+
+
+def assert_stopped_and_resumed(run_dir: Path, signal_number: int = 10) -> None:
+    events = [r for r in read_log(run_dir) if "event" in r]
+    kinds = [e["event"] for e in events]
+    assert kinds == ["start", "stop", "start", "complete"], (kinds, (run_dir / "slurm.out").read_text())
+    first, stop, again = events[:3]
+    assert (first["restart"], again["restart"]) == (0, 1)
+    assert stop["signal"] == signal_number and 0 < stop["step"] < STEPS
+    assert again["step"] == stop["step"], "the restart resumes from the checkpoint taken at the stop step"
+    assert {first["launcher"], again["launcher"], first["world"]} == {"slurm", 2}
+
+
+def test_two_task_job_runs_to_completion(slurm_cluster: Cluster, tmp_path: Path) -> None:
+    job = submit_standin(slurm_cluster, tmp_path)
+    info = slurm_cluster.wait_job(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=60)
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "0"), (tmp_path / "slurm.out").read_text()
+    assert_matches_uninterrupted_run(tmp_path)
+    assert "requeueing" not in (tmp_path / "slurm.out").read_text()
+
+
+def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster: Cluster, tmp_path: Path) -> None:
+    job = submit_standin(slurm_cluster, tmp_path, step_sleep=0.25)
+    wait_for(lambda: len(logged_steps(tmp_path)) >= 3, 60, "the job to log 3 steps")
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job))
+    info = slurm_cluster.wait_job(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=90)
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), (tmp_path / "slurm.out").read_text()
+    assert_stopped_and_resumed(tmp_path)
+    assert_matches_uninterrupted_run(tmp_path)
+
+
+def test_preemption_by_high_priority_partition_resumes_exactly(slurm_cluster: Cluster, tmp_path: Path) -> None:
+    # -n2 on the 2-CPU node takes every core, so the high-partition job can only run by preempting it.
+    job = submit_standin(slurm_cluster, tmp_path, "--partition=debug", step_sleep=0.25)
+    wait_for(lambda: len(logged_steps(tmp_path)) >= 3, 60, "the job to log 3 steps")
+    urgent = slurm_cluster.sbatch("--partition=high", "-n1", f"--output={tmp_path}/urgent.out",
+                                  "--wrap", "echo urgent ran")
+    urgent_info = slurm_cluster.wait_job(urgent, ("COMPLETED", "FAILED", "CANCELLED"), timeout=90)
+    assert urgent_info["JobState"] == "COMPLETED"
+    info = slurm_cluster.wait_job(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=90)
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), (tmp_path / "slurm.out").read_text()
+    assert "USR1 received" in (tmp_path / "slurm.out").read_text()
+    assert_stopped_and_resumed(tmp_path)
+    assert_matches_uninterrupted_run(tmp_path)
+
+
+def _submit_pipeline(cluster: Cluster, run_dir: Path, stages: str, cmd: str) -> dict[str, int]:
+    env = {"LONGVL_STAGES": stages, "LONGVL_SBATCH_ARGS": "-n2", "LONGVL_CMD": cmd}
+    out = cluster.run("env", *(f"{k}={v}" for k, v in env.items()),
+                      str(REPO / "slurm" / "submit_pipeline.sh"), str(run_dir), "steps=4", "save_every=2")
+    return {stage: int(job) for stage, job in (line.split() for line in out.splitlines())}
+
+
+def test_pipeline_chains_stages_in_one_run_dir(slurm_cluster: Cluster, tmp_path: Path) -> None:
+    jobs = _submit_pipeline(slurm_cluster, tmp_path, "s0 s1", standin_cmd())
+    assert list(jobs) == ["s0", "s1"]
+    assert slurm_cluster.job(jobs["s1"])["Dependency"] in (f"afterok:{jobs['s0']}(unfulfilled)", "(null)")
+    for job in jobs.values():
+        assert slurm_cluster.wait_job(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=60)["JobState"] == "COMPLETED"
+    events = [(r.get("stage"), r["event"]) for r in read_log(tmp_path) if "event" in r]
+    assert events == [("s0", "start"), ("s0", "complete"), ("s1", "start"), ("s1", "complete")]
+    assert (tmp_path / "s0" / "ckpt" / "latest").exists() and (tmp_path / "s1" / "ckpt" / "latest").exists()
+
+
+def test_pipeline_failed_stage_cancels_the_rest(slurm_cluster: Cluster, tmp_path: Path) -> None:
+    jobs = _submit_pipeline(slurm_cluster, tmp_path, "s0 s1", "false")
+    assert slurm_cluster.wait_job(jobs["s0"], ("COMPLETED", "FAILED", "CANCELLED"), timeout=60)["JobState"] == "FAILED"
+    later = slurm_cluster.wait_job(jobs["s1"], ("COMPLETED", "FAILED", "CANCELLED"), timeout=30)
+    assert later["JobState"] == "CANCELLED" and later["StartTime"] in ("Unknown", "None", later["EndTime"])
