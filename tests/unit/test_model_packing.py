@@ -95,3 +95,10 @@ def test_packed_mismatch_names_the_document_it_is_in():
     keys = ["a/0", "b/1", "c/2"]
     with pytest.raises(ValueError, match=r"sample 'c/2'.*7 video placeholder tokens but 8 video features"):
         model(**_pack(docs), doc_keys=keys)
+
+
+def test_position_ids_of_the_wrong_shape_are_rejected():
+    model = Qwen3VLModel(tiny_dense_config()).eval()
+    ids = torch.arange(1, 11)
+    with pytest.raises(ValueError, match=r"position_ids has shape \(10,\), expected \(3, 10\)"):
+        model(ids, position_ids=torch.arange(10))

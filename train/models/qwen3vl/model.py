@@ -133,6 +133,9 @@ class Qwen3VLModel(nn.Module):
         visual positions after decoder layers 0, 1, ... (one feature tensor per layer)."""
         text = self.cfg.text
         x = inputs_embeds
+        if tuple(position_ids.shape) != (3, x.shape[0]):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected (3, {x.shape[0]}): "
+                             f"one (t, h, w) row each for the {x.shape[0]} tokens")
         rope = mrope_cos_sin(position_ids, text.head_dim, text.rope_theta, text.mrope_section, x.dtype)
         cu = full_cu_seqlens(x.shape[0], x.device) if cu_seqlens is None else cu_seqlens
         deepstack = deepstack_features or []
