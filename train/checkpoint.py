@@ -111,24 +111,24 @@ def save_checkpoint(stage_dir: StageDir, step: int, backend: Any, loader_state: 
     """Write the resumable state after `step` atomically; return the checkpoint directory. Collective.
 
     `meta` (JSON) is stored in meta.json next to the step, the world size and the model fingerprint."""
-    rank = _rank()
+    me = rank()
     final = stage_dir.step_dir(step)
     tmp = final.with_name(f".{final.name}.tmp")
-    if rank == 0:
+    if me == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     backend.save(tmp)
-    torch.save({"rng": rng_state(), "loader": loader_state}, tmp / f"rank_{rank:05d}.pt")
-    _barrier()
-    if rank == 0:
-        full_meta = {**meta, "step": step, "world_size": _world_size(), "model": model_fingerprint(model_cfg)}
+    torch.save({"rng": rng_state(), "loader": loader_state}, tmp / f"rank_{me:05d}.pt")
+    barrier()
+    if me == 0:
+        full_meta = {**meta, "step": step, "world_size": world_size(), "model": model_fingerprint(model_cfg)}
         (tmp / META).write_text(json.dumps(full_meta, indent=1, sort_keys=True) + "\n")
         _fsync_tree(tmp)
         _replace_dir(tmp, final)
         _write_latest(stage_dir.checkpoints, final.name)
         _prune(stage_dir, keep_last, keep=final)
-    _barrier()
+    barrier()
     return final
 
 
@@ -186,10 +186,10 @@ def load_checkpoint(stage_dir: StageDir, ckpt: Path, backend: Any, model_cfg: Mo
     """Restore backend state and this rank's RNG from `ckpt`; return {"meta": ..., "loader": ...}."""
     meta = stage_dir.read_meta(ckpt)
     check_fingerprint(meta.get("model", {}), model_cfg, str(ckpt))
-    if meta.get("world_size") != _world_size():
+    if meta.get("world_size") != world_size():
         raise CheckpointError(f"{ckpt} was written by {meta.get('world_size')} ranks, this run has "
-                              f"{_world_size()}: resume with the same layout (stages may change it)")
-    rank_file = ckpt / f"rank_{_rank():05d}.pt"
+                              f"{world_size()}: resume with the same layout (stages may change it)")
+    rank_file = ckpt / f"rank_{rank():05d}.pt"
     if not rank_file.is_file():
         raise CheckpointError(f"{rank_file}: missing (incomplete checkpoint)")
     backend.load(ckpt)
@@ -203,9 +203,9 @@ def load_checkpoint(stage_dir: StageDir, ckpt: Path, backend: Any, model_cfg: Mo
 def save_final(stage_dir: StageDir, backend: Any, model_cfg: ModelConfig) -> Path:
     """Gather the full model (every rank must call) and write `final/` as a native model dir on rank 0."""
     state_dict = backend.state_dict_for_export()
-    if _rank() == 0:
+    if rank() == 0:
         save_native_checkpoint(stage_dir.final, model_cfg, state_dict, force=True)
-    _barrier()
+    barrier()
     return stage_dir.final
 
 
@@ -243,14 +243,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ---- process group helpers (a single process without a group behaves as rank 0 of 1) -------------------
 
-def _rank() -> int:
+def rank() -> int:
+    """This process' global rank (0 without a process group)."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _world_size() -> int:
+def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -47,7 +47,11 @@ def check_shards(cfg: TrainConfig) -> None:
         try:
             list_shards(dataset)
         except DataError as err:
-            raise PreflightError(f"stage {cfg.stage.name}: {err}") from None
+            hint = ""
+            if not Path(cfg.data_root).is_dir():
+                hint = f" (data_root={cfg.data_root!r} does not exist; `python -m data.synth --out {cfg.data_root}` " \
+                       f"writes the demo corpus)"
+            raise PreflightError(f"stage {cfg.stage.name}: {err}{hint}") from None
 
 
 def check_run_dir(run_dir: str | Path) -> None:
@@ -110,19 +114,18 @@ def check_tokenizer(tokenizer: Any, model: ModelConfig, where: str) -> None:
 
 def check_tokenizer_file(cfg: TrainConfig) -> None:
     path = tokenizer_path(cfg)
-    if path is None:
-        return
     from data.tokenizer import Tokenizer
 
     try:
         tokenizer = Tokenizer.load(path)
     except (OSError, ValueError) as err:
-        raise PreflightError(f"data.tokenizer={path!r}: {err}") from None
+        raise PreflightError(f"tokenizer {path!r}: {err}") from None
     check_tokenizer(tokenizer, cfg.model, path)
 
 
-def tokenizer_path(cfg: TrainConfig) -> str | None:
-    return getattr(cfg.data, "tokenizer", None) or None
+def tokenizer_path(cfg: TrainConfig) -> str:
+    """data.tokenizer when the data config names one, else the corpus' own `<data_root>/tokenizer.model`."""
+    return getattr(cfg.data, "tokenizer", None) or str(Path(cfg.data_root) / "tokenizer.model")
 
 
 def preflight(configs: Sequence[TrainConfig], world_size: int) -> None:
@@ -138,7 +141,9 @@ def preflight(configs: Sequence[TrainConfig], world_size: int) -> None:
             except CheckpointError as err:
                 raise PreflightError(str(err)) from None
     check_run_dir(configs[0].run_dir)
-    for i, cfg in enumerate(configs):
+    for cfg in configs:
         check_shards(cfg)
+    for cfg in configs:
         check_tokenizer_file(cfg)
+    for i, cfg in enumerate(configs):
         check_resume_and_init(cfg, init_from_pipeline=i > 0)

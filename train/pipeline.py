@@ -1,0 +1,154 @@
+"""Run the stages of a pipeline one after another, then export the final model to HF format.
+
+    preflight (every stage, before anything expensive) -> for each stage: train_stage (stage k+1 starts
+    from stage k's final/ weights with a fresh optimizer, its own data mix and LR schedule) -> summary
+    table -> <run_dir>/hf (transformers directory of the last stage's weights)
+
+Re-running the same command continues where it stopped: finished stages are skipped (their summary.json),
+an interrupted stage resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch.distributed as dist
+
+from train.backends.base import Backend
+from train.checkpoint import StageDir, barrier, rank
+from train.config.schema import TrainConfig
+from train.trainer import (
+    Preempted, StageResult, StageRuntime, TrainingStopped, build_stage_loader, train_stage,
+)
+
+HF_EXPORT_DIR = "hf"
+EXIT_CONFIG = 2  # bad input, found before training
+EXIT_STOPPED = 3  # training stopped early (divergence, data ran out); checkpoints kept
+
+
+def default_runtime() -> StageRuntime:
+    return StageRuntime(build_backend=build_stage_backend, build_loader=build_stage_loader)
+
+
+def build_stage_backend(cfg: TrainConfig) -> Backend:
+    """The configured backend, with the stage's frozen groups frozen before its optimizer exists."""
+    from train.backends import build_backend
+    from train.freeze import apply_trainable
+
+    return build_backend(cfg, prepare=lambda model: apply_trainable(model, cfg.stage.trainable))
+
+
+def run_pipeline(configs: Sequence[TrainConfig], runtime: StageRuntime | None = None) -> int:
+    """Train `configs` in order; returns the process exit code (0 done, 2 bad input, 3 stopped early)."""
+    from launch.env import detect_env, init_distributed
+
+    env = detect_env()
+    # Libraries that read the launcher's variables themselves (DeepSpeed asserts LOCAL_RANK) also work
+    # when started as a plain `python -m train` or by srun.
+    for name, value in (("RANK", env.rank), ("LOCAL_RANK", env.local_rank), ("WORLD_SIZE", env.world_size)):
+        os.environ.setdefault(name, str(value))
+    if env.rank == 0:
+        ensure_demo_corpus(configs)
+    started_group = not dist.is_initialized()
+    if started_group:
+        init_distributed(env)
+    code = _run_initialised(list(configs), runtime, env.world_size)
+    return _finish(code, started_group, env.world_size)
+
+
+def _run_initialised(configs: list[TrainConfig], runtime: StageRuntime | None, world_size: int) -> int:
+    from train.models.native_io import CheckpointError
+    from train.preflight import PreflightError, preflight
+
+    barrier()  # rank 0 may still be writing the demo corpus
+    try:
+        preflight(configs, world_size)
+    except PreflightError as err:
+        _say(f"longvl: {err}", error=True)
+        return EXIT_CONFIG
+    runtime = runtime or default_runtime()
+    results: list[StageResult] = []
+    try:
+        for k, cfg in enumerate(configs):
+            if k > 0:  # the handoff: layout-independent full weights of the previous stage
+                cfg.stage.init_from = str(StageDir(configs[k - 1].run_dir, configs[k - 1].stage.name).final)
+            results.append(train_stage(cfg, runtime))
+    except Preempted as err:  # exit 0: the SLURM script requeues and the rerun resumes
+        _say(f"longvl: {err}", error=True)
+        return 0
+    except (TrainingStopped, CheckpointError) as err:
+        _say(f"longvl: {err}", error=True)
+        _say(summary_table(results))
+        return EXIT_STOPPED
+    _say(summary_table(results))
+    export = export_hf(configs[-1])
+    _say(f"final model (HF format): {export}")
+    return 0
+
+
+def export_hf(cfg: TrainConfig) -> Path:
+    """<run_dir>/hf from the last stage's final/ native dir (rank 0 writes, atomically)."""
+    from train.models.hf import save_hf_checkpoint
+    from train.models.native_io import load_native_checkpoint
+
+    destination = Path(cfg.run_dir) / HF_EXPORT_DIR
+    if rank() == 0:
+        model_cfg, state_dict = load_native_checkpoint(StageDir(cfg.run_dir, cfg.stage.name).final)
+        save_hf_checkpoint(destination, model_cfg, state_dict, force=True)
+    barrier()
+    return destination
+
+
+def summary_table(results: Sequence[StageResult]) -> str:
+    header = ("stage", "steps", "tokens", "time", "train loss first->last", "eval loss start->end", "skipped")
+    rows = [header]
+    for r in results:
+        rows.append((r.name, str(r.steps), _human(r.tokens), f"{r.seconds:.0f}s",
+                     f"{_num(r.first_loss)} -> {_num(r.last_loss)}", f"{_num(r.eval_start)} -> {_num(r.eval_end)}",
+                     str(r.skipped)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def ensure_demo_corpus(configs: Sequence[TrainConfig]) -> None:
+    """The demo pipeline writes its own corpus (data.synth) when <data_root> has none: `make train` works
+    on a fresh checkout. Other pipelines never generate data: a missing shard is a preflight error."""
+    cfg = configs[0]
+    root = Path(cfg.data_root)
+    if cfg.pipeline.name != "demo" or (root / "manifest.json").is_file():
+        return
+    from data.synth import make_corpus
+
+    _say(f"longvl: writing the demo corpus to {root} (python -m data.synth)")
+    make_corpus(root)
+
+
+def _finish(code: int, started_group: bool, world_size: int) -> int:
+    if started_group and world_size > 1:
+        from launch.env import shutdown_distributed
+
+        shutdown_distributed(code)  # barrier, destroy, flush, os._exit: the only clean multi-rank exit
+    if started_group and dist.is_initialized():
+        dist.destroy_process_group()
+    return code
+
+
+def _say(message: str, error: bool = False) -> None:
+    if rank() == 0:
+        print(message, file=sys.stderr if error else sys.stdout, flush=True)
+
+
+def _num(value: float) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def _human(count: int) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return str(count)

@@ -1,0 +1,228 @@
+"""One stage: build the loader and the backend, resume or initialise, run the steps, save, hand over.
+
+The loop owns only what is common to every backend: which batches a step gets, when to save, when to stop,
+what to log. The math of a step (forward, loss, backward, optimizer, LR) is the backend's `train_step`.
+
+Resume rule: the latest complete checkpoint in `<run_dir>/<stage>/checkpoints` wins (model, optimizer,
+scheduler, RNG, loader state), so the continued run equals an uninterrupted one; `stage.init_from` (weights
+only) is used only when that directory has no checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from data.batch import PackedBatch
+from train.backends.base import Backend, StepMetrics
+from train.checkpoint import (
+    StageDir, barrier, load_checkpoint, read_model_dir, save_checkpoint, save_final,
+)
+from launch.signals import PreemptionHandler
+from train.config.schema import TrainConfig
+from train.metrics import MetricsLogger, StepTimer, make_record, read_history
+
+# Stop the stage after this many consecutive skipped (non-finite) steps unless the config says otherwise:
+# one bad batch is noise, a streak means the run has diverged and more steps only burn compute.
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 5
+EVAL_BATCHES_PER_RANK = 2
+EVAL_SEED_OFFSET = 10_007  # held-out batches come from the same mix under another seed
+
+
+class TrainingStopped(RuntimeError):
+    """The stage stopped early (divergence); the last good checkpoint is kept as `latest`."""
+
+
+class Preempted(RuntimeError):
+    """A rank got SIGUSR1/SIGTERM (SLURM time limit, preemption); a checkpoint was saved, rerun resumes."""
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    tokens: int = 0  # packed capacity trained on (steps x global batch x seq_len)
+    seconds: float = 0.0  # wall time of the steps, summed over resumed runs
+    skipped: int = 0
+    first_loss: float = math.nan  # mean training loss of the first logged steps of the stage
+    last_loss: float = math.nan  # mean training loss of the last logged steps
+    eval_start: float = math.nan  # held-out loss before the stage's first step (when it did not resume)
+    eval_end: float = math.nan
+    resumed_from: int = 0
+    final_dir: str = ""
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "StageResult":
+        return cls(**json.loads(path.read_text()))
+
+
+@dataclass
+class StageRuntime:
+    """What the loop needs besides the config; tests replace the factories with stand-ins."""
+
+    build_backend: Callable[[TrainConfig], Backend]
+    build_loader: Callable[[TrainConfig, Any, int], Any]  # (cfg, ParallelInfo, seed) -> resumable loader
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_stage(cfg: TrainConfig, runtime: StageRuntime) -> StageResult:
+    """Run (or finish) one stage and return its result; a finished stage is not run again."""
+    stage_dir = StageDir(cfg.run_dir, cfg.stage.name)
+    if stage_dir.is_done():
+        return StageResult.load(stage_dir.summary)
+    seed_everything(cfg.seed)  # the same initial weights on every rank and in every run
+    backend = runtime.build_backend(cfg)
+    info = backend.info
+    loader = runtime.build_loader(cfg, info, cfg.data.seed)
+    start_step = _resume_or_init(cfg, stage_dir, backend, loader)
+    # The held-out batches are drawn after resuming, from their own loader: they never shift training data.
+    eval_batches = _eval_batches(cfg, runtime, info)
+    logger = MetricsLogger(cfg.logging, stage_dir.root, cfg.stage.name, Path(cfg.run_dir).name,
+                           cfg.stage.num_steps(), start_step, info.is_logging_rank,
+                           OmegaConf.to_container(OmegaConf.structured(cfg)))
+    result = StageResult(name=cfg.stage.name, steps=cfg.stage.num_steps(), resumed_from=start_step)
+    if start_step == 0:
+        result.eval_start = evaluate(backend, eval_batches)
+    else:
+        restored = stage_dir.read_meta(stage_dir.step_dir(start_step))
+        result.eval_start, result.seconds = restored["eval_start"], restored["elapsed_s"]
+    preemption = PreemptionHandler().install()
+    try:
+        _run_steps(cfg, backend, loader, stage_dir, logger, start_step, result, runtime.extra_meta, preemption)
+    finally:
+        preemption.uninstall()
+        logger.close()
+    result.eval_end = evaluate(backend, eval_batches)
+    _fill_from_history(result, stage_dir)
+    result.tokens = result.steps * cfg.stage.global_batch_size * cfg.stage.seq_len  # packed capacity
+    result.final_dir = str(save_final(stage_dir, backend, cfg.model))
+    if info.is_logging_rank:
+        result.save(stage_dir.summary)  # last: its presence marks the stage done
+    barrier()
+    return result
+
+
+def _resume_or_init(cfg: TrainConfig, stage_dir: StageDir, backend: Backend, loader: Any) -> int:
+    latest = stage_dir.latest()
+    if latest is not None:
+        restored = load_checkpoint(stage_dir, latest, backend, cfg.model)
+        loader.load_state_dict(restored["loader"])
+        return int(restored["meta"]["step"])
+    if cfg.stage.init_from:
+        backend.load_model_weights(read_model_dir(cfg.stage.init_from, cfg.model))
+    return 0
+
+
+def _run_steps(cfg: TrainConfig, backend: Backend, loader: Any, stage_dir: StageDir, logger: MetricsLogger,
+               start_step: int, result: StageResult, extra_meta: dict[str, Any],
+               preemption: PreemptionHandler) -> None:
+    total = cfg.stage.num_steps()
+    per_rank = cfg.stage.global_batch_size // backend.info.dp_size
+    max_skips = int(getattr(cfg.stage, "max_consecutive_skips", DEFAULT_MAX_CONSECUTIVE_SKIPS))
+    names = [d.name for d in cfg.data.datasets]
+    batches = iter(loader)
+    timer, in_a_row = StepTimer(), 0
+    for step in range(start_step + 1, total + 1):
+        micro = _take(batches, per_rank, cfg.stage.name)
+        metrics = backend.train_step(micro)
+        seconds = timer.lap()
+        result.seconds += seconds
+        skipped = metrics.skipped or not math.isfinite(metrics.loss)
+        in_a_row = in_a_row + 1 if skipped else 0
+        result.skipped += int(skipped)
+        if step % cfg.stage.log_every == 0 or step == total or skipped:
+            logger.log(make_record(step, _as_skipped(metrics, skipped), seconds, packing_efficiency(micro), names))
+        if skipped:  # never saved: a checkpoint is only written after a good step
+            logger.note(f"{cfg.stage.name} step {step}: non-finite loss/gradients, step skipped "
+                        f"({in_a_row} in a row, stop at {max_skips})")
+            if in_a_row >= max_skips:
+                raise TrainingStopped(f"{cfg.stage.name}: {in_a_row} consecutive non-finite steps (up to step "
+                                      f"{step}); stopped, last good checkpoint: {stage_dir.latest()}")
+        stop = preemption.should_stop(step)  # collective: every rank stops after the same step
+        if not skipped and (step % cfg.stage.save_every == 0 or step == total or stop):
+            meta = {"stage": cfg.stage.name, "total_steps": total, "eval_start": result.eval_start,
+                    "elapsed_s": result.seconds, **extra_meta}
+            save_checkpoint(stage_dir, step, backend, loader.state_dict(), cfg.model, meta, cfg.stage.keep_last)
+        if stop:
+            raise Preempted(f"{cfg.stage.name}: stopped by signal after step {step}; latest checkpoint "
+                            f"{stage_dir.latest()}; run the same command again to resume")
+
+
+def _take(batches: Iterator[PackedBatch], count: int, stage: str) -> list[PackedBatch]:
+    micro = []
+    for _ in range(count):
+        try:
+            micro.append(next(batches))
+        except StopIteration:
+            raise TrainingStopped(f"{stage}: the data loader ran out (data.max_epochs is set and the token "
+                                  f"budget needs more data)") from None
+    return micro
+
+
+def _as_skipped(metrics: StepMetrics, skipped: bool) -> StepMetrics:
+    metrics.skipped = skipped
+    return metrics
+
+
+def packing_efficiency(micro: list[PackedBatch]) -> float:
+    """Share of the packed capacity filled with real tokens (this rank's micro-batches)."""
+    capacity = sum(b.seq_len for b in micro)
+    return sum(b.seq_len - b.num_pad for b in micro) / max(1, capacity)
+
+
+def _eval_batches(cfg: TrainConfig, runtime: StageRuntime, info: Any) -> list[PackedBatch]:
+    loader = runtime.build_loader(cfg, info, cfg.data.seed + EVAL_SEED_OFFSET)
+    iterator = iter(loader)
+    return [next(iterator) for _ in range(EVAL_BATCHES_PER_RANK)]
+
+
+def evaluate(backend: Backend, batches: list[PackedBatch]) -> float:
+    """Mean held-out loss (each eval_step is already reduced over the data-parallel ranks)."""
+    losses = [backend.eval_step(batch).loss for batch in batches]
+    return float(sum(losses) / len(losses)) if losses else math.nan
+
+
+def _fill_from_history(result: StageResult, stage_dir: StageDir) -> None:
+    """Loss/token figures over the whole stage, including the steps before a resume (from metrics.jsonl).
+    Only the logging rank has the file; other ranks return their result unused."""
+    rows = [r for r in read_history(stage_dir.root / "metrics.jsonl") if not r["skipped"]]
+    if not rows:
+        return
+    window = max(1, min(5, len(rows) // 4))
+    result.first_loss = sum(r["loss"] for r in rows[:window]) / window
+    result.last_loss = sum(r["loss"] for r in rows[-window:]) / window
+def build_stage_loader(cfg: TrainConfig, info: Any, seed: int) -> Any:
+    """The stage's resumable loader for this rank's data-parallel slot (tokenizer, encoder, packer)."""
+    from dataclasses import replace
+
+    from data.encode import DocumentEncoder
+    from data.loader import StreamingLoader
+    from data.packing import VisionTokens
+    from data.tokenizer import Tokenizer
+    from train.preflight import tokenizer_path
+
+    tok = Tokenizer.load(tokenizer_path(cfg))
+    encoder = DocumentEncoder(tok, getattr(cfg.data, "encode", None), cfg.stage.seq_len)
+    tokens = VisionTokens(vision_start=tok.vision_start_id, vision_end=tok.vision_end_id,
+                          image_pad=tok.image_pad_id, video_pad=tok.video_pad_id,
+                          spatial_merge_size=cfg.model.vision.spatial_merge_size, pad=tok.pad_id)
+    return StreamingLoader(replace(cfg.data, seed=seed), encoder.encode, cfg.stage.seq_len,
+                           dp_rank=info.dp_rank, dp_size=info.dp_size, tokens=tokens)
