@@ -121,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="also encode the shown samples and print their tokens")
     parser.add_argument("--seq-len", type=int, default=8192)
     args = parser.parse_args(argv)
-    counts = inspect(args.shards, args.show, args.tokenizer, args.seq_len)
+    try:
+        counts = inspect(args.shards, args.show, args.tokenizer, args.seq_len)
+    except (ValueError, OSError) as e:  # a bad --tokenizer
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 1 if counts.get("bad shard") else 0
 
 

@@ -211,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--out", required=True, help="output PATH.model")
     args = parser.parse_args(argv)
     texts = texts_from_shards(args.shards) if args.shards else _text_files(args.text_files)
-    tok = train_sentencepiece(texts, args.vocab_size, args.out, args.model_type)
+    try:
+        tok = train_sentencepiece(texts, args.vocab_size, args.out, args.model_type)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}: vocab_size={tok.vocab_size} eos={tok.eos_id} vision_start={tok.vision_start_id} "
           f"vision_end={tok.vision_end_id} image_pad={tok.image_pad_id} video_pad={tok.video_pad_id}")
     return 0

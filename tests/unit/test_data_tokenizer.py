@@ -102,3 +102,13 @@ def test_cli_trains_from_shards(tmp_path, capsys):
     assert len(tok.encode("triangle")) == 1
     # "caption"/"type" keys are structure, not text: they are not in the training corpus.
     assert len(tok.encode("caption")) > 1
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    text = tmp_path / "a.txt"
+    text.write_text("hello world\n")
+    assert main(["train", "--text-files", str(text), "--vocab-size", "100", "--out", str(tmp_path / "t.model")]) == 2
+    assert capsys.readouterr().err == ("error: --vocab-size 100 is too small: byte fallback needs 256 pieces "
+                                       "plus 7 special ones\n")
+    assert main(["train", "--text-files", str(tmp_path / "none.txt"), "--out", str(tmp_path / "t.model")]) == 2
+    assert "none.txt" in capsys.readouterr().err
