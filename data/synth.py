@@ -42,7 +42,6 @@ NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 DIRECTIONS = {"left to right": (1, 0), "right to left": (-1, 0), "top to bottom": (0, 1), "bottom to top": (0, -1)}
 # Samples per data set at --scale 1 (about 4 MB in total).
 BASE_COUNTS = {"text": 1000, "caption": 400, "ocr": 120, "video": 60, "needle": 60}
-Sample = tuple[str, dict[str, bytes], str]  # (key, members, sample type)
 
 
 def _rng(seed: int, name: str, index: int) -> random.Random:
