@@ -140,7 +140,8 @@ def _from_torchrun(environ: Mapping[str, str], cuda: bool) -> DistEnv:
     missing = [n for n in TORCHRUN_RANK_VARS + TORCHRUN_ADDR_VARS if n not in environ]
     if missing:
         present = [n for n in TORCHRUN_RANK_VARS if n in environ]
-        raise LaunchEnvError(f"torchrun variables half set: {', '.join(present)} set but {', '.join(missing)} missing")
+        raise LaunchEnvError(
+            f"torchrun variables half set: {', '.join(present)} set but {', '.join(missing)} missing")
     rank, world = _int_var(environ, "RANK"), _int_var(environ, "WORLD_SIZE")
     local_rank = _int_var(environ, "LOCAL_RANK")
     # Launchers other than torchrun may omit LOCAL_WORLD_SIZE; then all ranks are taken to share one node.
@@ -154,26 +155,35 @@ def _from_torchrun(environ: Mapping[str, str], cuda: bool) -> DistEnv:
     return DistEnv(rank, world, local_rank, local_world, environ["MASTER_ADDR"], port, backend, device, "torchrun")
 
 
+def _slurm_layout(environ: Mapping[str, str], world: int) -> tuple[list[str], list[int]]:
+    """The step's hosts and tasks per host (step variables first: a step may use part of the job)."""
+    nodelist_name = "SLURM_STEP_NODELIST" if "SLURM_STEP_NODELIST" in environ else "SLURM_JOB_NODELIST"
+    tasks_name = "SLURM_STEP_TASKS_PER_NODE" if "SLURM_STEP_TASKS_PER_NODE" in environ else "SLURM_TASKS_PER_NODE"
+    hosts = parse_nodelist(environ.get(nodelist_name) or "")
+    tasks_spec = environ.get(tasks_name) or str(world)
+    per_node = parse_tasks_per_node(tasks_spec)
+    if sum(per_node) != world:
+        raise LaunchEnvError(f"SLURM_NTASKS={world} does not match {tasks_name}={tasks_spec!r}")
+    if len(per_node) != len(hosts):
+        raise LaunchEnvError(f"{tasks_name}={tasks_spec!r} does not fit {nodelist_name} ({len(hosts)} hosts)")
+    return hosts, per_node
+
+
 def _from_slurm(environ: Mapping[str, str], cuda: bool) -> DistEnv:
     rank, world = _int_var(environ, "SLURM_PROCID"), _int_var(environ, "SLURM_NTASKS")
     local_rank, node_id = _int_var(environ, "SLURM_LOCALID"), _int_var(environ, "SLURM_NODEID")
     _check_rank("SLURM_PROCID", rank, "SLURM_NTASKS", world)
-    nodelist_name = "SLURM_STEP_NODELIST" if "SLURM_STEP_NODELIST" in environ else "SLURM_JOB_NODELIST"
-    hosts = parse_nodelist(environ.get(nodelist_name) or "")
-    _check_rank("SLURM_NODEID", node_id, f"len({nodelist_name})", len(hosts))
-    tasks_name = "SLURM_STEP_TASKS_PER_NODE" if "SLURM_STEP_TASKS_PER_NODE" in environ else "SLURM_TASKS_PER_NODE"
-    per_node = parse_tasks_per_node(environ.get(tasks_name) or str(world))
-    if sum(per_node) != world:
-        raise LaunchEnvError(f"SLURM_NTASKS={world} does not match {tasks_name}={environ.get(tasks_name)!r}")
-    if len(per_node) != len(hosts):
-        raise LaunchEnvError(f"{tasks_name}={environ.get(tasks_name)!r} does not fit {nodelist_name} ({len(hosts)} hosts)")
-    local_world = per_node[node_id]
-    _check_rank("SLURM_LOCALID", local_rank, "tasks on this node", local_world)
+    hosts, per_node = _slurm_layout(environ, world)
+    _check_rank("SLURM_NODEID", node_id, "number of hosts in the nodelist", len(hosts))
+    _check_rank("SLURM_LOCALID", local_rank, "tasks on this node", per_node[node_id])
     # An explicit MASTER_ADDR/MASTER_PORT (exported by the batch script) wins over the derived ones.
     addr = environ.get("MASTER_ADDR") or hosts[0]
-    port = _int_var(environ, "MASTER_PORT") if "MASTER_PORT" in environ else master_port_for_job(_int_var(environ, "SLURM_JOB_ID"))
+    if "MASTER_PORT" in environ:
+        port = _int_var(environ, "MASTER_PORT")
+    else:
+        port = master_port_for_job(_int_var(environ, "SLURM_JOB_ID"))
     backend, device = _backend_and_device(local_rank, cuda)
-    return DistEnv(rank, world, local_rank, local_world, addr, port, backend, device, "slurm")
+    return DistEnv(rank, world, local_rank, per_node[node_id], addr, port, backend, device, "slurm")
 
 
 def detect_env(environ: Mapping[str, str] | None = None, cuda: bool | None = None) -> DistEnv:

@@ -12,8 +12,9 @@ mkdir -p "$STATE_DIR"
 STATE_DIR=$(cd "$STATE_DIR" && pwd)
 READY_TIMEOUT_S=${READY_TIMEOUT_S:-30}
 
+INSTALL="apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"
 for tool in munged munge slurmctld slurmd sinfo; do
-    command -v "$tool" >/dev/null || { echo "start.sh: $tool not found: apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge" >&2; exit 1; }
+    command -v "$tool" >/dev/null || { echo "start.sh: $tool not found: $INSTALL" >&2; exit 1; }
 done
 [ "$(id -u)" = 0 ] || { echo "start.sh: must run as root (uid $(id -u))" >&2; exit 1; }
 [ -e "$STATE_DIR/slurm.conf" ] && { echo "start.sh: $STATE_DIR/slurm.conf exists: stop that cluster first" >&2; exit 1; }

@@ -10,20 +10,31 @@ STATE_DIR=${1:?usage: stop.sh STATE_DIR}
 DRAIN_TIMEOUT_S=${DRAIN_TIMEOUT_S:-20}
 export SLURM_CONF=$STATE_DIR/slurm.conf
 
-stop_pid_file() {
-    local pid_file=$1 pid
-    [ -s "$pid_file" ] || return 0
-    pid=$(cat "$pid_file")
-    kill "$pid" 2>/dev/null || return 0
+# SIGTERM all daemons at once (each takes ~2 s to exit), wait up to 5 s, then SIGKILL what is left.
+stop_daemons() {
+    local pids=() pid_file pid alive
+    for pid_file in "$@"; do
+        [ -s "$pid_file" ] || continue
+        pid=$(cat "$pid_file")
+        kill "$pid" 2>/dev/null && pids+=("$pid")
+    done
     for _ in $(seq 50); do
-        kill -0 "$pid" 2>/dev/null || return 0
+        alive=0
+        for pid in "${pids[@]}"; do
+            kill -0 "$pid" 2>/dev/null && alive=1
+        done
+        [ "$alive" = 0 ] && return 0
         sleep 0.1
     done
-    echo "stop.sh: pid $pid from $pid_file ignored SIGTERM for 5 s: SIGKILL" >&2
-    kill -9 "$pid" 2>/dev/null || true
+    for pid in "${pids[@]}"; do
+        kill -0 "$pid" 2>/dev/null || continue
+        echo "stop.sh: pid $pid ignored SIGTERM for 5 s: SIGKILL" >&2
+        kill -9 "$pid" 2>/dev/null
+    done
 }
 
-if [ -f "$SLURM_CONF" ] && [ -s "$STATE_DIR/slurmctld.pid" ] && kill -0 "$(cat "$STATE_DIR/slurmctld.pid")" 2>/dev/null; then
+CTLD_PID=$(cat "$STATE_DIR/slurmctld.pid" 2>/dev/null || true)
+if [ -f "$SLURM_CONF" ] && [ -n "$CTLD_PID" ] && kill -0 "$CTLD_PID" 2>/dev/null; then
     jobs=$(squeue -h -o %i 2>/dev/null | tr '\n' ' ')
     [ -n "${jobs// }" ] && scancel $jobs 2>/dev/null
     deadline=$((SECONDS + DRAIN_TIMEOUT_S))
@@ -32,9 +43,7 @@ if [ -f "$SLURM_CONF" ] && [ -s "$STATE_DIR/slurmctld.pid" ] && kill -0 "$(cat "
     done
 fi
 
-stop_pid_file "$STATE_DIR/slurmd.pid"
-stop_pid_file "$STATE_DIR/slurmctld.pid"
-stop_pid_file "$STATE_DIR/munge/munged.pid"
+stop_daemons "$STATE_DIR/slurmd.pid" "$STATE_DIR/slurmctld.pid" "$STATE_DIR/munge/munged.pid"
 
 if [ "${KEEP_STATE:-0}" != 1 ]; then
     rm -rf "$STATE_DIR"

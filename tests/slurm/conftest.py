@@ -25,7 +25,8 @@ def _missing_prerequisite() -> str | None:
         return f"the local SLURM cluster needs root (euid {os.geteuid()})"
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
-        return f"{', '.join(missing)} not installed (apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge)"
+        return (f"{', '.join(missing)} not installed "
+                "(apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge)")
     return None
 
 

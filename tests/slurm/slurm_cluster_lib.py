@@ -13,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = REPO / "tests" / "slurm" / "programs" / "standin_train.py"
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
 @dataclass
@@ -41,12 +42,13 @@ class Cluster:
             fields.setdefault(key, value)
         return fields
 
-    def wait_job(self, job_id: int, states: tuple[str, ...], timeout: float = 90) -> dict[str, str]:
+    def wait_job(self, job_id: int, timeout: float = 90, states: tuple[str, ...] = FINAL_STATES) -> dict[str, str]:
         return wait_for(lambda: (info := self.job(job_id))["JobState"] in states and info,
                         timeout, f"job {job_id} to reach {states}", lambda: self.job(job_id))
 
 
-def wait_for(probe: Callable[[], object], timeout: float, what: str, describe: Callable[[], object] = lambda: "") -> object:
+def wait_for(probe: Callable[[], object], timeout: float, what: str,
+             describe: Callable[[], object] = lambda: "") -> object:
     """Poll `probe` every 0.3 s until it returns something truthy; fail naming `what` after `timeout` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

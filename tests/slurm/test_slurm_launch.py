@@ -7,12 +7,16 @@ differ).
 """
 from __future__ import annotations
 
-import importlib.util
+import signal
+import sys
 from pathlib import Path
 
 import pytest
 
 from slurm_cluster_lib import REPO, STANDIN, Cluster, logged_steps, read_log, standin_cmd, wait_for
+
+sys.path.insert(0, str(STANDIN.parent))
+from standin_train import reference_values  # noqa: E402
 
 pytestmark = pytest.mark.slurm
 
@@ -20,18 +24,22 @@ SBATCH = str(REPO / "slurm" / "pretrain.sbatch")
 STEPS = 20
 
 
-def _reference_values(world_size: int, steps: int) -> list[float]:
-    spec = importlib.util.spec_from_file_location("standin_train", STANDIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.reference_values(world_size, steps)
+# Launch modes of pretrain.sbatch: sbatch options and environment for 2 ranks on the one node.
+MODES = {
+    "task": (("-n2",), {}),
+    "torchrun": (("-N1", "--ntasks-per-node=1", "--cpus-per-task=2"),
+                 {"LONGVL_LAUNCH_MODE": "torchrun", "LONGVL_NPROC_PER_NODE": "2",
+                  "LONGVL_TORCHRUN": f"{sys.executable} -m torch.distributed.run"}),
+}
 
 
-def submit_standin(cluster: Cluster, run_dir: Path, *sbatch_args: str, steps: int = STEPS, step_sleep: float = 0.0) -> int:
+def submit_standin(cluster: Cluster, run_dir: Path, *sbatch_args: str, mode: str = "task",
+                   step_sleep: float = 0.0) -> int:
+    mode_args, mode_env = MODES[mode]
     return cluster.sbatch(
-        "-n2", f"--output={run_dir}/slurm.out", *sbatch_args, SBATCH,
-        f"run_dir={run_dir}", f"steps={steps}", "save_every=4", f"step_sleep={step_sleep}",
-        extra_env={"LONGVL_CMD": standin_cmd(), "LONGVL_SIGNAL_REPEAT_S": "1"},
+        *mode_args, f"--output={run_dir}/slurm.out", *sbatch_args, SBATCH,
+        f"run_dir={run_dir}", f"steps={STEPS}", "save_every=4", f"step_sleep={step_sleep}",
+        extra_env={"LONGVL_CMD": standin_cmd(), "LONGVL_SIGNAL_REPEAT_S": "1", **mode_env},
     )
 
 
@@ -39,36 +47,38 @@ def assert_matches_uninterrupted_run(run_dir: Path, steps: int = STEPS) -> None:
     records = read_log(run_dir)
     assert logged_steps(run_dir) == list(range(1, steps + 1)), "every step exactly once, in order"
     values = [r["value"] for r in records if "value" in r]
-    assert values == _reference_values(2, steps)
+    assert values == reference_values(2, steps)
     assert records[-1] == {"event": "complete", "step": steps, "stage": ""}
 
 
-def assert_stopped_and_resumed(run_dir: Path, signal_number: int = 10) -> None:
+def assert_stopped_and_resumed(run_dir: Path, launcher: str = "slurm") -> None:
     events = [r for r in read_log(run_dir) if "event" in r]
     kinds = [e["event"] for e in events]
     assert kinds == ["start", "stop", "start", "complete"], (kinds, (run_dir / "slurm.out").read_text())
     first, stop, again = events[:3]
     assert (first["restart"], again["restart"]) == (0, 1)
-    assert stop["signal"] == signal_number and 0 < stop["step"] < STEPS
+    assert stop["signal"] == signal.SIGUSR1 and 0 < stop["step"] < STEPS
     assert again["step"] == stop["step"], "the restart resumes from the checkpoint taken at the stop step"
-    assert {first["launcher"], again["launcher"], first["world"]} == {"slurm", 2}
+    assert (first["launcher"], again["launcher"], first["world"]) == (launcher, launcher, 2)
 
 
 def test_two_task_job_runs_to_completion(slurm_cluster: Cluster, tmp_path: Path) -> None:
     job = submit_standin(slurm_cluster, tmp_path)
-    info = slurm_cluster.wait_job(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=60)
+    info = slurm_cluster.wait_job(job, timeout=60)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "0"), (tmp_path / "slurm.out").read_text()
     assert_matches_uninterrupted_run(tmp_path)
     assert "requeueing" not in (tmp_path / "slurm.out").read_text()
 
 
-def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster: Cluster, tmp_path: Path) -> None:
-    job = submit_standin(slurm_cluster, tmp_path, step_sleep=0.25)
+@pytest.mark.parametrize("mode", ["task", "torchrun"])
+def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster: Cluster, tmp_path: Path, mode: str) -> None:
+    """scancel --batch --signal=USR1 is what SLURM sends before the time limit (--signal=B:USR1@grace)."""
+    job = submit_standin(slurm_cluster, tmp_path, mode=mode, step_sleep=0.25)
     wait_for(lambda: len(logged_steps(tmp_path)) >= 3, 60, "the job to log 3 steps")
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job))
-    info = slurm_cluster.wait_job(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=90)
+    info = slurm_cluster.wait_job(job, timeout=90)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), (tmp_path / "slurm.out").read_text()
-    assert_stopped_and_resumed(tmp_path)
+    assert_stopped_and_resumed(tmp_path, launcher="slurm" if mode == "task" else "torchrun")
     assert_matches_uninterrupted_run(tmp_path)
 
 
@@ -78,9 +88,9 @@ def test_preemption_by_high_priority_partition_resumes_exactly(slurm_cluster: Cl
     wait_for(lambda: len(logged_steps(tmp_path)) >= 3, 60, "the job to log 3 steps")
     urgent = slurm_cluster.sbatch("--partition=high", "-n1", f"--output={tmp_path}/urgent.out",
                                   "--wrap", "echo urgent ran")
-    urgent_info = slurm_cluster.wait_job(urgent, ("COMPLETED", "FAILED", "CANCELLED"), timeout=90)
+    urgent_info = slurm_cluster.wait_job(urgent, timeout=90)
     assert urgent_info["JobState"] == "COMPLETED"
-    info = slurm_cluster.wait_job(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=90)
+    info = slurm_cluster.wait_job(job, timeout=90)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), (tmp_path / "slurm.out").read_text()
     assert "USR1 received" in (tmp_path / "slurm.out").read_text()
     assert_stopped_and_resumed(tmp_path)
@@ -99,7 +109,7 @@ def test_pipeline_chains_stages_in_one_run_dir(slurm_cluster: Cluster, tmp_path:
     assert list(jobs) == ["s0", "s1"]
     assert slurm_cluster.job(jobs["s1"])["Dependency"] in (f"afterok:{jobs['s0']}(unfulfilled)", "(null)")
     for job in jobs.values():
-        assert slurm_cluster.wait_job(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=60)["JobState"] == "COMPLETED"
+        assert slurm_cluster.wait_job(job, timeout=60)["JobState"] == "COMPLETED"
     events = [(r.get("stage"), r["event"]) for r in read_log(tmp_path) if "event" in r]
     assert events == [("s0", "start"), ("s0", "complete"), ("s1", "start"), ("s1", "complete")]
     assert (tmp_path / "s0" / "ckpt" / "latest").exists() and (tmp_path / "s1" / "ckpt" / "latest").exists()
@@ -107,6 +117,6 @@ def test_pipeline_chains_stages_in_one_run_dir(slurm_cluster: Cluster, tmp_path:
 
 def test_pipeline_failed_stage_cancels_the_rest(slurm_cluster: Cluster, tmp_path: Path) -> None:
     jobs = _submit_pipeline(slurm_cluster, tmp_path, "s0 s1", "false")
-    assert slurm_cluster.wait_job(jobs["s0"], ("COMPLETED", "FAILED", "CANCELLED"), timeout=60)["JobState"] == "FAILED"
-    later = slurm_cluster.wait_job(jobs["s1"], ("COMPLETED", "FAILED", "CANCELLED"), timeout=30)
+    assert slurm_cluster.wait_job(jobs["s0"], timeout=60)["JobState"] == "FAILED"
+    later = slurm_cluster.wait_job(jobs["s1"], timeout=30)
     assert later["JobState"] == "CANCELLED" and later["StartTime"] in ("Unknown", "None", later["EndTime"])

@@ -95,7 +95,8 @@ def test_torchrun_inconsistencies(change: dict[str, str], message: str) -> None:
 
 
 def test_torchrun_half_set_names_what_is_missing() -> None:
-    with pytest.raises(LaunchEnvError, match="half set: RANK set but WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT missing"):
+    expected = "half set: RANK set but WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT missing"
+    with pytest.raises(LaunchEnvError, match=expected):
         detect_env({"RANK": "0"}, cuda=False)
 
 
@@ -103,7 +104,7 @@ def test_torchrun_half_set_names_what_is_missing() -> None:
     ({"SLURM_PROCID": "6"}, r"SLURM_PROCID=6 is outside \[0, SLURM_NTASKS=6\)"),
     ({"SLURM_NTASKS": "5", "SLURM_PROCID": "0"}, "SLURM_NTASKS=5 does not match SLURM_STEP_TASKS_PER_NODE='2\\(x3\\)'"),
     ({"SLURM_STEP_TASKS_PER_NODE": "3,3"}, "does not fit SLURM_STEP_NODELIST \\(3 hosts\\)"),
-    ({"SLURM_NODEID": "3"}, r"SLURM_NODEID=3 is outside \[0, len\(SLURM_STEP_NODELIST\)=3\)"),
+    ({"SLURM_NODEID": "3"}, r"SLURM_NODEID=3 is outside \[0, number of hosts in the nodelist=3\)"),
     ({"SLURM_LOCALID": "2"}, r"SLURM_LOCALID=2 is outside \[0, tasks on this node=2\)"),
     ({"SLURM_STEP_NODELIST": "gpu[07-"}, "unbalanced brackets"),
 ])

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--slow-save", type=float, default=0.0)
     parser.add_argument("--check-every", type=int, default=1)
     parser.add_argument("--stage", default="")
+    # "RANK:STEP": that rank sends itself SIGUSR1 after STEP, to test that the other ranks stop with it.
+    parser.add_argument("--self-signal", default="")
     return parser.parse_args(flags)
 
 
@@ -121,6 +124,8 @@ def main(argv: list[str]) -> None:
         value = fold(value, reduced.item())
         if env.is_main:
             log(run_dir, {"step": step, "value": value, "stage": args.stage})
+        if args.self_signal == f"{env.rank}:{step}":
+            os.kill(os.getpid(), signal.SIGUSR1)
         stop = handler.should_stop(step)
         if env.is_main and (stop or step % args.save_every == 0 or step == args.steps):
             save_atomic(ckpt_dir, step, value, args.slow_save)
@@ -128,6 +133,7 @@ def main(argv: list[str]) -> None:
             if env.is_main:
                 log(run_dir, {"event": "stop", "step": step, "signal": handler.received, "stage": args.stage})
             break
+    (run_dir / "pids" / f"rank{env.rank}.final_step").write_text(str(step))
     if env.is_main and step == args.steps:
         log(run_dir, {"event": "complete", "step": step, "stage": args.stage})
     shutdown_distributed(0)
