@@ -1,0 +1,199 @@
+"""The DeepSpeed backend: ZeRO 0-3, bf16/fp32, Ulysses context parallelism, MoE expert parallelism.
+
+Gradient scaling (why `grad_scale` = dp_world_size x gradient_accumulation_steps): the shared loss makes
+every micro-batch's objective its exact share of the GLOBAL loss (divided by the global sum of weights), so
+the wanted gradient is the SUM over micro-batches and ranks. DeepSpeed divides the loss by the number of
+accumulation steps in `engine.backward` and averages gradients over its data-parallel group (here the
+whole world, CP ranks included); multiplying the objective by both divisors turns those means back into
+sums, so the gradient, its norm and the clipping are those of the global loss, whatever the layout.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from data.batch import PackedBatch
+from train.backends.base import ParallelInfo, StepMetrics
+from train.backends.deepspeed.config import check_layout, deepspeed_config
+from train.backends.deepspeed.experts import ExpertParallelism
+from train.backends.deepspeed.module import LossModule
+from train.backends.deepspeed.weights import export_state_dict, import_state_dict
+from train.config.schema import TrainConfig
+from train.loss import MicroBatchLoss, global_weight_sum, reduce_step_metrics
+from train.models.qwen3vl import Qwen3VLModel
+from train.optim import learning_rate, param_groups, set_learning_rate
+from train.parallel.ulysses import UlyssesAttention
+
+CHECKPOINT_TAG = "deepspeed"
+
+
+def _consecutive_groups(size: int) -> dist.ProcessGroup | None:
+    """This rank's group among world/size groups of consecutive ranks (every rank creates all of them)."""
+    if size == 1:
+        return None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = None
+    for start in range(0, world, size):
+        group = dist.new_group(list(range(start, start + size)))
+        if start <= rank < start + size:
+            mine = group
+    return mine
+
+
+class DeepSpeedBackend:
+    """Backend protocol (train/backends/base.py) on a DeepSpeed engine. `prepare(model)` runs on the plain
+    model before anything is wrapped (freezing module groups for a stage, loading initial weights)."""
+
+    def __init__(self, cfg: TrainConfig, model: Qwen3VLModel | None = None,
+                 prepare: Callable[[Qwen3VLModel], None] | None = None) -> None:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+        import deepspeed
+
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed must be initialised before building the deepspeed backend")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        grad_accum = check_layout(cfg, world)  # before anything expensive
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        self.cfg = cfg
+        cp = cfg.parallel.cp
+        self.info = ParallelInfo(rank=rank, world_size=world, dp_rank=rank // cp, dp_size=world // cp,
+                                 cp_rank=rank % cp, cp_size=cp, is_logging_rank=rank == 0)
+        self.total_steps = cfg.stage.num_steps()
+        self.step = 0
+        if model is None:
+            torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+            model = Qwen3VLModel(cfg.model)
+        if prepare is not None:
+            prepare(model)
+        cp_group = _consecutive_groups(cp)
+        if cp_group is not None:
+            model.set_core_attention(lambda: UlyssesAttention(cp_group))
+        self.experts = ExpertParallelism.install(model, cfg.parallel.ep)
+        if cfg.backend.activation_checkpointing:
+            model.enable_activation_checkpointing()
+        self.model = model
+        groups = param_groups(model, cfg.optim)
+        if self.experts is not None:
+            groups = self.experts.optimizer_groups(groups)
+        module = LossModule(model, cp_group)
+        self.engine, *_ = deepspeed.initialize(model=module, model_parameters=groups,
+                                               config=deepspeed_config(cfg, grad_accum, world))
+        if cfg.backend.zero_stage == 3:
+            self._register_external_parameters(module)
+
+    def _register_external_parameters(self, module: LossModule) -> None:
+        """Parameters read outside their owner's forward must be gathered by ZeRO-3 for the reader."""
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        register_external_parameter(module, module.model.lm_head.weight)  # read by the chunked loss
+        patch_embed = module.model.visual.patch_embed  # reads proj.weight/bias as a matmul
+        for param in patch_embed.proj.parameters():
+            register_external_parameter(patch_embed, param)
+
+    # ------------------------------------------------------------------------------------------ steps
+    def _share(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(labels, loss_weights, source_ids) of the tokens this rank's loss covers."""
+        index = self.engine.module.token_share(batch.seq_len)
+        if index is None:
+            return batch.labels, batch.loss_weights, batch.source_ids
+        return (batch.labels[index], batch.loss_weights[index], batch.source_ids[index])
+
+    def _forward(self, batches: list[PackedBatch], backward: bool) -> tuple[list[MicroBatchLoss], list, object]:
+        shares = [self._share(b) for b in batches]
+        total_weight = global_weight_sum([(labels, weights) for labels, weights, _ in shares])
+        aux_count = len(batches) * self.info.world_size
+        grad_scale = float(self.engine.dp_world_size * len(batches))
+        parts = []
+        for i, batch in enumerate(batches):
+            objective, weighted, token_ce, aux = self.engine(batch.to(self.engine.device), total_weight,
+                                                             aux_count, grad_scale)
+            if backward:
+                self.engine.backward(objective)
+                if i < len(batches) - 1:
+                    # DeepSpeed counts micro-steps in step(); it only updates at the accumulation boundary,
+                    # whose step() the caller makes once it knows whether to skip.
+                    self.engine.step()
+            parts.append(MicroBatchLoss(objective.detach(), weighted, token_ce, aux))
+        return parts, shares, reduce_step_metrics(parts, shares, total_weight, aux_count)
+
+    def train_step(self, micro_batches: list[PackedBatch]) -> StepMetrics:
+        if not micro_batches:
+            raise ValueError("train_step needs at least one micro-batch")
+        if len(micro_batches) != self.engine.gradient_accumulation_steps():
+            self.engine.set_train_batch_size(len(micro_batches) * self.engine.dp_world_size)
+        lr = learning_rate(self.step, self.cfg.optim, self.total_steps)
+        set_learning_rate(self.engine.optimizer, lr)
+        self.engine.train()
+        _, _, metrics = self._forward(micro_batches, backward=True)
+        loss_finite = math.isfinite(metrics.loss)
+        if self._plain_optimizer() and not (loss_finite and self._grads_finite()):
+            self._step_without_update()
+            applied = False
+        else:
+            self.engine.step()  # ZeRO 1-3 and bf16 skip non-finite gradients themselves, cleanly
+            applied = self.engine.was_step_applied()
+        skipped = not applied or not loss_finite
+        norm = self.engine.get_global_grad_norm()
+        if norm is None or (skipped and math.isfinite(norm)):
+            norm = float("nan")
+        self.step += 1
+        return StepMetrics(loss=metrics.loss, grad_norm=float(norm), lr=lr, tokens=metrics.tokens,
+                           skipped=skipped, aux_loss=metrics.aux_loss, loss_per_source=metrics.loss_per_source)
+
+    def _plain_optimizer(self) -> bool:
+        """ZeRO-0 in fp32 hands our torch AdamW the gradients directly: DeepSpeed has no overflow check."""
+        return self.cfg.backend.zero_stage == 0 and self.cfg.backend.precision == "fp32"
+
+    def _grads_finite(self) -> bool:
+        """ZeRO-0: every rank holds the all-reduced gradients after the last backward, so all agree."""
+        return all(bool(torch.isfinite(p.grad).all()) for p in self.model.parameters() if p.grad is not None)
+
+    def _step_without_update(self) -> None:
+        """Advance DeepSpeed's step bookkeeping but keep parameters and Adam moments untouched."""
+        optimizer = self.engine.optimizer
+        real_step = optimizer.step
+        optimizer.step = lambda *args, **kwargs: None
+        try:
+            self.engine.step()
+        finally:
+            optimizer.step = real_step
+        self.engine.zero_grad()
+
+    def eval_step(self, batch: PackedBatch) -> StepMetrics:
+        self.engine.eval()
+        with torch.no_grad():
+            _, _, metrics = self._forward([batch], backward=False)
+        self.engine.train()
+        lr = learning_rate(max(0, self.step - 1), self.cfg.optim, self.total_steps)
+        return StepMetrics(loss=metrics.loss, grad_norm=float("nan"), lr=lr, tokens=metrics.tokens,
+                           aux_loss=metrics.aux_loss, loss_per_source=metrics.loss_per_source)
+
+    # ------------------------------------------------------------------------------------ state
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"step": self.step},
+                                    save_latest=False)
+        if self.experts is not None:
+            self.experts.save(Path(directory))
+
+    def load(self, directory: Path) -> None:
+        path, client = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        if path is None:
+            raise FileNotFoundError(f"no deepspeed checkpoint under {directory}")
+        if self.experts is not None:
+            self.experts.load(Path(directory), self.engine.optimizer)
+        self.step = int(client["step"])
+
+    def state_dict_for_export(self) -> dict[str, torch.Tensor]:
+        return export_state_dict(self.model, self.cfg.backend.zero_stage == 3, self.experts)
+
+    def load_model_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        import_state_dict(self.model, state_dict, self.cfg.backend.zero_stage == 3, self.experts)
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:  # ZeRO / bf16 optimizers keep fp32 master copies of the weights
+            refresh()
+

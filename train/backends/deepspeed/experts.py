@@ -1,0 +1,114 @@
+"""Expert parallelism on DeepSpeed for the stacked-expert layout.
+
+The experts of every MoE block are replaced by `ExpertParallelExperts` (train/parallel/expert.py: a dim-0
+slice per rank, all-to-all dispatch). DeepSpeed must then treat those parameters as expert parameters:
+reduce their gradients only over the expert-data-parallel group (ranks holding the same experts), broadcast
+them only within it at start-up, and give them their own ZeRO partitioning. It does so for parameters
+marked `allreduce=False` + `group_name`, in param groups flagged `moe`, and only when the model contains a
+`deepspeed.moe.layer.MoE` module; a parameterless marker subclass provides that without DeepSpeed's own
+MoE layer (whose per-expert nn.Modules do not fit the stacked tensors).
+
+DeepSpeed's checkpoint writes the module state once (data-parallel rank 0), which would keep only rank 0's
+slices, so each rank also writes its own slices and restores them after DeepSpeed's load.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from train.models.qwen3vl import Qwen3VLModel
+from train.models.qwen3vl.moe import SparseMoeBlock
+from train.parallel.expert import ExpertParallelExperts, expert_slice
+
+
+def _marker_class() -> type:
+    from deepspeed.moe.layer import MoE
+
+    class ExpertParallelMarker(MoE):
+        """Tells the DeepSpeed engine the model has expert-parallel layers (no parameters, never called)."""
+
+        def __init__(self, num_experts: int, ep_size: int) -> None:
+            nn.Module.__init__(self)  # deliberately not MoE.__init__: no DeepSpeed expert modules
+            self.num_experts, self.ep_size = num_experts, ep_size
+            self.num_local_experts = num_experts // ep_size
+            self.expert_group_name = f"ep_size_{ep_size}"
+            self.enable_expert_tensor_parallelism = False
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # the groups were created by ExpertParallelism.install
+
+        def forward(self, *args: Any) -> None:
+            raise RuntimeError("ExpertParallelMarker is a marker, not a layer")
+
+    return ExpertParallelMarker
+
+
+class ExpertParallelism:
+    def __init__(self, ep_size: int, group: dist.ProcessGroup, layers: dict[str, ExpertParallelExperts]) -> None:
+        self.ep_size, self.group, self.layers = ep_size, group, layers
+        self.group_name = f"ep_size_{ep_size}"
+
+    @classmethod
+    def install(cls, model: Qwen3VLModel, ep_size: int) -> "ExpertParallelism | None":
+        """Slice the experts of every MoE block over groups of `ep_size` consecutive ranks."""
+        if ep_size == 1 or not model.cfg.text.is_moe:
+            return None
+        from deepspeed.utils import groups
+
+        name = f"ep_size_{ep_size}"
+        groups._create_expert_and_data_parallel(ep_size)
+        group = groups._get_expert_parallel_group(name)
+        marker = _marker_class()
+        layers = {}
+        for module_name, block in model.named_modules():
+            if not isinstance(block, SparseMoeBlock):
+                continue
+            block.experts = ExpertParallelExperts(block.experts, group)
+            block.experts.deepspeed_marker = marker(model.cfg.text.num_experts, ep_size)
+            for param in block.experts.parameters():
+                param.allreduce = False
+                param.group_name = name
+            layers[f"{module_name}.experts"] = block.experts
+        return cls(ep_size, group, layers)
+
+    def optimizer_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Move expert parameters into their own `moe` groups (same hyper-parameters), as DeepSpeed needs."""
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        return split_params_into_different_moe_groups_for_optimizer(groups)
+
+    # ------------------------------------------------------------------------------------ weights
+    def is_expert_param(self, name: str) -> bool:
+        return name.rsplit(".", 1)[0] in self.layers
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """The full stacked tensor from the EP group's slices (collective over the group)."""
+        parts = [torch.empty_like(local) for _ in range(self.ep_size)]
+        dist.all_gather(parts, local.contiguous(), group=self.group)
+        return torch.cat(parts, dim=0)
+
+    def local_slice(self, full: torch.Tensor) -> torch.Tensor:
+        return full[expert_slice(full.shape[0], self.ep_size, dist.get_rank(self.group))]
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def _file(self, directory: Path) -> Path:
+        return directory / f"experts_rank{dist.get_rank():05d}.pt"
+
+    def save(self, directory: Path) -> None:
+        state = {f"{layer}.{n}": p.detach().cpu() for layer, module in self.layers.items()
+                 for n, p in module.named_parameters()}
+        torch.save(state, self._file(directory))
+
+    @torch.no_grad()
+    def load(self, directory: Path, optimizer: Any) -> None:
+        state = torch.load(self._file(directory), map_location="cpu", weights_only=True)
+        for layer, module in self.layers.items():
+            for n, p in module.named_parameters():
+                p.copy_(state[f"{layer}.{n}"])
+        refresh = getattr(optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()

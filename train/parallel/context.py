@@ -1,0 +1,95 @@
+"""Context-parallel split of one packed sequence, AFTER the vision features are merged into the embeddings.
+
+Qwen3-VL's vision tokens cannot be split before the vision tower: an image's features come from its whole
+patch grid, and a vision span may straddle the boundary between two ranks' shares. So every CP rank runs
+`model.embed` on the full sequence (the vision tower is replicated, its gradient from each rank's share is
+summed by the data-parallel gradient reduction, which includes the CP ranks), then keeps its share of
+everything that is per token, consistently:
+
+  inputs_embeds [L, H], position_ids [3, L] (MRoPE positions of the WHOLE sequence, split with it),
+  visual_mask [L], DeepStack features (one row per visual token: the rows of the visual tokens in the share),
+  labels, loss_weights, source_ids [L].
+
+cu_seqlens stays global: attention (Ulysses all-to-all, or all-gather K/V) sees the full sequence again and
+applies the document boundaries there.
+
+Two layouts: contiguous (rank r holds tokens [r*L/cp, (r+1)*L/cp); what Ulysses needs, its attention cost
+is the same on every rank) and load-balanced (the sequence is cut into 2*cp chunks and rank r holds chunks r
+and 2*cp-1-r, which balances causal attention for all-gather / ring context parallelism on Megatron-core).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from data.batch import PackedBatch
+
+
+def shard_index(seq_len: int, cp_size: int, cp_rank: int, load_balanced: bool = False) -> torch.Tensor:
+    """Positions of the full sequence held by `cp_rank`, ascending. Raises naming the sizes when seq_len
+    cannot be cut evenly (2*cp chunks for the load-balanced layout)."""
+    pieces = 2 * cp_size if load_balanced else cp_size
+    if seq_len % pieces:
+        raise ValueError(f"sequence length {seq_len} is not divisible by {pieces} "
+                         f"({'2 x ' if load_balanced else ''}parallel.cp={cp_size})")
+    if not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank={cp_rank} outside the context-parallel group of size {cp_size}")
+    size = seq_len // pieces
+    if not load_balanced:
+        return torch.arange(cp_rank * size, (cp_rank + 1) * size)
+    mirror = pieces - 1 - cp_rank
+    return torch.cat([torch.arange(cp_rank * size, (cp_rank + 1) * size),
+                      torch.arange(mirror * size, (mirror + 1) * size)])
+
+
+@dataclass
+class ContextShard:
+    """One CP rank's share of a packed sequence, ready for `model.decode` and the loss."""
+
+    index: torch.Tensor  # [n] positions of the full sequence, ascending
+    inputs_embeds: torch.Tensor  # [n, H]
+    position_ids: torch.Tensor  # [3, n]
+    visual_mask: torch.Tensor  # [n] bool
+    deepstack: list[torch.Tensor]  # each [visual tokens in the share, H], in sequence order
+    labels: torch.Tensor  # [n]
+    loss_weights: torch.Tensor  # [n]
+    source_ids: torch.Tensor  # [n]
+    cu_seqlens: torch.Tensor  # global document boundaries (unchanged)
+
+
+def split_embedded(
+    batch: PackedBatch,
+    inputs_embeds: torch.Tensor,
+    visual_mask: torch.Tensor,
+    deepstack: list[torch.Tensor],
+    index: torch.Tensor,
+) -> ContextShard:
+    """Keep the tokens at `index` of every per-token tensor. DeepStack features hold one row per visual
+    token of the full sequence (in sequence order), so the share's rows are the visual ranks of its visual
+    tokens; a vision span cut by the boundary leaves each rank exactly its part of the span."""
+    if inputs_embeds.shape[0] != batch.seq_len:
+        raise ValueError(f"embeddings cover {inputs_embeds.shape[0]} tokens, the batch {batch.seq_len}")
+    device = inputs_embeds.device
+    index = index.to(device)
+    local_visual = visual_mask[index]
+    visual_row = torch.cumsum(visual_mask.long(), 0) - 1  # row of each visual token in the features
+    rows = visual_row[index][local_visual]
+    return ContextShard(
+        index=index,
+        inputs_embeds=inputs_embeds.index_select(0, index),
+        position_ids=batch.position_ids.to(device).index_select(1, index),
+        visual_mask=local_visual,
+        deepstack=[features.index_select(0, rows) for features in deepstack],
+        labels=batch.labels.to(device).index_select(0, index),
+        loss_weights=batch.loss_weights.to(device).index_select(0, index),
+        source_ids=batch.source_ids.to(device).index_select(0, index),
+        cu_seqlens=batch.cu_seqlens.to(device),
+    )
+
+
+def split_tokens(batch: PackedBatch, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(labels, loss_weights, source_ids) of a share without embedding anything: what the global loss
+    normaliser needs before the forward passes."""
+    return (batch.labels.index_select(0, index), batch.loss_weights.index_select(0, index),
+            batch.source_ids.index_select(0, index))
