@@ -1,8 +1,8 @@
 """The DeepSpeed backend on 2 ranks (torchrun, gloo) against the one-process reference training loop:
 ZeRO-1, ZeRO-3 (text-only micro-batches on one rank beside image micro-batches on the other), Ulysses
-CP=2 (an image span straddling the ranks' shares) and MoE EP=2 — first 3 losses within 1e-5 relative,
-exported parameters after 3 steps within 1e-5; save/load resume; NaN step skipped; per-source losses.
-The checks themselves live in programs/deepspeed_parity.py."""
+CP=2 (an image span straddling the ranks' shares), MoE EP=2 (ZeRO-2): first 3 losses within 1e-5
+relative, exported parameters after 3 steps within 1e-5; bf16 ZeRO-2 at bf16 resolution. Also save/load
+resume, a NaN step skipped, per-source losses. The checks live in programs/deepspeed_parity.py."""
 from __future__ import annotations
 
 import os
@@ -29,7 +29,7 @@ def run_program(program: str, *args: str, timeout: int = 300) -> str:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("mode", ["zero1", "zero3", "cp2", "ep2"])
+@pytest.mark.parametrize("mode", ["zero1", "zero3", "cp2", "ep2", "bf16"])
 def test_matches_one_process(mode, tmp_path):
     out = run_program(PROGRAM, mode, str(tmp_path))
     print("\n".join(line for line in out.splitlines() if line.startswith(f"[{mode}]")))

@@ -9,6 +9,7 @@ sums, so the gradient, its norm and the clipping are those of the global loss, w
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -174,14 +175,21 @@ class DeepSpeedBackend:
                            aux_loss=metrics.aux_loss, loss_per_source=metrics.loss_per_source)
 
     # ------------------------------------------------------------------------------------ state
+    def _checkpointing(self):
+        if self.experts is None:
+            return contextlib.nullcontext()
+        return self.experts.plain_checkpointing(self.engine)
+
     def save(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"step": self.step},
-                                    save_latest=False)
+        with self._checkpointing():
+            self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"step": self.step},
+                                        save_latest=False)
         if self.experts is not None:
             self.experts.save(Path(directory))
 
     def load(self, directory: Path) -> None:
-        path, client = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        with self._checkpointing():
+            path, client = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
         if path is None:
             raise FileNotFoundError(f"no deepspeed checkpoint under {directory}")
         if self.experts is not None:

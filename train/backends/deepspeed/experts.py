@@ -8,13 +8,16 @@ marked `allreduce=False` + `group_name`, in param groups flagged `moe`, and only
 `deepspeed.moe.layer.MoE` module; a parameterless marker subclass provides that without DeepSpeed's own
 MoE layer (whose per-expert nn.Modules do not fit the stacked tensors).
 
-DeepSpeed's checkpoint writes the module state once (data-parallel rank 0), which would keep only rank 0's
-slices, so each rank also writes its own slices and restores them after DeepSpeed's load.
+Checkpoints: DeepSpeed's MoE checkpoint format expects its own per-expert modules, so save/load run with the
+engine's MoE flag lowered (`plain_checkpointing`): DeepSpeed then writes the module state once (rank 0, with
+rank 0's slices) plus every rank's ZeRO optimizer partition (expert groups included), and each rank also
+writes its own expert slices, which it restores after DeepSpeed's load.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -95,6 +98,16 @@ class ExpertParallelism:
         return full[expert_slice(full.shape[0], self.ep_size, dist.get_rank(self.group))]
 
     # ------------------------------------------------------------------------------------ checkpoints
+    @staticmethod
+    @contextlib.contextmanager
+    def plain_checkpointing(engine: Any) -> Iterator[None]:
+        saved = engine.has_moe_layers
+        engine.has_moe_layers = False
+        try:
+            yield
+        finally:
+            engine.has_moe_layers = saved
+
     def _file(self, directory: Path) -> Path:
         return directory / f"experts_rank{dist.get_rank():05d}.pt"
 
