@@ -136,7 +136,7 @@ def reference_training(cfg, init_state: dict, steps: list[list[PackedBatch]],
     model.load_state_dict(init_state)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps)
-    losses = []
+    losses, norms = [], []
     for step, batches in enumerate(steps):
         lr_step = step if lr_steps is None else lr_steps[step]
         set_learning_rate(optimizer, learning_rate(lr_step, cfg.optim, cfg.stage.num_steps()))
@@ -152,10 +152,11 @@ def reference_training(cfg, init_state: dict, steps: list[list[PackedBatch]],
                                    aux_coef=text.router_aux_loss_coef, aux_count=len(batches))
             out.objective.backward()
             value += float(out.weighted_ce) / float(total_weight)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(value)
+    reference_training.grad_norms = norms  # type: ignore[attr-defined]  # pre-clip norms of the last call
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

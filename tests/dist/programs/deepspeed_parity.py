@@ -77,6 +77,7 @@ def main(mode: str, ckpt: str) -> None:
     init = initial_state(cfg)
     steps = [global_batch(cfg.model, s) for s in range(3)]
     ref_losses, ref_state = reference_training(cfg, init, steps)
+    ref_norms = reference_training.grad_norms
     t0 = time.time()
     backend = build_backend(cfg)  # built from cfg.seed: different weights until load_model_weights
     backend.load_model_weights(init)
@@ -89,8 +90,10 @@ def main(mode: str, ckpt: str) -> None:
     loss_diff = compare_losses(losses, ref_losses, tol, failures, mode)
     exported = backend.state_dict_for_export()
     param_diff = compare_states(exported, ref_state, tol, failures, mode)
-    if any(m.skipped for m in metrics) or not all(0 < m.grad_norm < float("inf") for m in metrics):
-        failures.append(f"unexpected skip or grad norm: {metrics}")
+    if any(m.skipped for m in metrics):
+        failures.append(f"unexpected skip: {metrics}")
+    # Adam hides a uniform gradient scale; the norm does not: it checks the DP/accumulation compensation.
+    compare_losses([m.grad_norm for m in metrics], ref_norms, tol, failures, f"{mode} grad norms")
     _resume_check(backend, Path(ckpt), steps[2], losses[2], exported, failures)
     if mode in ("zero1", "zero3"):
         _metrics_check(backend, cfg, init, steps[0], metrics[0], failures)
