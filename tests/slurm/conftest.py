@@ -20,6 +20,12 @@ from slurm_cluster_lib import REPO, Cluster
 TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
 
 
+@pytest.fixture(autouse=True)
+def _cancel_leftover_jobs(slurm_cluster: Cluster) -> Iterator[None]:
+    yield
+    slurm_cluster.cancel_submitted()
+
+
 def _missing_prerequisite() -> str | None:
     if os.geteuid() != 0:
         return f"the local SLURM cluster needs root (euid {os.geteuid()})"

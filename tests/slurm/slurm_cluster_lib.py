@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +20,7 @@ FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 class Cluster:
     state_dir: Path
     env: dict[str, str]
+    submitted: list[int] = field(default_factory=list)
 
     def run(self, *args: str, timeout: float = 30) -> str:
         done = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -32,7 +33,15 @@ class Cluster:
         done = subprocess.run(("sbatch", "--parsable", *args), env=env, capture_output=True, text=True, timeout=30)
         if done.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(args)} exited {done.returncode}: {done.stderr.strip()}")
-        return int(done.stdout.strip().split(";")[0])
+        job_id = int(done.stdout.strip().split(";")[0])
+        self.submitted.append(job_id)
+        return job_id
+
+    def cancel_submitted(self) -> None:
+        """Cancel what a test left running (it failed early), so the next test gets the node's CPUs."""
+        if self.submitted:
+            subprocess.run(["scancel", *map(str, self.submitted)], env=self.env, capture_output=True, timeout=30)
+            self.submitted.clear()
 
     def job(self, job_id: int) -> dict[str, str]:
         """`scontrol show job -o` as a dict (JobState, Restarts, StartTime, ...); no accounting needed."""

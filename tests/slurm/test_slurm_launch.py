@@ -101,7 +101,9 @@ def _submit_pipeline(cluster: Cluster, run_dir: Path, stages: str, cmd: str) -> 
     env = {"LONGVL_STAGES": stages, "LONGVL_SBATCH_ARGS": "-n2", "LONGVL_CMD": cmd}
     out = cluster.run("env", *(f"{k}={v}" for k, v in env.items()),
                       str(REPO / "slurm" / "submit_pipeline.sh"), str(run_dir), "steps=4", "save_every=2")
-    return {stage: int(job) for stage, job in (line.split() for line in out.splitlines())}
+    jobs = {stage: int(job) for stage, job in (line.split() for line in out.splitlines())}
+    cluster.submitted.extend(jobs.values())
+    return jobs
 
 
 def test_pipeline_chains_stages_in_one_run_dir(slurm_cluster: Cluster, tmp_path: Path) -> None:
@@ -120,3 +122,33 @@ def test_pipeline_failed_stage_cancels_the_rest(slurm_cluster: Cluster, tmp_path
     assert slurm_cluster.wait_job(jobs["s0"], timeout=60)["JobState"] == "FAILED"
     later = slurm_cluster.wait_job(jobs["s1"], timeout=30)
     assert later["JobState"] == "CANCELLED" and later["StartTime"] in ("Unknown", "None", later["EndTime"])
+
+
+FAIL_ON_USR1 = """
+import signal, sys, time
+signal.signal(signal.SIGUSR1, lambda *_: sys.exit(1))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("case", ["step_fails_after_signal", "max_restarts_reached"])
+def test_usr1_does_not_requeue_a_failed_step_or_past_the_restart_cap(slurm_cluster: Cluster, tmp_path: Path,
+                                                                      case: str) -> None:
+    """Requeueing a step that crashes on the signal, or forever, would loop on a bug: the job ends FAILED."""
+    if case == "step_fails_after_signal":
+        (tmp_path / "fail_on_usr1.py").write_text(FAIL_ON_USR1)
+        env = {"LONGVL_CMD": f"{sys.executable} {tmp_path / 'fail_on_usr1.py'}"}
+        job = slurm_cluster.sbatch("-n1", f"--output={tmp_path}/slurm.out", SBATCH, extra_env=env)
+        out_file = tmp_path / "slurm.out"
+        wait_for(lambda: out_file.exists() and "ready" in out_file.read_text(), 60, "the program to start")
+    else:
+        env = {"LONGVL_CMD": standin_cmd(), "LONGVL_MAX_RESTARTS": "0"}
+        job = slurm_cluster.sbatch("-n2", f"--output={tmp_path}/slurm.out", SBATCH, f"run_dir={tmp_path}",
+                                   "steps=200", "step_sleep=0.1", extra_env=env)
+        wait_for(lambda: len(logged_steps(tmp_path)) >= 2, 60, "the job to log 2 steps")
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job))
+    info = slurm_cluster.wait_job(job, timeout=60)
+    out = (tmp_path / "slurm.out").read_text()
+    assert (info["JobState"], info["Restarts"]) == ("FAILED", "0"), out
+    assert "not requeueing" in out and "requeueing\n" not in out.replace("not requeueing", "")

@@ -1,10 +1,16 @@
 """launch.env: every launcher's environment -> DistEnv, and one-line errors for inconsistent ones."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from launch.env import LaunchEnvError, detect_env, master_port_for_job, parse_nodelist, parse_tasks_per_node
 
+REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
             "MASTER_ADDR": "node01", "MASTER_PORT": "29500"}
 SLURM_STEP = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_NTASKS": "6",
@@ -117,3 +123,24 @@ def test_slurm_without_job_id_or_port_says_so() -> None:
     step = {k: v for k, v in SLURM_STEP.items() if k != "SLURM_JOB_ID"}
     with pytest.raises(LaunchEnvError, match="SLURM_JOB_ID is not set"):
         detect_env(step, cuda=False)
+
+
+def test_single_process_gets_a_working_one_rank_group_and_a_clean_exit() -> None:
+    """No launcher: init_distributed needs no port; shutdown_distributed flushes and exits with the code."""
+    program = (
+        "import torch, torch.distributed as dist\n"
+        "from launch.env import LaunchEnvError, detect_env, init_distributed, shutdown_distributed\n"
+        "env = detect_env()\n"
+        "init_distributed(env)\n"
+        "t = torch.ones(1); dist.all_reduce(t)\n"
+        "try:\n    init_distributed(env)\nexcept LaunchEnvError as e:\n    print('again:', e)\n"
+        "print(env.launcher, dist.get_world_size(), t.item(), end='')\n"
+        "shutdown_distributed(3)\n"
+        "print('not reached')\n"
+    )
+    launcher_vars = ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_")
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith(launcher_vars)}
+    done = subprocess.run([sys.executable, "-c", program], env=clean_env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "again: torch.distributed is already initialised\nsingle 1 1.0"
