@@ -14,7 +14,6 @@ from torch import nn
 from data.batch import PackedBatch
 from train.loss import micro_batch_loss
 from train.models.qwen3vl import Qwen3VLModel
-from train.models.qwen3vl.vision_inputs import dummy_vision_input
 from train.parallel.context import shard_index, split_embedded
 
 
@@ -32,31 +31,13 @@ class LossModule(nn.Module):
             return None
         return shard_index(seq_len, self.cp_size, self.cp_rank)
 
-    def _embed_text_only(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Like model.embed without vision, but the dummy tower's DeepStack outputs stay separate, as
-        zero-row features that decode adds after the same layers as real ones. Why: under ZeRO-3 every
-        rank must gather parameters in the same order in backward too; if the DeepStack mergers only got
-        their (zero) gradient through the embeddings, a text-only rank would run their backward after the
-        whole decoder while a vision rank runs it between decoder layers, and the all-gathers of the two
-        ranks would pair up wrongly (the ZeRO-3 hang/crash with text-only beside image micro-batches)."""
-        model = self.model
-        embeds = model.language_model.embed_tokens(input_ids)
-        pixels, grid = dummy_vision_input(model.cfg, embeds.device, embeds.dtype)
-        merged, deepstack = model.visual(pixels, grid)
-        embeds = embeds + 0.0 * merged.sum().to(embeds.dtype)
-        visual_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        return embeds, visual_mask, [features[:0].to(embeds.dtype) for features in deepstack]
-
     def forward(self, batch: PackedBatch, global_weight: torch.Tensor, aux_count: int,
                 grad_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(objective, sum(w*ce) detached, per-token ce [share], aux loss detached) of one micro-batch."""
         model = self.model
-        if batch.has_vision:
-            embeds, visual_mask, deepstack = model.embed(
-                batch.input_ids, batch.pixel_values, batch.image_grid_thw, batch.pixel_values_videos,
-                batch.video_grid_thw, batch.cu_seqlens, batch.doc_keys)
-        else:
-            embeds, visual_mask, deepstack = self._embed_text_only(batch.input_ids)
+        embeds, visual_mask, deepstack = model.embed(
+            batch.input_ids, batch.pixel_values, batch.image_grid_thw, batch.pixel_values_videos,
+            batch.video_grid_thw, batch.cu_seqlens, batch.doc_keys)
         index = self.token_share(batch.seq_len)
         if index is None:
             hidden, aux = model.decode(embeds, batch.position_ids, batch.cu_seqlens, visual_mask, deepstack)

@@ -108,11 +108,20 @@ class Qwen3VLModel(nn.Module):
         embeds = self.language_model.embed_tokens(input_ids)
         pixels, grid = concat_vision_inputs(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         if pixels is None:
-            pixels, grid = dummy_vision_input(self.cfg, embeds.device, self.visual.patch_embed.proj.weight.dtype)
+            # No vision in this sequence: run the tower on a dummy image anyway and keep the graph the same
+            # shape as a vision batch. The merger output enters the embeddings times 0 and each DeepStack
+            # feature enters decode as an empty row slice, after the same decoder layer as real features.
+            # Why: under ZeRO-3 every rank gathers parameters in the same order in forward AND backward; if
+            # the DeepStack mergers got their (zero) gradient through the embeddings instead, a text-only rank
+            # would run their backward after the whole decoder while a vision rank runs it between decoder
+            # layers, and the ranks' all-gathers would pair up wrongly (hang or collective mismatch).
+            # embeds.dtype, not a vision weight's: under ZeRO-3 touching a partitioned weight outside its
+            # module's forward desynchronises the ranks' parameter gathers.
+            pixels, grid = dummy_vision_input(self.cfg, embeds.device, embeds.dtype)
             merged, deepstack = self.visual(pixels, grid)
-            anchor = merged.sum() + sum(d.sum() for d in deepstack)
             visual_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-            return embeds + 0.0 * anchor.to(embeds.dtype), visual_mask, []
+            return (embeds + 0.0 * merged.sum().to(embeds.dtype), visual_mask,
+                    [features[:0].to(embeds.dtype) for features in deepstack])
         merged, deepstack = self.visual(pixels, grid)
         num_image_features = 0 if image_grid_thw is None or pixel_values is None else int(
             image_grid_thw.prod(-1).sum()) // self.cfg.vision.spatial_merge_size ** 2
