@@ -128,8 +128,11 @@ class MetricsLogger:
             self._bar.close()
             self._bar = None
         if self._wandb_run is not None:
+            run_dir = Path(self._wandb_run.dir).parent  # .../wandb/offline-run-*/files -> the run dir
             self._wandb_run.finish()
             self._wandb_run = None
+            if self.cfg.wandb.mode == "offline":
+                self.note(f"{self.stage_name}: wandb offline run in {run_dir} (upload: wandb sync {run_dir})")
         if self.cfg.plot_loss:
             plot_loss_curve(read_history(self.history_path), self.curve_path, self.stage_name)
 
@@ -140,9 +143,11 @@ def _start_wandb(cfg: LoggingConfig, stage_root: Path, stage_name: str, run_name
 
     # The id is fixed per run dir and stage, so a resumed stage continues the same wandb run when synced.
     run_id = "".join(c if c.isalnum() else "-" for c in f"{run_name}-{stage_name}")[-120:]
+    # silent: wandb's own banners and run summary would bury the progress bar and the stage table.
     return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group or run_name,
                       name=f"{run_name}/{stage_name}", id=run_id, resume="allow", mode=cfg.wandb.mode,
-                      dir=str(stage_root), config=config_dict, reinit="finish_previous")
+                      dir=str(stage_root), config=config_dict, reinit="finish_previous",
+                      settings=wandb.Settings(silent=True, console="off"))
 
 
 def plot_loss_curve(history: list[dict[str, Any]], path: Path, title: str) -> Path | None:

@@ -55,7 +55,8 @@ class StageResult:
     last_loss: float = math.nan  # mean training loss of the last logged steps
     eval_start: float = math.nan  # held-out loss before the stage's first step (when it did not resume)
     eval_end: float = math.nan
-    resumed_from: int = 0
+    resumed_from: int = 0  # the checkpoint step this run continued from (0: a fresh start)
+    init_from: str = ""  # the weights a fresh start began with ("" for a random initialisation)
     final_dir: str = ""
 
     def save(self, path: Path) -> None:
@@ -98,7 +99,8 @@ def train_stage(cfg: TrainConfig, runtime: StageRuntime) -> StageResult:
     logger = MetricsLogger(cfg.logging, stage_dir.root, cfg.stage.name, Path(cfg.run_dir).name,
                            cfg.stage.num_steps(), start_step, info.is_logging_rank,
                            OmegaConf.to_container(OmegaConf.structured(cfg)))
-    result = StageResult(name=cfg.stage.name, steps=cfg.stage.num_steps(), resumed_from=start_step)
+    result = StageResult(name=cfg.stage.name, steps=cfg.stage.num_steps(), resumed_from=start_step,
+                         init_from=cfg.stage.init_from or "")
     if start_step == 0:
         result.eval_start = evaluate(backend, eval_batches)
     else:
