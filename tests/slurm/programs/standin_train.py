@@ -5,7 +5,7 @@ step n depends on every earlier step exactly once: a skipped, repeated or mis-re
 Rank 0 logs one JSON line per step to <run_dir>/steps.jsonl and saves <run_dir>/ckpt/step_NNNNNN atomically
 (temp dir, fsync, rename, then the `latest` pointer by os.replace) every --save-every steps and on a stop
 signal. A start resumes from `latest`. On SIGUSR1/SIGTERM all ranks stop after the same step, save and
-exit 3 (as the trainer does).
+exit 0 (as `python -m train` does when preempted).
 """
 from __future__ import annotations
 
@@ -100,8 +100,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--stage", default="")
     # "RANK:STEP": that rank sends itself SIGUSR1 after STEP, to test that the other ranks stop with it.
     parser.add_argument("--self-signal", default="")
-    # Like `python -m train`: 3 means "stopped early after a checkpoint" (pretrain.sbatch maps it to 0).
-    parser.add_argument("--stopped-exit-code", type=int, default=3)
     return parser.parse_args(flags)
 
 
@@ -139,7 +137,7 @@ def main(argv: list[str]) -> None:
     (run_dir / "pids" / f"rank{env.rank}.final_step").write_text(str(step))
     if env.is_main and step == args.steps:
         log(run_dir, {"event": "complete", "step": step, "stage": args.stage})
-    shutdown_distributed(0 if step == args.steps else args.stopped_exit_code)
+    shutdown_distributed(0)  # also when stopped by a signal, as `python -m train` does
 
 
 if __name__ == "__main__":
