@@ -35,7 +35,7 @@ class ParallelSizes:
 
 def resolve_sizes(config: Any, world_size: int) -> ParallelSizes:
     """Validate tp/pp/cp/ep/dp of `config` against `world_size`; derive dp when it is None or 0."""
-    tp, pp, cp, ep = (int(getattr(config, key, 1) or 1) for key in ("tp", "pp", "cp", "ep"))
+    tp, pp, cp, ep = (int(_size(config, key)) for key in ("tp", "pp", "cp", "ep"))
     dp = getattr(config, "dp", None)
     given = f"tp={tp} pp={pp} cp={cp} ep={ep} dp={dp if dp else 'auto'}"
     if min(tp, pp, cp, ep) < 1 or (dp is not None and dp < 0):
@@ -52,6 +52,11 @@ def resolve_sizes(config: Any, world_size: int) -> ParallelSizes:
     if (dp * cp) % ep:
         raise ParallelLayoutError(f"ep={ep} must divide dp*cp={dp * cp} ({given}, world size {world_size})")
     return ParallelSizes(tp=tp, pp=pp, cp=cp, ep=ep, dp=dp)
+
+
+def _size(config: Any, key: str) -> int:
+    value = getattr(config, key, None)
+    return 1 if value is None else value
 
 
 def init_parallel_groups(config: Any, seed: int = 1234,
@@ -87,6 +92,7 @@ def destroy_parallel_groups() -> None:
 
     mpu.destroy_model_parallel()
     initialize_rng_tracker(force_reset=True)
+    stop_checkpoint_writer_manager()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -95,3 +101,18 @@ def config_kwargs(sizes: ParallelSizes) -> dict[str, int]:
     """The TransformerConfig fields megatron reads the layout from (layers per stage, expert split, ...)."""
     return {"tensor_model_parallel_size": sizes.tp, "pipeline_model_parallel_size": sizes.pp,
             "context_parallel_size": sizes.cp, "expert_model_parallel_size": sizes.ep}
+
+
+def stop_checkpoint_writer_manager() -> None:
+    """Stop the process dist_checkpointing's writer starts for its results queue (a spawn Manager).
+
+    Nothing else stops it before an os._exit (which skips atexit): it then outlives the job, holding the
+    job's stdout/stderr open, so whoever waits for those pipes (torchrun's caller, a test) hangs.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = filesystem_async._results_queue
+    manager = getattr(queue, "_manager", None)
+    if manager is not None:
+        manager.shutdown()
+    filesystem_async._results_queue = None
