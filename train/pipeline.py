@@ -9,11 +9,12 @@ an interrupted stage resumes from its latest checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import torch.distributed as dist
 
@@ -46,16 +47,13 @@ def run_pipeline(configs: Sequence[TrainConfig], runtime: StageRuntime | None = 
     from launch.env import detect_env, init_distributed
 
     env = detect_env()
-    # Libraries that read the launcher's variables themselves (DeepSpeed asserts LOCAL_RANK) also work
-    # when started as a plain `python -m train` or by srun.
-    for name, value in (("RANK", env.rank), ("LOCAL_RANK", env.local_rank), ("WORLD_SIZE", env.world_size)):
-        os.environ.setdefault(name, str(value))
     if env.rank == 0:
         ensure_demo_corpus(configs)
     started_group = not dist.is_initialized()
     if started_group:
         init_distributed(env)
-    code = _run_initialised(list(configs), runtime, env.world_size)
+    with _launcher_variables(env):
+        code = _run_initialised(list(configs), runtime, env.world_size)
     return _finish(code, started_group, env.world_size)
 
 
@@ -126,6 +124,23 @@ def ensure_demo_corpus(configs: Sequence[TrainConfig]) -> None:
 
     _say(f"longvl: writing the demo corpus to {root} (python -m data.synth)")
     make_corpus(root)
+
+
+@contextlib.contextmanager
+def _launcher_variables(env: Any) -> Iterator[None]:
+    """RANK / LOCAL_RANK / WORLD_SIZE for libraries that read them themselves (DeepSpeed asserts LOCAL_RANK)
+    when started as a plain `python -m train` or by srun; removed afterwards, so a later single-process
+    launch from the same process is not mistaken for a half-configured torchrun."""
+    added = []
+    for name, value in (("RANK", env.rank), ("LOCAL_RANK", env.local_rank), ("WORLD_SIZE", env.world_size)):
+        if name not in os.environ:
+            os.environ[name] = str(value)
+            added.append(name)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def _finish(code: int, started_group: bool, world_size: int) -> int:

@@ -1,0 +1,178 @@
+"""run_pipeline with stand-in backend and loader (the real ones are covered in tests/e2e and tests/dist):
+stage order, the handoff of final weights with a fresh backend per stage, skipping finished stages, the
+HF export, the summary table, and one-line refusals before any stage starts."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from data.batch import PackedBatch
+from train.backends.base import ParallelInfo, StepMetrics
+from train.config.compose import stage_configs
+from train.config.schema import TrainConfig
+from train.models.qwen3vl.model import Qwen3VLModel
+from train.pipeline import EXIT_CONFIG, EXIT_STOPPED, run_pipeline, summary_table
+from train.trainer import StageResult, StageRuntime
+
+
+class StandInBackend:
+    """The Backend protocol on a tiny Qwen3VLModel whose 'step' moves trainable tensors by a fixed amount."""
+
+    def __init__(self, cfg: TrainConfig, log: list, skip_from: int = 0, skip_stage: str = "s0") -> None:
+        torch.manual_seed(cfg.seed)
+        self.model = Qwen3VLModel(cfg.model)
+        self.cfg, self.log, self.steps = cfg, log, 0
+        self.skip_from = skip_from if cfg.stage.name == skip_stage else 0  # steps from here on are non-finite
+        self.info = ParallelInfo(rank=0, world_size=1, dp_rank=0, dp_size=1)
+        self.loaded: dict[str, torch.Tensor] | None = None
+        log.append(self)
+
+    def train_step(self, micro: list[PackedBatch]) -> StepMetrics:
+        self.steps += 1
+        if self.skip_from and self.steps >= self.skip_from:
+            return StepMetrics(loss=float("nan"), grad_norm=float("nan"), lr=0.1, tokens=0, skipped=True)
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if name.startswith("visual.merger.") or "merger" not in self.cfg.stage.trainable:
+                    p.add_(0.01)
+        return StepMetrics(loss=4.0 / self.steps, grad_norm=1.0, lr=0.1, tokens=sum(b.seq_len for b in micro),
+                           loss_per_source={0: 4.0 / self.steps})
+
+    def eval_step(self, batch: PackedBatch) -> StepMetrics:
+        return StepMetrics(loss=float(self.model.visual.merger.norm.weight.detach().mean()), grad_norm=0.0, lr=0.1,
+                           tokens=batch.seq_len)
+
+    def save(self, directory: Path) -> None:
+        torch.save({"model": self.model.state_dict(), "steps": self.steps}, directory / "standin.pt")
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / "standin.pt")
+        self.model.load_state_dict(state["model"])
+        self.steps = state["steps"]
+
+    def state_dict_for_export(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.model.state_dict().items()}
+
+    def load_model_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.loaded = {k: v.clone() for k, v in state_dict.items()}
+        self.model.load_state_dict(state_dict)
+
+
+class StandInLoader:
+    def __init__(self, seq_len: int) -> None:
+        self.seq_len, self.count = seq_len, 0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        while True:
+            self.count += 1
+            n = self.seq_len
+            yield PackedBatch(input_ids=torch.zeros(n, dtype=torch.long), position_ids=torch.zeros(3, n, dtype=torch.long),
+                              cu_seqlens=torch.tensor([0, n], dtype=torch.int32), labels=torch.zeros(n, dtype=torch.long),
+                              loss_weights=torch.ones(n), source_ids=torch.zeros(n, dtype=torch.long), num_pad=n // 4)
+
+
+def _runtime(log: list, skip_from: int = 0, skip_stage: str = "s0") -> StageRuntime:
+    return StageRuntime(build_backend=lambda cfg: StandInBackend(cfg, log, skip_from, skip_stage),
+                        build_loader=lambda cfg, info, seed: StandInLoader(cfg.stage.seq_len))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from data.tokenizer import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("data")
+    for name in ("text", "caption", "ocr", "video", "needle"):
+        (root / name).mkdir()
+        (root / name / "shard-000000.tar").write_bytes(b"")
+    words = "the red blue green square circle triangle left right big small".split()
+    train_sentencepiece([" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20, 300,
+                        root / "tokenizer.model")
+    return root
+
+
+def _configs(data_root: Path, run_dir: Path, *extra: str) -> list[TrainConfig]:
+    configs = stage_configs(["pipeline=qwen3vl", f"data_root={data_root}", f"run_dir={run_dir}", "logging=quiet",
+                             *extra])
+    for cfg in configs:
+        cfg.stage.max_steps, cfg.stage.global_batch_size, cfg.stage.seq_len = 3, 2, 128
+    return configs
+
+
+def test_stages_run_in_order_and_hand_over_final_weights(data_root: Path, tmp_path: Path, capsys) -> None:
+    log: list[StandInBackend] = []
+    assert run_pipeline(_configs(data_root, tmp_path), _runtime(log)) == 0
+    assert [b.cfg.stage.name for b in log] == ["s0", "s1", "s2", "s3"]  # a fresh backend (optimizer) per stage
+    assert log[0].loaded is None
+    for previous, current in zip(log, log[1:]):
+        exported = previous.state_dict_for_export()
+        assert current.loaded is not None and exported.keys() == current.loaded.keys()
+        assert all(torch.equal(exported[k], current.loaded[k]) for k in exported)
+        assert current.cfg.stage.init_from == str(tmp_path / previous.cfg.stage.name / "final")
+    assert (tmp_path / "hf" / "config.json").is_file()
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out[out.index("stage  steps"):].splitlines()[2:6]] == ["s0", "s1", "s2", "s3"]
+    assert f"final model (HF format): {tmp_path / 'hf'}" in out
+
+    log.clear()  # the same command again: every stage is done, nothing is rebuilt or retrained
+    assert run_pipeline(_configs(data_root, tmp_path), _runtime(log)) == 0
+    assert log == []
+
+
+def test_rerun_after_a_stop_skips_done_stages_and_resumes_from_the_checkpoint(data_root: Path,
+                                                                              tmp_path: Path) -> None:
+    def configs() -> list[TrainConfig]:
+        out = _configs(data_root, tmp_path)
+        for cfg in out:
+            cfg.stage.max_steps, cfg.stage.save_every = 12, 2
+        return out
+
+    log: list[StandInBackend] = []
+    assert run_pipeline(configs(), _runtime(log, skip_from=4, skip_stage="s1")) == EXIT_STOPPED
+    assert [b.cfg.stage.name for b in log] == ["s0", "s1"]
+    log.clear()
+    assert run_pipeline(configs(), _runtime(log)) == 0
+    assert [b.cfg.stage.name for b in log] == ["s1", "s2", "s3"]  # s0 is done and not rebuilt
+    assert log[0].loaded is None  # s1's checkpoint wins over its init_from (s0's final weights)
+    assert log[0].steps == 12 and log[1].loaded is not None
+    assert StageResult.load(tmp_path / "s1" / "summary.json").resumed_from == 2
+
+
+def test_nan_streak_stops_pipeline_with_exit_3(data_root: Path, tmp_path: Path, capsys) -> None:
+    configs = _configs(data_root, tmp_path)
+    for cfg in configs:
+        cfg.stage.max_steps, cfg.stage.save_every = 12, 2
+    log: list[StandInBackend] = []
+    assert run_pipeline(configs, _runtime(log, skip_from=4)) == EXIT_STOPPED
+    assert [b.cfg.stage.name for b in log] == ["s0"]
+    err = capsys.readouterr().err
+    assert "s0: 5 consecutive non-finite steps (up to step 8)" in err
+    assert (tmp_path / "s0" / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    assert not (tmp_path / "s0" / "final").exists()
+
+
+def test_bad_input_exits_2_before_any_stage(data_root: Path, tmp_path: Path, capsys) -> None:
+    log: list[StandInBackend] = []
+    configs = _configs(data_root, tmp_path / "run", "parallel=cp2")  # cp=2 on a world of 1
+    assert run_pipeline(configs, _runtime(log)) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "world size 1 is not divisible" in err
+    assert log == [] and not (tmp_path / "run" / "s0").exists()
+
+
+def test_summary_table() -> None:
+    rows = [StageResult(name="s0", steps=30, tokens=30720, seconds=57.2, first_loss=7.5, last_loss=7.4,
+                        eval_start=7.6, eval_end=7.4),
+            StageResult(name="s3", steps=11921, tokens=100_000_000_000, seconds=3600)]
+    lines = summary_table(rows).splitlines()
+    assert lines[0].split()[:4] == ["stage", "steps", "tokens", "time"]
+    assert lines[2].split() == ["s0", "30", "30.7K", "57s", "7.500", "->", "7.400", "7.600", "->", "7.400", "0"]
+    assert lines[3].split()[:4] == ["s3", "11921", "100.0B", "3600s"] and "- -> -" in lines[3]
