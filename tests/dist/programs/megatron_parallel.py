@@ -195,7 +195,60 @@ def run_cp(failures):
                ref_forward=reference_packed_forward)
 
 
-MODES = {"dp": run_dp, "tp": run_tp, "pp": run_pp, "ep": run_ep, "cp": run_cp}
+def reference_attention(q, k, v, bounds):
+    """One-process attention on the full sequence: full document-causal mask, GQA by repetition."""
+    allowed = ~document_causal_mask(torch.tensor(bounds))[0, 0]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attn_mask=allowed, enable_gqa=True)
+    return out.permute(2, 0, 1, 3).reshape(q.shape[0], q.shape[1], -1)
+
+
+def cp_attention_case(attn, bounds, batch, packed: bool) -> dict[str, float]:
+    """Max |CP=2 - reference| of the output and of the q/k/v gradients on this rank's share."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    gen = torch.Generator().manual_seed(3)
+    full = {"q": torch.randn(32, batch, 4, 4, generator=gen), "k": torch.randn(32, batch, 2, 4, generator=gen),
+            "v": torch.randn(32, batch, 2, 4, generator=gen)}
+    ref_in = {n: t.clone().requires_grad_() for n, t in full.items()}
+    ref_out = reference_attention(ref_in["q"], ref_in["k"], ref_in["v"], bounds)
+    weights = torch.randn(ref_out.shape, generator=gen)  # a non-uniform upstream gradient
+    (ref_out * weights).sum().backward()
+    seq_major = {**full, "w": weights, "out": ref_out.detach(), **{f"d{n}": t.grad for n, t in ref_in.items()}}
+    # get_batch_on_this_cp_rank splits dim 1 ([b, s, ...]); attention tensors are [s, b, ...].
+    local = {n: t.transpose(0, 1) for n, t in get_batch_on_this_cp_rank(
+        {n: t.transpose(0, 1) for n, t in seq_major.items()}).items()}
+    mine = {n: local[n].clone().requires_grad_() for n in ("q", "k", "v")}
+    params = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=torch.tensor(bounds)) if packed else None
+    out = attn(mine["q"], mine["k"], mine["v"], None, packed_seq_params=params)
+    (out * local["w"]).sum().backward()
+    diffs = {"out": (out - local["out"]).abs().max().item()}
+    diffs.update({f"d{n}": (t.grad - local[f"d{n}"]).abs().max().item() for n, t in mine.items()})
+    return diffs
+
+
+def run_cp_attention(failures):
+    """ContextParallelAttention alone, GQA (4 heads, 2 groups): outputs and K/V gradients vs one process."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from train.backends.megatron.cp_attention import ContextParallelAttention
+
+    sizes = init_parallel_groups(ParallelSizes(cp=2))
+    config = mc.tiny_config(num_query_groups=2, **parallel_config_kwargs(sizes))
+    attn = ContextParallelAttention(config, 1, AttnMaskType.causal, "self")
+    for case, bounds, batch, packed in (("packed", [0, 3, 17, 18, 32], 1, True), ("b=2", [0, 32], 2, False)):
+        diffs = cp_attention_case(attn, bounds, batch, packed)
+        worst = torch.tensor([max(diffs.values())])
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        if dist.get_rank() == 0:
+            print(f"cp2 attention {case} max diff: " + " ".join(f"{k} {v:.3g}" for k, v in diffs.items()), flush=True)
+        if not worst.item() <= 1e-5:
+            failures.append(f"cp2 attention {case}: {diffs}")
+    destroy_parallel_groups()
+
+
+MODES = {"dp": run_dp, "tp": run_tp, "pp": run_pp, "ep": run_ep, "cp": run_cp, "cp_attn": run_cp_attention}
 
 
 def main() -> None:

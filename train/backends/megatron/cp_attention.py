@@ -116,8 +116,9 @@ class ContextParallelAttention(MegatronModule):
         super().__init__(config=config)
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"ContextParallelAttention supports causal self-attention only, got {attn_mask_type}")
-        cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-        self.cp_group = cp_group or parallel_state.get_context_parallel_group()
+        self.cp_group = getattr(pg_collection, "cp", None)
+        if self.cp_group is None and parallel_state.model_parallel_is_initialized():
+            self.cp_group = parallel_state.get_context_parallel_group()
         head_dim = config.kv_channels
         # apply_query_key_layer_scaling divides the scores by the layer number and multiplies them back
         # inside the fp16 softmax; in this fp32 SDPA path the two cancel, so only the base scale is used.
@@ -130,7 +131,8 @@ class ContextParallelAttention(MegatronModule):
         """query [sq, b, np, hn], key/value [sq, b, ng, hn] (local share) -> context [sq, b, np*hn]."""
         if attention_bias is not None:
             raise ValueError("ContextParallelAttention does not take an attention_bias")
-        cp_size = dist.get_world_size(self.cp_group) if dist.is_initialized() else 1
+        # No CP group (megatron's groups not initialised): plain single-rank attention.
+        cp_size = dist.get_world_size(self.cp_group) if self.cp_group is not None else 1
         cp_rank = dist.get_rank(self.cp_group) if cp_size > 1 else 0
         if cp_size > 1:
             key, value = gather_sequence(key, self.cp_group), gather_sequence(value, self.cp_group)

@@ -111,7 +111,7 @@ class CudaToCpuMode(TorchFunctionMode):
             return _CUDA_TYPE_NAMES.get(args[0].dtype, func(*args, **kwargs))
         if "device" in kwargs:
             kwargs["device"] = _cpu_device(kwargs["device"])
-        if func in (torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros) and len(args) > 1:
+        if func is torch.Tensor.to and len(args) > 1:  # t.to("cuda") / t.to(torch.device("cuda"), dtype)
             args = (args[0], _cpu_device(args[1]), *args[2:])
         return func(*args, **kwargs)
 
