@@ -11,12 +11,13 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from train.backends.megatron import cpu_compat
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-pytestmark = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU stand-ins")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU stand-ins")
 
 
 def run_child(code: str, **env: str) -> subprocess.CompletedProcess:

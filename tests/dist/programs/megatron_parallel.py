@@ -1,4 +1,5 @@
-"""torchrun program: one megatron parallelism (dp | tp | pp | cp | ep) on 2 ranks vs the same GPT on 1 process.
+"""torchrun program: megatron parallelisms (dp | tp | pp | cp | ep) on 2 ranks vs the same GPT on 1 process,
+and ContextParallelAttention alone (cp_attn). Usage: megatron_parallel.py <mode>...
 
 Phase 1 trains the single-process reference on every rank (all parallel sizes 1, no communication: plain
 torch AdamW + clip_grad_norm_). Phase 2 rebuilds megatron's groups for the layout under test, loads the
@@ -8,8 +9,6 @@ get_forward_backward_func, and compares step-0 loss and grad norm, every loss, a
 from __future__ import annotations
 
 import sys
-from functools import partial
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -64,7 +63,7 @@ def train_parallel(chunks, optimizer, steps: list[list[dict]]):
 
 
 def reference_phase(config_kwargs: dict, spec, batches: list[dict], forward=gpt_forward):
-    init_parallel_groups(SimpleNamespace(tp=1, pp=1, cp=1, ep=1, dp=None))
+    init_parallel_groups(ParallelSizes())  # every size 1: no communication at all
     model = mc.build_gpt(mc.tiny_config(**config_kwargs), spec)
     initial = mc.params_of(model)
     losses, norms = mc.reference_train(model, batches, forward)

@@ -30,7 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 class _GatherSequence(torch.autograd.Function):
-    """All-gather along dim 0 in rank order; backward: sum the gradients over ranks, keep own slice."""
+    """All-gather along dim 0 in rank order; backward: reduce-scatter (gloo has it in torch 2.13)."""
 
     @staticmethod
     def forward(ctx: Any, local: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -41,15 +41,10 @@ class _GatherSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        # Every rank's queries produced gradient for every rank's K/V: sum over ranks, keep own slice.
         group = ctx.group
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        grad = grad.contiguous()
-        if dist.get_backend(group) == "gloo":
-            # gloo has no reduce_scatter: all-reduce, then keep this rank's slice.
-            dist.all_reduce(grad, group=group)
-            return grad.chunk(world, dim=0)[rank].contiguous(), None
-        out = torch.empty_like(grad.chunk(world, dim=0)[rank])
-        dist.reduce_scatter_tensor(out, grad, group=group)
+        out = torch.empty_like(grad.chunk(dist.get_world_size(group), dim=0)[dist.get_rank(group)])
+        dist.reduce_scatter_tensor(out, grad.contiguous(), group=group)
         return out, None
 
 

@@ -27,6 +27,7 @@ patch may then silently not apply to the code path it was written for).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -148,17 +149,6 @@ class _HostStream:
         pass
 
 
-class _HostStreamContext:
-    def __init__(self, stream: Any = None) -> None:
-        pass
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
 _HOST_STREAM = _HostStream()
 
 
@@ -167,7 +157,7 @@ def _patch_cuda_streams() -> None:
     torch.cuda.Stream = lambda *args, **kwargs: _HostStream()
     torch.cuda.Event = lambda *args, **kwargs: _HostStream()
     torch.cuda.current_stream = lambda device=None: _HOST_STREAM
-    torch.cuda.stream = _HostStreamContext
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
     torch.cuda.synchronize = lambda device=None: None
 
 
