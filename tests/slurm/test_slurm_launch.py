@@ -70,11 +70,23 @@ def test_two_task_job_runs_to_completion(slurm_cluster: Cluster, tmp_path: Path)
     assert "requeueing" not in (tmp_path / "slurm.out").read_text()
 
 
-@pytest.mark.parametrize("mode", ["task", "torchrun"])
-def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster: Cluster, tmp_path: Path, mode: str) -> None:
-    """scancel --batch --signal=USR1 is what SLURM sends before the time limit (--signal=B:USR1@grace)."""
+def _srun_started(run_dir: Path) -> bool:
+    out = run_dir / "slurm.out"
+    return out.exists() and "starting:" in out.read_text()
+
+
+@pytest.mark.parametrize("mode, when", [("task", "mid-run"), ("torchrun", "mid-run"), ("task", "at-start")])
+def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster: Cluster, tmp_path: Path, mode: str,
+                                                       when: str) -> None:
+    """scancel --batch --signal=USR1 is what SLURM sends before the time limit (--signal=B:USR1@grace).
+    "at-start": the signal comes while the ranks still import, before their handler exists; they must
+    neither die of it nor miss it (the batch shell repeats it)."""
     job = submit_standin(slurm_cluster, tmp_path, mode=mode, step_sleep=0.25)
-    wait_for(lambda: len(logged_steps(tmp_path)) >= 3, 60, "the job to log 3 steps")
+    if when == "mid-run":
+        wait_for(lambda: len(logged_steps(tmp_path)) >= 3, 60, "the job to log 3 steps")
+    else:
+        wait_for(lambda: _srun_started(tmp_path), 60, "the batch shell to start srun")
+        assert not logged_steps(tmp_path), "the signal must come before the first step"
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job))
     info = slurm_cluster.wait_job(job, timeout=90)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), (tmp_path / "slurm.out").read_text()
