@@ -124,8 +124,10 @@ class ContextParallelAttention(MegatronModule):
                 attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,
                 packed_seq_params: PackedSeqParams | None = None) -> Tensor:
         """query [sq, b, np, hn], key/value [sq, b, ng, hn] (local share) -> context [sq, b, np*hn]."""
-        if attention_bias is not None:
-            raise ValueError("ContextParallelAttention does not take an attention_bias")
+        if attention_bias is not None or attention_mask is not None:
+            # The mask is derived here (causal + cu_seqlens); a given one would be silently ignored.
+            raise ValueError("ContextParallelAttention builds its own causal/document mask: pass "
+                             "attention_mask=None and document boundaries via packed_seq_params")
         # No CP group (megatron's groups not initialised): plain single-rank attention.
         cp_size = dist.get_world_size(self.cp_group) if self.cp_group is not None else 1
         cp_rank = dist.get_rank(self.cp_group) if cp_size > 1 else 0
