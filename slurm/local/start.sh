@@ -4,7 +4,7 @@
 # Needs root and the Debian packages slurmctld slurmd slurm-client munge (not started by their install).
 # Private means: its own munged socket and key copy, its own ports and slurm.conf (SLURM_CONF), so it neither
 # uses nor disturbs another cluster or munged on the machine. Partitions: `debug` (default, preemptible by
-# requeue) and `high` (preempts debug). Facts behind the settings: docs/notes slurm-local-cluster.md.
+# requeue) and `high` (preempts debug). If start fails half way, stop.sh STATE_DIR still cleans up.
 set -euo pipefail
 
 STATE_DIR=${1:?usage: start.sh STATE_DIR}
@@ -27,7 +27,8 @@ chmod 755 "$STATE_DIR/munge"
 HOST=$(hostname -s)
 getent hosts "$HOST" >/dev/null || echo "127.0.0.1 $HOST" >> /etc/hosts
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
+# Any Python will do (PYTHON, else python3 on PATH): ask the kernel for a free port.
+free_port() { "${PYTHON:-python3}" -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
 
 start_munge() {
     local key=/etc/munge/munge.key
@@ -63,12 +64,16 @@ CredType=cred/munge
 AuthInfo=socket=$STATE_DIR/munge/munge.sock,cred_expire=5
 MpiDefault=none
 MailProg=/bin/true
+# No cgroups (containers, no systemd): track processes by parentage; linuxproc still signals the whole tree.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
+# No slurmdbd: no sacct; job state comes from `scontrol show job`.
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=1
+# A job on `high` preempts (requeues) a job on `debug`; preempt_send_user_signal first sends the job's
+# --signal (B:USR1 in pretrain.sbatch) so it can checkpoint during GraceTime.
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -48,7 +49,8 @@ def slurm_cluster() -> Iterator[Cluster]:
     env = {**os.environ, "SLURM_CONF": str(state_dir / "slurm.conf")}
     stop_env = {**os.environ, "KEEP_STATE": os.environ.get("LONGVL_KEEP_SLURM_STATE", "0")}
     try:
-        subprocess.run([str(REPO / "slurm/local/start.sh"), str(state_dir)], check=True, timeout=60)
+        subprocess.run([str(REPO / "slurm/local/start.sh"), str(state_dir)], check=True, timeout=60,
+                       env={**os.environ, "PYTHON": sys.executable})
         yield Cluster(state_dir, env)
     finally:
         subprocess.run([str(REPO / "slurm/local/stop.sh"), str(state_dir)], env=stop_env, timeout=60)
