@@ -124,9 +124,13 @@ def test_pipeline_chains_stages_in_one_run_dir(slurm_cluster: Cluster, tmp_path:
     assert slurm_cluster.job(jobs["s1"])["Dependency"] in (f"afterok:{jobs['s0']}(unfulfilled)", "(null)")
     for job in jobs.values():
         assert slurm_cluster.wait_job(job, timeout=60)["JobState"] == "COMPLETED"
-    events = [(r.get("stage"), r["event"]) for r in read_log(tmp_path) if "event" in r]
-    assert events == [("s0", "start"), ("s0", "complete"), ("s1", "start"), ("s1", "complete")]
-    assert (tmp_path / "s0" / "ckpt" / "latest").exists() and (tmp_path / "s1" / "ckpt" / "latest").exists()
+    events = [r for r in read_log(tmp_path) if "event" in r]
+    assert [(e["stage"], e["event"]) for e in events] == [("s0", "start"), ("s0", "complete"),
+                                                          ("s1", "start"), ("s1", "complete")]
+    s0_values = [r["value"] for r in read_log(tmp_path) if r.get("stage") == "s0" and "value" in r]
+    assert events[0]["start_value"] == 0.0
+    assert events[2]["start_value"] == s0_values[-1], "s1 starts from s0's final state (stage.init_from)"
+    assert (tmp_path / "s1" / "final").is_dir()
 
 
 def test_pipeline_failed_stage_cancels_the_rest(slurm_cluster: Cluster, tmp_path: Path) -> None:

@@ -98,6 +98,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--slow-save", type=float, default=0.0)
     parser.add_argument("--check-every", type=int, default=1)
     parser.add_argument("--stage", default="")
+    # The stage handoff, as submit_pipeline.sh passes it: start from the previous stage's final value.
+    parser.add_argument("--stage.init-from", dest="init_from", type=Path, default=None)
     # "RANK:STEP": that rank sends itself SIGUSR1 after STEP, to test that the other ranks stop with it.
     parser.add_argument("--self-signal", default="")
     return parser.parse_args(flags)
@@ -113,10 +115,12 @@ def main(argv: list[str]) -> None:
     (run_dir / "pids").mkdir(parents=True, exist_ok=True)
     (run_dir / "pids" / f"rank{env.rank}").write_text(str(os.getpid()))
     step, value = load_latest(ckpt_dir)
+    if step == 0 and args.init_from is not None:
+        value = torch.load(args.init_from / "state.pt")["value"]
     job = slurm_job_info()
     if env.is_main:
         log(run_dir, {"event": "start", "step": step, "world": env.world_size, "launcher": env.launcher,
-                      "restart": job.restart_count, "stage": args.stage})
+                      "restart": job.restart_count, "stage": args.stage, "start_value": value})
     while step < args.steps:
         time.sleep(args.step_sleep)
         step += 1
@@ -136,6 +140,9 @@ def main(argv: list[str]) -> None:
             break
     (run_dir / "pids" / f"rank{env.rank}.final_step").write_text(str(step))
     if env.is_main and step == args.steps:
+        if args.stage:  # the handoff the next stage starts from (the trainer writes <stage>/final)
+            shutil.copytree(ckpt_dir / f"step_{step:06d}", ckpt_dir.parent / "final.tmp", dirs_exist_ok=True)
+            os.replace(ckpt_dir.parent / "final.tmp", ckpt_dir.parent / "final")
         log(run_dir, {"event": "complete", "step": step, "stage": args.stage})
     shutdown_distributed(0)  # also when stopped by a signal, as `python -m train` does
 
