@@ -93,7 +93,8 @@ def train_stage(cfg: TrainConfig, runtime: StageRuntime) -> StageResult:
     backend = runtime.build_backend(cfg)
     info = backend.info
     loader = runtime.build_loader(cfg, info, cfg.data.seed)
-    start_step = _resume_or_init(cfg, stage_dir, backend, loader)
+    resumed_meta = _resume_or_init(cfg, stage_dir, backend, loader)
+    start_step = int(resumed_meta["step"]) if resumed_meta else 0
     # The held-out batches are drawn after resuming, from their own loader: they never shift training data.
     eval_batches = _eval_batches(cfg, runtime, info)
     logger = MetricsLogger(cfg.logging, stage_dir.root, cfg.stage.name, Path(cfg.run_dir).name,
@@ -101,11 +102,10 @@ def train_stage(cfg: TrainConfig, runtime: StageRuntime) -> StageResult:
                            OmegaConf.to_container(OmegaConf.structured(cfg)))
     result = StageResult(name=cfg.stage.name, steps=cfg.stage.num_steps(), resumed_from=start_step,
                          init_from=cfg.stage.init_from or "")
-    if start_step == 0:
-        result.eval_start = evaluate(backend, eval_batches)
+    if resumed_meta:
+        result.eval_start, result.seconds = resumed_meta["eval_start"], resumed_meta["elapsed_s"]
     else:
-        restored = stage_dir.read_meta(stage_dir.step_dir(start_step))
-        result.eval_start, result.seconds = restored["eval_start"], restored["elapsed_s"]
+        result.eval_start = evaluate(backend, eval_batches)
     preemption = PreemptionHandler().install()
     try:
         _run_steps(cfg, backend, loader, stage_dir, logger, start_step, result, runtime.extra_meta, preemption)
@@ -122,15 +122,17 @@ def train_stage(cfg: TrainConfig, runtime: StageRuntime) -> StageResult:
     return result
 
 
-def _resume_or_init(cfg: TrainConfig, stage_dir: StageDir, backend: Backend, loader: Any) -> int:
+def _resume_or_init(cfg: TrainConfig, stage_dir: StageDir, backend: Backend,
+                    loader: Any) -> dict[str, Any] | None:
+    """Restore the latest checkpoint and return its meta, or load init_from weights and return None."""
     latest = stage_dir.latest()
     if latest is not None:
         restored = load_checkpoint(stage_dir, latest, backend, cfg.model)
         loader.load_state_dict(restored["loader"])
-        return int(restored["meta"]["step"])
+        return restored["meta"]
     if cfg.stage.init_from:
         backend.load_model_weights(read_model_dir(cfg.stage.init_from, cfg.model))
-    return 0
+    return None
 
 
 def _run_steps(cfg: TrainConfig, backend: Backend, loader: Any, stage_dir: StageDir, logger: MetricsLogger,

@@ -74,10 +74,10 @@ class StandInLoader:
     def __iter__(self) -> Iterator[PackedBatch]:
         while True:
             self.count += 1
-            n = self.seq_len
-            yield PackedBatch(input_ids=torch.zeros(n, dtype=torch.long), position_ids=torch.zeros(3, n, dtype=torch.long),
-                              cu_seqlens=torch.tensor([0, n], dtype=torch.int32), labels=torch.zeros(n, dtype=torch.long),
-                              loss_weights=torch.ones(n), source_ids=torch.zeros(n, dtype=torch.long), num_pad=n // 4)
+            n, zeros = self.seq_len, torch.zeros(self.seq_len, dtype=torch.long)
+            yield PackedBatch(input_ids=zeros, position_ids=torch.zeros(3, n, dtype=torch.long),
+                              cu_seqlens=torch.tensor([0, n], dtype=torch.int32), labels=zeros,
+                              loss_weights=torch.ones(n), source_ids=zeros, num_pad=n // 4)
 
 
 def _runtime(log: list, skip_from: int = 0, skip_stage: str = "s0") -> StageRuntime:
