@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data.encode import EncodeConfig
 from data.errors import DataError
 
 LOSS_WEIGHTINGS = ("sqrt", "per_token", "per_sample")
@@ -27,6 +28,10 @@ class DatasetConfig:
 @dataclass
 class DataConfig:
     datasets: list[DatasetConfig] = field(default_factory=list)
+    # sentencepiece .model or HuggingFace tokenizer.json; None means the corpus' own <data_root>/tokenizer.model.
+    tokenizer: str | None = None
+    # How samples become documents: image/video resolution budgets, fps, timestamps, what is learned.
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
     # Sampling probability p_i ∝ weight_i ** temperature: 1 keeps the weights, 0.5 is square-root sampling,
     # 0 samples the data sets uniformly.
     temperature: float = 1.0
@@ -62,6 +67,7 @@ class DataConfig:
                 raise DataError(f"{where}.shards is empty (data set {d.name!r})")
             if not d.weight > 0:
                 raise DataError(f"{where}.weight={d.weight} must be > 0 (data set {d.name!r})")
+        self.encode.validate(f"{prefix}.encode")
         if self.temperature < 0:
             raise DataError(f"{prefix}.temperature={self.temperature} must be >= 0")
         if self.loss_weighting not in LOSS_WEIGHTINGS:

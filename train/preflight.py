@@ -125,7 +125,7 @@ def check_tokenizer_file(cfg: TrainConfig) -> None:
 
 def tokenizer_path(cfg: TrainConfig) -> str:
     """data.tokenizer when the data config names one, else the corpus' own `<data_root>/tokenizer.model`."""
-    return getattr(cfg.data, "tokenizer", None) or str(Path(cfg.data_root) / "tokenizer.model")
+    return cfg.data.tokenizer or str(Path(cfg.data_root) / "tokenizer.model")
 
 
 def preflight(configs: Sequence[TrainConfig], world_size: int) -> None:

@@ -31,7 +31,6 @@ from train.metrics import MetricsLogger, StepTimer, make_record, read_history
 
 # Stop the stage after this many consecutive skipped (non-finite) steps unless the config says otherwise:
 # one bad batch is noise, a streak means the run has diverged and more steps only burn compute.
-DEFAULT_MAX_CONSECUTIVE_SKIPS = 5
 EVAL_BATCHES_PER_RANK = 2
 EVAL_SEED_OFFSET = 10_007  # held-out batches come from the same mix under another seed
 
@@ -140,7 +139,7 @@ def _run_steps(cfg: TrainConfig, backend: Backend, loader: Any, stage_dir: Stage
                preemption: PreemptionHandler) -> None:
     total = cfg.stage.num_steps()
     per_rank = cfg.stage.global_batch_size // backend.info.dp_size
-    max_skips = int(getattr(cfg.stage, "max_consecutive_skips", DEFAULT_MAX_CONSECUTIVE_SKIPS))
+    max_skips = cfg.stage.max_consecutive_skips
     names = [d.name for d in cfg.data.datasets]
     batches = iter(loader)
     timer, in_a_row = StepTimer(), 0
@@ -224,7 +223,7 @@ def build_stage_loader(cfg: TrainConfig, info: Any, seed: int) -> Any:
     from train.preflight import tokenizer_path
 
     tok = Tokenizer.load(tokenizer_path(cfg))
-    encoder = DocumentEncoder(tok, getattr(cfg.data, "encode", None), cfg.stage.seq_len)
+    encoder = DocumentEncoder(tok, cfg.data.encode, cfg.stage.seq_len)
     tokens = VisionTokens(vision_start=tok.vision_start_id, vision_end=tok.vision_end_id,
                           image_pad=tok.image_pad_id, video_pad=tok.video_pad_id,
                           spatial_merge_size=cfg.model.vision.spatial_merge_size, pad=tok.pad_id)

@@ -60,9 +60,9 @@ def load_config(overrides: Sequence[str] = ()) -> TrainConfig:
 def stage_configs(overrides: Sequence[str] = ()) -> list[TrainConfig]:
     """The configs to run: one per stage of the selected pipeline, or the single selected stage.
 
-    Each pipeline stage is composed afresh (its own stage file, data mix and LR schedule) from the user's
-    overrides plus `stage=<name>` plus the pipeline's per-stage overrides, so a stage of a pipeline is
-    exactly the config `python -m train stage=<name> ...` would run.
+    Each pipeline stage is composed afresh (its own stage file, data mix and LR schedule) from `stage=<name>`,
+    the pipeline's per-stage overrides and then the user's overrides, so a stage of a pipeline is exactly the
+    config `python -m train stage=<name> <pipeline overrides> <user overrides>` would run.
     """
     base = load_config(overrides)
     if not base.pipeline.stages:
@@ -74,7 +74,8 @@ def stage_configs(overrides: Sequence[str] = ()) -> list[TrainConfig]:
     configs = []
     for i, entry in enumerate(base.pipeline.stages):
         try:
-            configs.append(load_config([*overrides, f"stage={entry.stage}", *entry.overrides]))
+            # The user's overrides come last so they win over the pipeline's (e.g. a shorter stage.max_steps).
+            configs.append(load_config([f"stage={entry.stage}", *entry.overrides, *overrides]))
         except ConfigError as err:
             raise ConfigError(f"pipeline.stages[{i}] ({entry.stage}): {err}") from err
     return configs

@@ -37,6 +37,8 @@ class StageConfig:
     init_from: Optional[str] = None
     save_every: int = 100
     keep_last: int = 2
+    # Non-finite steps are skipped; this many in a row stop the stage (the last good checkpoint is kept).
+    max_consecutive_skips: int = 5
     log_every: int = 1
 
     def num_steps(self) -> int:
@@ -59,7 +61,7 @@ class StageConfig:
             raise ConfigError(f"{prefix}.max_steps / {prefix}.token_budget must be >= 0")
         if self.num_steps() <= 0:
             raise ConfigError(f"{prefix}: set {prefix}.token_budget or {prefix}.max_steps (both are 0)")
-        for key in ("save_every", "keep_last", "log_every"):
+        for key in ("save_every", "keep_last", "log_every", "max_consecutive_skips"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{prefix}.{key}={getattr(self, key)} must be > 0")
 
@@ -193,9 +195,7 @@ class TrainConfig:
         self.backend.validate("backend")
         self.parallel.validate("parallel")
         self.logging.validate("logging")
-        validate_data = getattr(self.data, "validate", None)
-        if validate_data is not None:
-            validate_data("data")
+        self.data.validate("data")
         if self.stage.seq_len % (2 * self.parallel.cp):
             raise ConfigError(f"stage.seq_len={self.stage.seq_len} is not divisible by 2 x parallel.cp="
                               f"{2 * self.parallel.cp}")
