@@ -1,0 +1,93 @@
+"""Load a model directory for inference and decode greedily with the native Qwen3VLModel.
+
+The reference model has no KV cache, so each new token re-runs the decoder over the whole sequence; the
+vision tower runs once (its merged features and DeepStack features are kept). Answers are a dozen tokens.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from data.tokenizer import Tokenizer
+from data.video import VideoClip
+from train.config.model import ConfigError, ModelConfig
+from train.models.hf import HF_CONFIG_FILE, load_hf_checkpoint
+from train.models.native_io import NATIVE_CONFIG_FILE, load_native_checkpoint
+from train.models.qwen3vl.model import Qwen3VLModel
+from train.models.qwen3vl.positions import document_position_ids
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: str = "fp32") -> Qwen3VLModel:
+    """A native (model_config.yaml) or HF (config.json) model directory as an eval-mode Qwen3VLModel."""
+    path = Path(path)
+    if (path / NATIVE_CONFIG_FILE).is_file():
+        cfg, state_dict = load_native_checkpoint(path)
+    elif (path / HF_CONFIG_FILE).is_file():
+        cfg, state_dict = load_hf_checkpoint(path)
+    else:
+        raise ConfigError(f"checkpoint={path}: neither a native model dir ({NATIVE_CONFIG_FILE}) nor an HF "
+                          f"one ({HF_CONFIG_FILE})")
+    with torch.device("meta"):
+        model = Qwen3VLModel(cfg)  # no init: every tensor comes from the checkpoint
+    model.load_state_dict(state_dict, assign=True)
+    model.tie_weights()
+    return model.to(device=device, dtype=DTYPES[dtype]).eval()
+
+
+def find_tokenizer(checkpoint: str | Path, given: str | None) -> Tokenizer:
+    """`given`, else the checkpoint dir's tokenizer.model / tokenizer.json; ConfigError naming the key."""
+    if given:
+        path = Path(given)
+    else:
+        found = [Path(checkpoint) / name for name in TOKENIZER_FILES if (Path(checkpoint) / name).is_file()]
+        if not found:
+            raise ConfigError(f"tokenizer: none of {list(TOKENIZER_FILES)} in {checkpoint}; pass tokenizer=PATH "
+                              f"(the demo corpus': <data_root>/tokenizer.model)")
+        path = found[0]
+    try:
+        return Tokenizer.load(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"tokenizer={path}: {err}") from None
+
+
+def check_tokenizer_matches(tok: Tokenizer, cfg: ModelConfig) -> None:
+    from train.preflight import PreflightError, check_tokenizer
+
+    try:
+        check_tokenizer(tok, cfg, tok.path)
+    except PreflightError as err:
+        raise ConfigError(str(err)) from None
+
+
+@torch.no_grad()
+def greedy_answer(model: Qwen3VLModel, tok: Tokenizer, ids: list[int], clip: VideoClip,
+                  max_new_tokens: int) -> list[int]:
+    """Greedy continuation of `ids` (with the clip's video) until a newline, <|endoftext|> or the limit."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    positions = document_position_ids(input_ids, None, clip.grid_thw, image_token_id=model.cfg.image_token_id,
+                                      video_token_id=model.cfg.video_token_id,
+                                      spatial_merge_size=model.cfg.vision.spatial_merge_size).to(device)
+    embeds, visual_mask, deepstack = model.embed(input_ids.to(device),
+                                                 pixel_values_videos=clip.pixel_values.to(device, dtype),
+                                                 video_grid_thw=clip.grid_thw.to(device))
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        hidden, _ = model.decode(embeds, positions, None, visual_mask, deepstack)
+        # Ids past the tokenizer's vocabulary (an embedding table padded beyond it) cannot be decoded.
+        token = int(model.lm_head(hidden[-1])[:tok.vocab_size].argmax())
+        out.append(token)
+        if token == tok.eos_id or "\n" in tok.decode(out):
+            break
+        # A text token continues the running position on all three MRoPE axes.
+        nxt = positions[:, -1:].max() + 1
+        positions = torch.cat([positions, nxt.expand(3, 1)], dim=1)
+        new = model.language_model.embed_tokens(torch.tensor([token], device=device))
+        embeds = torch.cat([embeds, new.to(embeds.dtype)])
+        visual_mask = torch.cat([visual_mask, visual_mask.new_zeros(1)])
+    return out
