@@ -1,0 +1,117 @@
+"""torchrun program (2 ranks, gloo): MegatronBackend in several layouts against the one-process reference
+(Qwen3VLModel + torch AdamW + train/loss.py on the DeepSpeed parity tests' batches).
+
+    megatron_backend.py CHECKPOINT_DIR MODE...     MODE: dp | tp | cp | ep | pp
+
+Every mode: load_model_weights of the reference's initial weights, 3 steps on the same global batches,
+each step's loss within 1e-5 relative and the exported parameters within 1e-5 of the reference; the
+pre-clip grad norms too. dp also: save after step 2, step 3, load, step 3 again -> bitwise the same loss
+and weights (exact resume), then a step with a NaN loss weight on one rank is skipped without touching the
+weights.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from deepspeed_common import (compare_losses, compare_states, finish, global_batch, initial_state, make_config,
+                              reference_training, start)
+from train.backends.megatron.backend import MegatronBackend
+
+MODES = {
+    "dp": dict(parallel={}),
+    "tp": dict(parallel=dict(tp=2, sequence_parallel=True)),
+    "cp": dict(cp=2, parallel={}),
+    "ep": dict(moe=True, ep=2, parallel={}),
+    "pp": dict(parallel=dict(pp=2), text=dict(num_hidden_layers=4), deepstack=[0, 1]),
+}
+
+
+def mode_config(mode: str):
+    spec = dict(MODES[mode])
+    parallel, text, deepstack = spec.pop("parallel"), spec.pop("text", {}), spec.pop("deepstack", None)
+    cfg = make_config(**spec)
+    cfg.backend.name, cfg.backend.precision, cfg.backend.distributed_optimizer = "megatron", "fp32", True
+    for key, value in parallel.items():
+        setattr(cfg.parallel, key, value)
+    for key, value in text.items():
+        setattr(cfg.model.text, key, value)
+    if deepstack is not None:
+        cfg.model.vision.deepstack_visual_indexes = deepstack
+    return cfg
+
+
+def train(backend, batches):
+    info = backend.info
+    return backend.train_step(batches[info.dp_rank::info.dp_size])
+
+
+def resume_check(backend, ckpt: Path, batches, want_loss: float, want_state: dict, failures: list[str]) -> None:
+    """Load the checkpoint written before the last step and redo that step: bitwise the same loss and
+    weights as the uninterrupted run."""
+    backend.load(ckpt)
+    got = train(backend, batches).loss
+    if got != want_loss:
+        failures.append(f"resumed step loss {got!r} != uninterrupted {want_loss!r}")
+    exported = backend.state_dict_for_export()
+    if dist.get_rank() == 0:
+        compare_states(exported, want_state, 0.0, failures, "resumed step")
+        print(f"[dp] resume: loss {got!r} vs uninterrupted {want_loss!r}", flush=True)
+
+
+def nan_skip_check(backend, cfg, failures: list[str]) -> None:
+    before = backend.state_dict_for_export()
+    poisoned = global_batch(cfg.model, 3)
+    poisoned[0].loss_weights = poisoned[0].loss_weights.clone()
+    poisoned[0].loss_weights[5] = float("nan")  # only rank 0's micro-batch
+    metrics = train(backend, poisoned)
+    if not metrics.skipped:
+        failures.append(f"NaN step not reported as skipped: {metrics}")
+    after = backend.state_dict_for_export()
+    if dist.get_rank() == 0:
+        compare_states(after, before, 0.0, failures, "skipped step changed weights")
+        print(f"[dp] NaN step skipped={metrics.skipped} grad_norm={metrics.grad_norm}", flush=True)
+
+
+def run_mode(mode: str, ckpt: Path, failures: list[str]) -> None:
+    cfg = mode_config(mode)
+    init = initial_state(cfg)
+    steps = [global_batch(cfg.model, s) for s in range(3)]
+    ref_losses, ref_state = reference_training(cfg, init, steps)
+    ref_norms = reference_training.grad_norms
+    t0 = time.time()
+    backend = MegatronBackend(cfg)  # built from cfg.seed: other weights until load_model_weights
+    backend.load_model_weights(init)
+    metrics = [train(backend, steps[0]), train(backend, steps[1])]
+    if mode == "dp":
+        backend.save(ckpt)
+    metrics.append(train(backend, steps[2]))
+    exported = backend.state_dict_for_export()
+    losses = [m.loss for m in metrics]
+    loss_diff = compare_losses(losses, ref_losses, 1e-5, failures, mode)
+    compare_losses([m.grad_norm for m in metrics], ref_norms, 1e-5, failures, f"{mode} grad norms")
+    param_diff = compare_states(exported, ref_state, 1e-5, failures, mode) if dist.get_rank() == 0 else 0.0
+    if mode == "dp":
+        resume_check(backend, ckpt, steps[2], losses[2], exported, failures)
+        nan_skip_check(backend, cfg, failures)
+    if dist.get_rank() == 0:
+        print(f"[{mode}] losses {losses} reference {ref_losses} max rel loss diff {loss_diff:.2e} "
+              f"max param diff {param_diff:.2e} time {time.time() - t0:.1f}s", flush=True)
+    backend.close()
+
+
+def main(ckpt: str, modes: list[str]) -> None:
+    start()
+    failures: list[str] = []
+    for mode in modes:
+        run_mode(mode, Path(ckpt) / mode, failures)
+    finish(failures)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main(sys.argv[1], sys.argv[2:])

@@ -1,0 +1,233 @@
+"""The Megatron-core backend: TP (+ sequence parallel), PP (1F1B), CP, EP, megatron DDP + distributed
+optimizer, dist_checkpointing; the model is train/backends/megatron/model.py.
+
+Loss and gradient scaling: the shared loss (train/loss.py) makes each micro-batch's objective its exact
+share of the GLOBAL loss (divided by the global weight sum over DP x CP and all micro-batches). With
+`calculate_per_token_loss=True` megatron neither divides the objective by the micro-batch count nor
+averages gradients over data-parallel ranks: DDP sums them, and the per-micro-batch token count handed to
+the schedule is 0, so finalize_model_grads does not rescale either. The summed gradient is then exactly the
+gradient of the global loss (grad_scale = 1), whatever the layout; clipping and the norm are megatron's.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from data.batch import PackedBatch
+from train.backends.base import ParallelInfo, StepMetrics
+from train.backends.megatron.layout import check_layout
+from train.backends.megatron.parallel_state import (ParallelSizes, destroy_parallel_groups, init_parallel_groups,
+                                                   resolve_sizes)
+from train.config.schema import TrainConfig
+from train.loss import MicroBatchLoss, global_weight_sum, micro_batch_loss, reduce_step_metrics
+from train.models.qwen3vl import Qwen3VLModel
+from train.models.qwen3vl.moe import load_balancing_loss
+from train.optim import learning_rate, param_groups, set_learning_rate
+
+NO_DECAY_ATTR = "longvl_no_weight_decay"
+
+
+class MegatronBackend:
+    """Backend protocol (train/backends/base.py) on megatron-core. `prepare(model)` runs on a plain native
+    model before the megatron model is built from it (freezing module groups, loading initial weights):
+    the megatron parameters inherit its weights and requires_grad flags through the weight map."""
+
+    def __init__(self, cfg: TrainConfig, model: Qwen3VLModel | None = None,
+                 prepare: Callable[[Qwen3VLModel], None] | None = None) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed must be initialised before building the megatron backend")
+        par = cfg.parallel
+        sizes = resolve_sizes(par, dist.get_world_size())
+        check_layout(cfg.model, sizes, cfg.backend.precision, cfg.stage.seq_len, par.sequence_parallel)
+        self.cfg, self.sizes = cfg, sizes
+        self.total_steps = cfg.stage.num_steps()
+        self.step = 0
+        init_parallel_groups(_fresh(sizes), seed=cfg.seed)
+        from megatron.core import parallel_state as mpu
+
+        self.mpu = mpu
+        self.info = ParallelInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                                 dp_rank=mpu.get_data_parallel_rank(), dp_size=mpu.get_data_parallel_world_size(),
+                                 cp_rank=mpu.get_context_parallel_rank(), cp_size=sizes.cp,
+                                 is_logging_rank=dist.get_rank() == 0)
+        if model is None:
+            torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+            model = Qwen3VLModel(cfg.model)
+        if prepare is not None:
+            prepare(model)
+        self.model = self._build_model(model)
+        self.ddp, self.optimizer = self._wrap(self.model)
+
+    # -------------------------------------------------------------------------------------- building
+    def _build_model(self, native: Qwen3VLModel):
+        from train.backends.megatron.model import DTYPES, MegatronQwen3VL, transformer_config
+        from train.backends.megatron.weights import load_native, rule_for, shard_coords
+
+        cfg, mpu = self.cfg, self.mpu
+        self.config = transformer_config(cfg.model, self.sizes, cfg.backend.precision,
+                                         cfg.parallel.sequence_parallel)
+        first = mpu.is_pipeline_first_stage()
+        model = MegatronQwen3VL(self.config, cfg.model, native.visual if first else None, pre_process=first,
+                                post_process=mpu.is_pipeline_last_stage())
+        coords = shard_coords(model)
+        load_native(model, native.state_dict(), cfg.model, coords)
+        # Trainability and weight decay follow the native parameters each megatron tensor is made of.
+        native_params = dict(native.named_parameters())
+        decayed = {id(p) for g in param_groups(native, cfg.optim) if g["name"] == "decay" for p in g["params"]}
+        for name, param in model.named_parameters():
+            sources = [native_params[n] for n in rule_for(name, cfg.model, coords.layer_offset,
+                                                          coords.expert_offset).natives if n in native_params]
+            if not sources:  # tied lm_head: state_dict-only name of the embedding
+                sources = [native_params["language_model.embed_tokens.weight"]]
+            param.requires_grad_(any(p.requires_grad for p in sources))
+            setattr(param, NO_DECAY_ATTR, id(sources[0]) not in decayed)
+        if cfg.backend.activation_checkpointing:
+            model.checkpoint_decoder = True
+            if first:
+                model.visual.checkpoint_blocks = True
+        return model.to(DTYPES[cfg.backend.precision])
+
+    def _wrap(self, model):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, ParamGroupOverride, ParamKey, get_megatron_optimizer
+
+        cfg = self.cfg
+        distributed = cfg.backend.distributed_optimizer
+        ddp = DistributedDataParallel(config=self.config, module=model, ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed))
+        # Without it megatron never reduces data-parallel gradients (silently).
+        self.config.finalize_model_grads_func = finalize_model_grads
+        opt = cfg.optim
+        optim_cfg = OptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+                                    adam_beta1=opt.betas[0], adam_beta2=opt.betas[1], adam_eps=opt.eps,
+                                    clip_grad=opt.grad_clip, use_distributed_optimizer=distributed,
+                                    bf16=cfg.backend.precision == "bf16", params_dtype=self.config.params_dtype)
+        overrides = {ParamKey(attr=NO_DECAY_ATTR): ParamGroupOverride(wd_mult=0.0)}
+        optimizer = get_megatron_optimizer(optim_cfg, [ddp], config_overrides=overrides)
+        for group in optimizer.param_groups:  # megatron's LR scheduler would do this; we own the schedule
+            group["weight_decay"] = opt.weight_decay * group.get("wd_mult", 1.0)
+        return ddp, optimizer
+
+    # ------------------------------------------------------------------------------------------ steps
+    def _share(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(labels, loss_weights, source_ids) of the tokens this rank's loss covers (its CP share)."""
+        index = self.model.cp_index(batch.seq_len)
+        if index is None:
+            return batch.labels, batch.loss_weights, batch.source_ids
+        return batch.labels[index], batch.loss_weights[index], batch.source_ids[index]
+
+    def _run(self, micro_batches: list[PackedBatch], forward_only: bool):
+        """Forward (and backward) over the micro-batches through megatron's schedule; returns the step's
+        global LossMetrics (identical on every rank)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        mpu, text = self.mpu, self.cfg.model.text
+        shares = [self._share(b) for b in micro_batches]
+        total_weight = global_weight_sum([(labels, weights) for labels, weights, _ in shares],
+                                         group=mpu.get_data_parallel_group(with_context_parallel=True))
+        aux_count = len(micro_batches) * self.info.dp_size * self.sizes.cp
+        parts: list[MicroBatchLoss] = []
+        model = self.model
+
+        def forward_step(data_iterator, ddp):
+            batch, (labels, weights, _) = next(data_iterator)
+            router_logits: list[torch.Tensor] | None = [] if text.is_moe else None
+            output = ddp(batch, router_logits)
+
+            def loss_func(hidden: torch.Tensor):
+                aux = load_balancing_loss(router_logits, text.num_experts, text.num_experts_per_tok) \
+                    if router_logits else None
+                out = micro_batch_loss(model.gather_sequence_parallel(hidden), model.lm_head_weight(), labels,
+                                       weights, global_weight=total_weight, aux_loss=aux,
+                                       aux_coef=text.router_aux_loss_coef, aux_count=aux_count)
+                parts.append(MicroBatchLoss(out.objective.detach(), out.weighted_ce, out.token_ce, out.aux_loss))
+                # Token count 0: finalize_model_grads must not rescale (the objective is already global).
+                return out.objective, torch.zeros((), dtype=torch.int), {}
+            return output, loss_func
+
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(list(zip(micro_batches, shares))), model=[self.ddp],
+            num_microbatches=len(micro_batches), seq_length=micro_batches[0].seq_len, micro_batch_size=1,
+            forward_only=forward_only)
+        # Every (DP, CP) replica's last stage holds the losses once (TP ranks duplicate them): others add 0.
+        counted = mpu.is_pipeline_last_stage() and mpu.get_tensor_model_parallel_rank() == 0
+        return reduce_step_metrics(parts if counted else [], shares if counted else [], total_weight, aux_count)
+
+    def train_step(self, micro_batches: list[PackedBatch]) -> StepMetrics:
+        if not micro_batches:
+            raise ValueError("train_step needs at least one micro-batch")
+        lengths = {b.seq_len for b in micro_batches}
+        if len(lengths) != 1:
+            raise ValueError(f"micro-batches of one step must have one packed length, got {sorted(lengths)}")
+        lr = learning_rate(self.step, self.cfg.optim, self.total_steps)
+        set_learning_rate(self.optimizer, lr)
+        self.ddp.train()
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        metrics = self._run(micro_batches, forward_only=False)
+        skipped = not (math.isfinite(metrics.loss) and self._grads_finite())
+        if skipped:  # parameters and Adam moments stay untouched; the schedule step still advances
+            norm = float("nan")
+        else:
+            _, norm, _ = self.optimizer.step()
+        self.step += 1
+        return StepMetrics(loss=metrics.loss, grad_norm=float(norm), lr=lr, tokens=metrics.tokens, skipped=skipped,
+                           aux_loss=metrics.aux_loss, loss_per_source=metrics.loss_per_source)
+
+    def _grads_finite(self) -> bool:
+        """All ranks agree: the reduced gradient buffers (after finalize_model_grads) hold no NaN/inf."""
+        local = all(bool(torch.isfinite(buffer.grad_data).all())
+                    for buffer in [*self.ddp.buffers, *self.ddp.expert_parallel_buffers])
+        flag = torch.tensor([0 if local else 1])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return not flag.item()
+
+    def eval_step(self, batch: PackedBatch) -> StepMetrics:
+        self.ddp.eval()
+        with torch.no_grad():
+            metrics = self._run([batch], forward_only=True)
+        self.ddp.train()
+        lr = learning_rate(max(0, self.step - 1), self.cfg.optim, self.total_steps)
+        return StepMetrics(loss=metrics.loss, grad_norm=float("nan"), lr=lr, tokens=metrics.tokens,
+                           aux_loss=metrics.aux_loss, loss_per_source=metrics.loss_per_source)
+
+    # ------------------------------------------------------------------------------------------ state
+    def save(self, directory: Path) -> None:
+        from train.backends.megatron.checkpoint import save_training_state
+
+        save_training_state(Path(directory), self.ddp, self.optimizer, self.step)
+
+    def load(self, directory: Path) -> None:
+        from train.backends.megatron.checkpoint import load_training_state
+
+        self.step = load_training_state(Path(directory), self.ddp, self.optimizer)
+
+    def state_dict_for_export(self) -> dict[str, torch.Tensor]:
+        from train.backends.megatron.weights import export_native
+
+        return export_native(self.model, self.cfg.model)
+
+    def load_model_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        from train.backends.megatron.weights import load_native, shard_coords
+
+        load_native(self.model, state_dict, self.cfg.model, shard_coords(self.model))
+        # Mixed-precision / distributed optimizers keep fp32 master copies of the weights: refresh them.
+        self.optimizer.reload_model_params()
+
+    def close(self) -> None:
+        """Tear down megatron's parallel groups (the default process group stays)."""
+        destroy_parallel_groups()
+
+
+def _fresh(sizes: ParallelSizes) -> ParallelSizes:
+    """A process may build several backends (one per stage): drop the previous stage's megatron groups."""
+    from megatron.core import parallel_state as mpu
+
+    if mpu.model_parallel_is_initialized():
+        destroy_parallel_groups()
+    return sizes

@@ -1,0 +1,236 @@
+"""Qwen3-VL built from megatron-core components, numerically the reference model (train/models/qwen3vl).
+
+- LLM decoder: a megatron TransformerBlock from local layer specs: RMSNorm, per-head QK RMSNorm (Qwen3's
+  q_norm/k_norm), GQA, SwiGLU, no biases; MoE layers (where `is_moe_layer`) from megatron's MoE spec with
+  softmax top-k routing (`moe_router_pre_softmax=False` = softmax over the top-k logits = Qwen3's
+  normalised top-k probabilities). Core attention is `ContextParallelAttention` at every CP size: it is
+  the only local attention that honours packed-document boundaries (cu_seqlens).
+- Vision tower and mergers: the reference model's own `VisionTower` module (reused, not rebuilt), on the
+  first pipeline stage, with the reference `embed` placing the features at the placeholders.
+- DeepStack: features added at the visual positions after the first k decoder layers of the first stage.
+- Interleaved MRoPE: angles computed with the reference rope helpers and handed to every layer as
+  `rotary_pos_emb` (megatron's own mrope is the contiguous Qwen2-VL layout; its `rotary_interleaved` is
+  GPT-J rotate-every-two, neither is Qwen3-VL).
+- Context parallel: the vision merge runs on the full sequence, then train/parallel/context.py keeps this
+  rank's load-balanced share (the layout ContextParallelAttention expects); with sequence parallelism the
+  share is further scattered over the TP ranks.
+
+The MoE load-balancing loss is the reference's (pooled over layers, transformers' formula): router logits
+are tapped from megatron's routers during forward and megatron's own aux loss is switched off.
+"""
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core import parallel_state as mpu
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from data.batch import PackedBatch
+from train.backends.megatron.cp_attention import ContextParallelAttention
+from train.backends.megatron.cpu_compat import SequenceParallelTorchNorm
+from train.backends.megatron.parallel_state import ParallelSizes, config_kwargs
+from train.config.model import ModelConfig
+from train.models.qwen3vl import Qwen3VLModel
+from train.models.qwen3vl.common import maybe_checkpoint
+from train.models.qwen3vl.rope import interleaved_mrope_axis, inverse_frequencies
+from train.models.qwen3vl.vision import VisionTower
+from train.parallel.context import ContextShard, shard_index, split_embedded
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def transformer_config(model_cfg: ModelConfig, sizes: ParallelSizes, precision: str = "fp32",
+                       sequence_parallel: bool = False) -> TransformerConfig:
+    """The megatron TransformerConfig of the Qwen3-VL LLM under the given layout."""
+    text = model_cfg.text
+    dtype = DTYPES[precision]
+    kwargs: dict[str, Any] = dict(
+        num_layers=text.num_hidden_layers, hidden_size=text.hidden_size, ffn_hidden_size=text.intermediate_size,
+        num_attention_heads=text.num_attention_heads, num_query_groups=text.num_key_value_heads,
+        kv_channels=text.head_dim, normalization="RMSNorm", layernorm_epsilon=text.rms_norm_eps,
+        qk_layernorm=True, gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        add_qkv_bias=text.attention_bias, hidden_dropout=0.0, attention_dropout=0.0,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=precision == "bf16",
+        use_cpu_initialization=not torch.cuda.is_available(), apply_rope_fusion=False,
+        bias_activation_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
+        # The loss is already normalised by the global weight (train/loss.py): megatron must neither divide
+        # it by the micro-batch count nor average gradients over data-parallel ranks (it sums them).
+        calculate_per_token_loss=True, sequence_parallel=sequence_parallel and sizes.tp > 1,
+        **config_kwargs(sizes))
+    if text.is_moe:
+        kwargs.update(num_moe_experts=text.num_experts, moe_router_topk=text.num_experts_per_tok,
+                      moe_ffn_hidden_size=text.moe_intermediate_size, moe_router_score_function="softmax",
+                      moe_router_pre_softmax=not text.norm_topk_prob, moe_router_load_balancing_type="none",
+                      moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False,
+                      moe_router_dtype="fp32" if precision == "fp32" else None)
+    return TransformerConfig(**kwargs)
+
+
+def layer_specs(config: TransformerConfig, model_cfg: ModelConfig) -> TransformerBlockSubmodules:
+    """Specs of this pipeline stage's decoder layers (dense or MoE per layer, as the reference decides)."""
+    text = model_cfg.text
+    offset = get_transformer_layer_offset(config)
+    norm = SequenceParallelTorchNorm if config.sequence_parallel else None
+    specs = []
+    for i in range(offset, offset + text.num_hidden_layers // config.pipeline_model_parallel_size):
+        spec = get_gpt_layer_local_spec(num_experts=text.num_experts if text.is_moe_layer(i) else None,
+                                        moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm")
+        spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
+        if norm is not None:  # megatron's torch norm refuses sequence_parallel; per-token norms are fine
+            attn = spec.submodules.self_attention.submodules
+            spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = norm
+            attn.q_layernorm = attn.k_layernorm = norm
+        specs.append(spec)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=norm or specs[0].submodules.input_layernorm)
+
+
+def mrope_angles(position_ids: Tensor, head_dim: int, theta: float, mrope_section: list[int]) -> Tensor:
+    """Rotary angles [L, head_dim] of interleaved MRoPE in the rotate-half layout: the argument of the
+    reference's mrope_cos_sin, which megatron's rotary code takes (it applies cos/sin itself)."""
+    inv_freq = inverse_frequencies(head_dim, theta, position_ids.device)
+    axis = interleaved_mrope_axis(mrope_section, inv_freq.numel()).to(position_ids.device)
+    positions = position_ids.float().gather(0, axis[:, None].expand(-1, position_ids.shape[1])).T
+    freqs = positions * inv_freq
+    return torch.cat([freqs, freqs], dim=-1)
+
+
+class MegatronQwen3VL(LanguageModule):
+    """One pipeline stage of Qwen3-VL. forward(batch) -> final-normed hidden [n, 1, H] on the last stage
+    (the loss reads the lm_head weight itself, chunked), the stage's output activations otherwise."""
+
+    def __init__(self, config: TransformerConfig, model_cfg: ModelConfig, visual: VisionTower | None,
+                 pre_process: bool = True, post_process: bool = True) -> None:
+        super().__init__(config=config)
+        text = model_cfg.text
+        self.model_cfg = model_cfg
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        self.pre_process, self.post_process = pre_process, post_process
+        self.share_embeddings_and_output_weights = text.tie_word_embeddings
+        self.vocab_size = text.vocab_size
+        self.checkpoint_decoder = False
+        self.input_tensor: Tensor | None = None
+        self._router_sink: list[Tensor] | None = None
+        if pre_process:
+            if visual is None:
+                raise ValueError("the first pipeline stage needs the vision tower")
+            self.visual = visual
+            # Only its vocab-parallel word embedding is used: the vision merge must come before any split.
+            self.embedding = LanguageModelEmbedding(config, text.vocab_size, text.max_position_embeddings,
+                                                    position_embedding_type="none",
+                                                    scatter_to_sequence_parallel=False)
+        self.decoder = TransformerBlock(config, layer_specs(config, model_cfg), pre_process=pre_process,
+                                        post_process=post_process)
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                text.hidden_size, text.vocab_size, config=config, init_method=config.init_method, bias=False,
+                gather_output=False, skip_weight_param_allocation=pre_process and text.tie_word_embeddings)
+        self.setup_embeddings_and_output_layer()
+        self._tap_routers()
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _tap_routers(self) -> None:
+        """Record each MoE router's logits of the current forward (the pooled aux loss needs them)."""
+        for layer in self.decoder.layers:
+            router = getattr(layer.mlp, "router", None)
+            if router is None:
+                continue
+
+            def tapped(inputs: Tensor, _gating=router.gating) -> Tensor:
+                logits = _gating(inputs)
+                if self._router_sink is not None:  # None during a backward-time recompute
+                    self._router_sink.append(logits.reshape(-1, logits.shape[-1]))
+                return logits
+            router.gating = tapped
+
+    def set_input_tensor(self, input_tensor: Tensor | list[Tensor] | None) -> None:
+        """The pipeline schedule hands a non-first stage its input activations here."""
+        if isinstance(input_tensor, list):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def lm_head_weight(self) -> Tensor:
+        """The full [V, H] output weight (gathered over TP; backward keeps each rank's vocabulary slice):
+        the shared chunked loss needs every logit of a token."""
+        weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
+                  else self.output_layer.weight)
+        if mpu.get_tensor_model_parallel_world_size() == 1:
+            return weight
+        return tensor_parallel.gather_from_tensor_model_parallel_region(weight.t()).t()
+
+    # ----------------------------------------------------------------------------------------- forward
+    def cp_index(self, seq_len: int) -> Tensor | None:
+        cp = mpu.get_context_parallel_world_size()
+        if cp == 1:
+            return None
+        return shard_index(seq_len, cp, mpu.get_context_parallel_rank(), load_balanced=True)
+
+    def embed(self, batch: PackedBatch) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """The reference's embed (vision tower once, features at the placeholders) on this stage's modules."""
+        native_view = types.SimpleNamespace(
+            cfg=self.model_cfg, visual=self.visual,
+            language_model=types.SimpleNamespace(embed_tokens=self.embedding.word_embeddings))
+        return Qwen3VLModel.embed(native_view, batch.input_ids, batch.pixel_values, batch.image_grid_thw,
+                                  batch.pixel_values_videos, batch.video_grid_thw, batch.cu_seqlens,
+                                  batch.doc_keys)
+
+    def _first_stage_inputs(self, batch: PackedBatch, index: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        embeds, visual_mask, deepstack = self.embed(batch)
+        if index is not None:
+            shard: ContextShard = split_embedded(batch, embeds, visual_mask, deepstack, index)
+            embeds, visual_mask, deepstack = shard.inputs_embeds, shard.visual_mask, shard.deepstack
+        visual_index = visual_mask.nonzero().squeeze(1)
+        # Dense [n, H] DeepStack tensors (zero off the visual rows) so sequence parallelism can scatter them
+        # like the hidden states (their backward all-gather gives every TP rank the mergers' full gradient).
+        dense = [embeds.new_zeros(embeds.shape).index_put((visual_index,), f) for f in deepstack]
+        hidden, dense = embeds[:, None], [d[:, None] for d in dense]
+        if self.config.sequence_parallel:
+            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+            dense = [tensor_parallel.scatter_to_sequence_parallel_region(d) for d in dense]
+        return hidden, dense
+
+    def forward(self, batch: PackedBatch, router_logits: list[Tensor] | None = None) -> Tensor:
+        """Hidden states [n, 1, H] of this rank's share of one packed sequence. MoE router logits of the
+        layers on this stage are appended to `router_logits` when given."""
+        index = self.cp_index(batch.seq_len)
+        if self.pre_process:
+            hidden, deepstack = self._first_stage_inputs(batch, index)
+        else:
+            hidden, deepstack = self.input_tensor, []
+        positions = batch.position_ids if index is None else batch.position_ids[:, index.to(batch.position_ids.device)]
+        text = self.model_cfg.text
+        rope = mrope_angles(positions, text.head_dim, text.rope_theta, text.mrope_section)[:, None, None, :]
+        cu = batch.cu_seqlens.to(torch.int32)
+        packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+        self._router_sink = router_logits
+        try:
+            for i, layer in enumerate(self.decoder.layers):
+                run = functools.partial(layer, attention_mask=None, rotary_pos_emb=rope, packed_seq_params=packed)
+                hidden, _ = maybe_checkpoint(run, self.checkpoint_decoder, hidden)
+                if i < len(deepstack):
+                    hidden = hidden + deepstack[i]
+        finally:
+            self._router_sink = None
+        if self.post_process:
+            hidden = self.decoder.final_layernorm(hidden)
+        return hidden
+
+    def gather_sequence_parallel(self, hidden: Tensor) -> Tensor:
+        """[n/tp, 1, H] -> [n, H] on every TP rank; backward keeps each rank's rows (not a sum: every TP
+        rank computes the same loss from the gathered states)."""
+        if self.config.sequence_parallel:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        return hidden[:, 0]

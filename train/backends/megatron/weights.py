@@ -1,0 +1,280 @@
+"""Two-way weight map between native Qwen3-VL names (train/models/qwen3vl, = HF minus "model.") and the
+megatron model of train/backends/megatron/model.py, including tensor- and expert-parallel shards.
+
+Each megatron parameter has a `Rule`: which native tensors it is made of and how. The layouts that differ:
+  linear_qkv   megatron fuses q/k/v per query group: for each of the ng groups, that group's
+               np/ng query heads, then its key head, then its value head (rows). A TP shard is a contiguous
+               block of whole groups, so sharding the fused tensor along dim 0 is exact.
+  linear_fc1   SwiGLU gate and up stacked [gate; up]; a TP shard holds [gate_r; up_r] (each half split),
+               not a contiguous block. The MoE experts' native gate_up_proj rows are the same [gate; up].
+  experts      native stacks experts on dim 0 (experts.gate_up_proj [E, 2I, H], down_proj [E, H, I]);
+               megatron holds `local_experts.{e}` for this EP rank's experts only.
+Everything else is a renamed tensor, split along its TP dim (row-parallel: 1, column/vocab-parallel: 0) or
+replicated (norms, router, the vision tower).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from train.config.model import ModelConfig
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$")
+# megatron layer-local name -> (native layer-local name, TP dim or None)
+_LAYER_RENAMES = {
+    "input_layernorm.weight": ("input_layernorm.weight", None),
+    "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight", None),
+    "self_attention.q_layernorm.weight": ("self_attn.q_norm.weight", None),
+    "self_attention.k_layernorm.weight": ("self_attn.k_norm.weight", None),
+    "self_attention.linear_proj.weight": ("self_attn.o_proj.weight", 1),
+    "self_attention.linear_proj.bias": ("self_attn.o_proj.bias", None),
+    "mlp.linear_fc2.weight": ("mlp.down_proj.weight", 1),
+    "mlp.router.weight": ("mlp.gate.weight", None),
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one megatron parameter is made of native tensors."""
+
+    natives: tuple[str, ...]
+    kind: str = "copy"  # copy | qkv (natives q, k, v) | glu (natives gate, up) | expert_glu | expert
+    tp_dim: int | None = None  # dim split over the (expert) tensor-parallel group; None: replicated
+    expert: int | None = None  # global expert index (expert kinds)
+
+    @property
+    def is_expert(self) -> bool:
+        return self.kind.startswith("expert")
+
+    @property
+    def is_glu(self) -> bool:
+        return self.kind in ("glu", "expert_glu")
+
+
+def rule_for(name: str, cfg: ModelConfig, layer_offset: int = 0, expert_offset: int = 0) -> Rule:
+    """The rule of megatron parameter `name` (unwrapped model) on a stage whose first layer is global layer
+    `layer_offset` and whose first local expert is global expert `expert_offset`."""
+    if name.startswith("visual."):
+        return Rule((name,))
+    if name == "embedding.word_embeddings.weight":
+        return Rule(("language_model.embed_tokens.weight",), tp_dim=0)
+    if name == "output_layer.weight":
+        return Rule(("lm_head.weight",), tp_dim=0)
+    if name == "decoder.final_layernorm.weight":
+        return Rule(("language_model.norm.weight",))
+    match = _LAYER.match(name)
+    if match is None:
+        raise KeyError(f"megatron parameter {name!r} has no native counterpart")
+    prefix = f"language_model.layers.{int(match.group(1)) + layer_offset}."
+    local = match.group(2)
+    if local in _LAYER_RENAMES:
+        native, dim = _LAYER_RENAMES[local]
+        return Rule((prefix + native,), tp_dim=dim)
+    if local.startswith("self_attention.linear_qkv."):
+        kind = local.rsplit(".", 1)[1]  # weight | bias
+        return Rule(tuple(f"{prefix}self_attn.{p}_proj.{kind}" for p in "qkv"), kind="qkv", tp_dim=0)
+    if local == "mlp.linear_fc1.weight":
+        return Rule((prefix + "mlp.gate_proj.weight", prefix + "mlp.up_proj.weight"), kind="glu", tp_dim=0)
+    expert = _EXPERT.match(local)
+    if expert is not None:
+        index = int(expert.group(1)) + expert_offset
+        if expert.group(2) == "1":
+            return Rule((prefix + "mlp.experts.gate_up_proj",), kind="expert_glu", tp_dim=0, expert=index)
+        return Rule((prefix + "mlp.experts.down_proj",), kind="expert", tp_dim=1, expert=index)
+    raise KeyError(f"megatron parameter {name!r} has no native counterpart")
+
+
+# ------------------------------------------------------------------------------------ tensor layouts
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Native q/k/v projections (weights [heads*D, H] or biases [heads*D]) -> megatron's grouped layout."""
+    text = cfg.text
+    groups = text.num_key_value_heads
+    rest = q.shape[1:]
+    parts = [t.reshape(groups, -1, *rest) for t in (q, k, v)]
+    return torch.cat(parts, dim=1).reshape(-1, *rest)
+
+
+def split_qkv(fused: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of fuse_qkv."""
+    text = cfg.text
+    groups, d = text.num_key_value_heads, text.head_dim
+    per_group = text.num_attention_heads // groups * d
+    rest = fused.shape[1:]
+    q, k, v = fused.reshape(groups, per_group + 2 * d, *rest).split([per_group, d, d], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def full_megatron_tensor(rule: Rule, state: dict[str, torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    """The unsharded megatron tensor of `rule` from a native state dict."""
+    missing = [n for n in rule.natives if n not in state]
+    if missing:
+        raise KeyError(f"native state dict lacks {missing}")
+    sources = [state[n] for n in rule.natives]
+    if rule.kind == "qkv":
+        return fuse_qkv(*sources, cfg)
+    if rule.kind == "glu":
+        return torch.cat(sources, dim=0)
+    if rule.is_expert:
+        return sources[0][rule.expert]
+    return sources[0]
+
+
+def shard(rule: Rule, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This TP rank's slice of an unsharded megatron tensor."""
+    if rule.tp_dim is None or size == 1:
+        return full
+    if rule.is_glu:  # [gate; up] -> [gate_r; up_r]
+        return torch.cat([half.chunk(size, dim=0)[rank] for half in full.chunk(2, dim=0)], dim=0)
+    return full.chunk(size, dim=rule.tp_dim)[rank]
+
+
+def unshard(rule: Rule, pieces: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of shard: the TP ranks' slices (in rank order) -> the unsharded tensor."""
+    if rule.tp_dim is None or len(pieces) == 1:
+        return pieces[0]
+    if rule.is_glu:
+        halves = [p.chunk(2, dim=0) for p in pieces]
+        return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])], dim=0)
+    return torch.cat(pieces, dim=rule.tp_dim)
+
+
+def native_tensors(rule: Rule, full: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Native name -> tensor for an unsharded megatron tensor (expert kinds: that expert's row, under the
+    stacked tensor's name; `merge_expert_rows` stacks them)."""
+    if rule.kind == "qkv":
+        return dict(zip(rule.natives, split_qkv(full, cfg)))
+    if rule.kind == "glu":
+        return dict(zip(rule.natives, full.chunk(2, dim=0)))
+    return {rule.natives[0]: full}
+
+
+# ------------------------------------------------------------------------------- whole models
+@dataclass(frozen=True)
+class ShardCoords:
+    """Where this rank's parameters sit in the full model."""
+
+    layer_offset: int = 0
+    expert_offset: int = 0
+    tp_rank: int = 0
+    tp_size: int = 1
+    expert_tp_rank: int = 0
+    expert_tp_size: int = 1
+
+    def tp(self, rule: Rule) -> tuple[int, int]:
+        return (self.expert_tp_rank, self.expert_tp_size) if rule.is_expert else (self.tp_rank, self.tp_size)
+
+
+def local_state(names: list[str], state: dict[str, torch.Tensor], cfg: ModelConfig,
+                coords: ShardCoords) -> dict[str, torch.Tensor]:
+    """This rank's megatron tensors (by megatron name) cut from a full native state dict."""
+    out = {}
+    for name in names:
+        rule = rule_for(name, cfg, coords.layer_offset, coords.expert_offset)
+        out[name] = shard(rule, full_megatron_tensor(rule, state, cfg), *coords.tp(rule))
+    return out
+
+
+@torch.no_grad()
+def load_native(model: nn.Module, state: dict[str, torch.Tensor], cfg: ModelConfig, coords: ShardCoords) -> None:
+    """Copy a full native state dict into this rank's shard of `model` (the unwrapped megatron model)."""
+    params = dict(model.named_parameters())
+    for name, value in local_state(list(params), state, cfg, coords).items():
+        param = params[name]
+        if value.shape != param.shape:
+            raise ValueError(f"{name}: native tensors give shape {tuple(value.shape)}, the model has "
+                             f"{tuple(param.shape)}")
+        param.copy_(value.to(dtype=param.dtype, device=param.device))
+
+
+def merge_expert_rows(pieces: dict[tuple[str, int | None], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{(native name, expert index or None): tensor} from all ranks -> native state dict (experts stacked)."""
+    out: dict[str, torch.Tensor] = {}
+    rows: dict[str, dict[int, torch.Tensor]] = {}
+    for (name, expert), tensor in pieces.items():
+        if expert is None:
+            out[name] = tensor
+        else:
+            rows.setdefault(name, {})[expert] = tensor
+    for name, by_index in rows.items():
+        if sorted(by_index) != list(range(len(by_index))):
+            raise ValueError(f"{name}: experts {sorted(by_index)} gathered, not 0..{len(by_index) - 1}")
+        out[name] = torch.stack([by_index[i] for i in range(len(by_index))])
+    return out
+
+
+def native_pieces(named_full: dict[str, torch.Tensor], cfg: ModelConfig,
+                  coords: ShardCoords) -> dict[tuple[str, int | None], torch.Tensor]:
+    """Unsharded megatron tensors of one rank (by megatron name) -> native pieces for merge_expert_rows."""
+    out = {}
+    for name, full in named_full.items():
+        rule = rule_for(name, cfg, coords.layer_offset, coords.expert_offset)
+        for native, tensor in native_tensors(rule, full, cfg).items():
+            out[(native, rule.expert)] = tensor.float().cpu().clone()
+    return out
+
+
+def gather_tp(tensor: torch.Tensor, rule: Rule, size: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """All-gather one parameter's TP slices and unshard them (collective over `group`)."""
+    if rule.tp_dim is None or size == 1:
+        return tensor
+    pieces = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(pieces, tensor.contiguous(), group=group)
+    return unshard(rule, pieces)
+
+
+def add_tied_head(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Native state dicts of tied models carry the embedding under both names (like model.state_dict())."""
+    if cfg.text.tie_word_embeddings and "language_model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["language_model.embed_tokens.weight"]
+    return state
+
+
+def shard_coords(model: nn.Module) -> ShardCoords:
+    """This rank's coordinates from megatron's parallel state (the model's config gives the layer offset)."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    config = model.config
+    experts = config.num_moe_experts or 0
+    return ShardCoords(
+        layer_offset=get_transformer_layer_offset(config),
+        expert_offset=mpu.get_expert_model_parallel_rank() * (experts // mpu.get_expert_model_parallel_world_size()),
+        tp_rank=mpu.get_tensor_model_parallel_rank(), tp_size=mpu.get_tensor_model_parallel_world_size(),
+        expert_tp_rank=mpu.get_expert_tensor_parallel_rank(),
+        expert_tp_size=mpu.get_expert_tensor_parallel_world_size())
+
+
+@torch.no_grad()
+def export_native(model: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The full native state dict (fp32, CPU) of a TP/PP/EP-sharded megatron model. Collective over the
+    world; the complete dict is returned on global rank 0, {} elsewhere. Each tensor is taken from one
+    replica only: data/context-parallel rank 0 (expert-data-parallel rank 0 for experts), TP rank 0
+    after the TP all-gather."""
+    from megatron.core import parallel_state as mpu
+
+    coords = shard_coords(model)
+    dense_owner = mpu.get_data_parallel_rank(with_context_parallel=True) == 0 and coords.tp_rank == 0
+    expert_owner = mpu.get_expert_data_parallel_rank() == 0 and coords.expert_tp_rank == 0
+    mine: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        rule = rule_for(name, cfg, coords.layer_offset, coords.expert_offset)
+        if rule.is_expert:
+            full = gather_tp(param.detach(), rule, coords.expert_tp_size, mpu.get_expert_tensor_parallel_group())
+        else:
+            full = gather_tp(param.detach(), rule, coords.tp_size, mpu.get_tensor_model_parallel_group())
+        if (expert_owner if rule.is_expert else dense_owner):
+            mine[name] = full
+    pieces = native_pieces(mine, cfg, coords)
+    everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(pieces, everyone, dst=0)
+    if dist.get_rank() != 0:
+        return {}
+    merged: dict[tuple[str, int | None], torch.Tensor] = {}
+    for rank_pieces in everyone:
+        merged.update(rank_pieces)
+    return add_tied_head(merge_expert_rows(merged), cfg)
