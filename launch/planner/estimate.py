@@ -189,7 +189,7 @@ def _vision_bytes(cfg: TrainConfig, tp: int, recompute: bool) -> tuple[float, fl
     return per_elem * (block * v.depth + mergers), 0.0
 
 
-def _activation_bytes(cfg: TrainConfig, stats: ModelStats, layout: Layout, stage: int, first_layer: int,
+def _activation_bytes(cfg: TrainConfig, layout: Layout, stage: int, first_layer: int,
                       n_layers: int, recompute: bool) -> float:
     """Activations of one pipeline stage. 1F1B keeps min(pp - stage, micro-batches) sequences in flight;
     one micro-batch is one packed sequence of seq_len tokens, seq_len / cp per rank; sequence parallel
@@ -219,7 +219,7 @@ def memory(cfg: TrainConfig, stats: ModelStats, layout: Layout) -> Memory:
         first = sum(counts[:stage])
         params = _stage_params(stats, layout, stage, first, counts[stage], trainable)
         weights, grads, optimizer = _state_bytes(params, layout)
-        act = {rc: _activation_bytes(cfg, stats, layout, stage, first, counts[stage], rc) for rc in (False, True)}
+        act = {rc: _activation_bytes(cfg, layout, stage, first, counts[stage], rc) for rc in (False, True)}
         # bf16 logits + their fp32 softmax in the loss, for the micro-batch being processed
         logits = 0.0
         if stage == layout.pp - 1:
