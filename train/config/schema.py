@@ -146,9 +146,12 @@ class ParallelConfig:
             raise ConfigError(f"world size {world_size} is not divisible by parallel.tp * parallel.pp * "
                               f"parallel.cp = {self.tp}*{self.pp}*{self.cp} = {model_parallel}")
         dp = world_size // model_parallel
-        if (dp * self.cp) % self.ep:
-            raise ConfigError(f"parallel.ep={self.ep} does not divide the data x context parallel size "
-                              f"{dp}*{self.cp}={dp * self.cp} (world size {world_size})")
+        # Experts are spread over the non-pipeline ranks (tp x cp x dp, expert tensor parallel 1), as in
+        # megatron-core; e.g. Qwen3-VL-235B's TP2 PP8 EP32 on 256 GPUs. Backends with a stricter rule (DeepSpeed
+        # has no TP) check it themselves.
+        if (self.tp * self.cp * dp) % self.ep:
+            raise ConfigError(f"parallel.ep={self.ep} does not divide parallel.tp * parallel.cp * data-parallel "
+                              f"= {self.tp}*{self.cp}*{dp} (world size {world_size})")
         return dp
 
 
