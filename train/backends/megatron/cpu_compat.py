@@ -19,7 +19,8 @@ GPU cluster megatron runs untouched. What is patched and which megatron call nee
   (NameError in the router gemm); defining it as None selects the plain torch path.
 - moe `maybe_move_tensor_to_cpu`: on CUDA it turns the all-to-all split sizes into numpy arrays on the way
   to the host; on CPU the tensors are "already on the host", stay tensors, and all_to_all_single rejects
-  them. The stand-in converts them to lists.
+  them. The stand-in converts them to lists that also answer `.tolist()` like the CUDA path's numpy
+  arrays (the expert-tensor-parallel path calls it).
 
 Version pin: these patches were checked against megatron-core 0.16.x only. Any other version raises at
 activation with a one-line message; set LONGVL_MEGATRON_UNTESTED_OK=1 to try anyway (at your own risk: a
@@ -180,10 +181,17 @@ class _SharedGeneratorWarningFilter(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
+class _SplitSizes(list):
+    """Split sizes as a list (what all_to_all_single takes) with numpy's .tolist() (what megatron calls)."""
+
+    def tolist(self) -> list:
+        return list(self)
+
+
 def _host_tensor_or_splits(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
     """CPU version of moe_utils.maybe_move_tensor_to_cpu: split sizes must leave as lists, not tensors."""
     if as_numpy and torch.is_tensor(tensor):
-        return tensor.tolist()
+        return _SplitSizes(tensor.tolist())
     return tensor
 
 
