@@ -67,7 +67,9 @@ def text_sample(rng: random.Random) -> tuple[dict[str, bytes], str]:
     return {"txt": text.encode()}, text
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color) -> None:
+NEEDLE_QUESTION = "When does a colored shape appear, and what is it?"  # also asked by train.eval vniah
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color) -> None:
     x0, y0, x1, y1 = box
     if shape == "circle":
         draw.ellipse(box, fill=color)
@@ -86,7 +88,7 @@ def caption_sample(rng: random.Random) -> tuple[dict[str, bytes], str]:
     size = min(w, h) // 2
     x0 = 4 if side == "left" else w - size - 4
     y0 = (h - size) // 2
-    _draw_shape(draw, shape, (x0, y0, x0 + size, y0 + size), COLORS[color])
+    draw_shape(draw, shape, (x0, y0, x0 + size, y0 + size), COLORS[color])
     digit = rng.randrange(10)
     dx = w - 24 if side == "left" else 8
     draw.text((dx, h // 2 - 10), str(digit), fill=(0, 0, 0), font=ImageFont.load_default(size=20))
@@ -144,7 +146,7 @@ def video_sample(rng: random.Random, size: int = 64, fps: int = 8) -> tuple[dict
         x = travel if dx > 0 else size - s - travel if dx < 0 else (size - s) // 2
         y = travel if dy > 0 else size - s - travel if dy < 0 else (size - s) // 2
         img = Image.fromarray(frames[i])
-        _draw_shape(ImageDraw.Draw(img), shape, (x, y, x + s, y + s), COLORS[color])
+        draw_shape(ImageDraw.Draw(img), shape, (x, y, x + s, y + s), COLORS[color])
         frames[i] = np.asarray(img)
     caption = f"A {color} {shape} moves from {direction}."
     meta = {"type": "video", "caption": caption}
@@ -165,10 +167,10 @@ def needle_sample(rng: random.Random, size: int = 64, fps: int = 4) -> tuple[dic
     color, shape = rng.choice([c for c in COLORS if c != "black"]), rng.choice(SHAPES)
     for i in range(start, start + fps):
         img = Image.fromarray(frames[i])
-        _draw_shape(ImageDraw.Draw(img), shape, (8, 8, size - 8, size - 8), COLORS[color])
+        draw_shape(ImageDraw.Draw(img), shape, (8, 8, size - 8, size - 8), COLORS[color])
         frames[i] = np.asarray(img)
     middle = (start + (fps - 1) / 2) / fps
-    qa = {"question": "When does a colored shape appear, and what is it?", "answer": f"A {color} {shape}.",
+    qa = {"question": NEEDLE_QUESTION, "answer": f"A {color} {shape}.",
           "time": round(middle, 1)}
     meta = {"type": "video", "qa": [qa]}
     return {"mp4": encode_mp4(frames, fps), "json": json.dumps(meta).encode()}, qa["answer"]

@@ -209,16 +209,20 @@ def save_final(stage_dir: StageDir, backend: Any, model_cfg: ModelConfig) -> Pat
     return stage_dir.final
 
 
-def read_model_dir(path: str | Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Full native state dict of a native or HF model directory, refused if its shapes are another model's."""
+def load_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, full native state dict) of a native (model_config.yaml) or HF (config.json) model directory."""
     path = Path(path)
     if (path / NATIVE_CONFIG_FILE).is_file():
-        saved_cfg, state_dict = load_native_checkpoint(path)
-    elif (path / HF_CONFIG_FILE).is_file():
-        saved_cfg, state_dict = load_hf_checkpoint(path)
-    else:
-        raise CheckpointError(f"{path}: neither a native model dir ({NATIVE_CONFIG_FILE}) nor an HF one "
-                              f"({HF_CONFIG_FILE})")
+        return load_native_checkpoint(path)
+    if (path / HF_CONFIG_FILE).is_file():
+        return load_hf_checkpoint(path)
+    raise CheckpointError(f"{path}: neither a native model dir ({NATIVE_CONFIG_FILE}) nor an HF one "
+                          f"({HF_CONFIG_FILE})")
+
+
+def read_model_dir(path: str | Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Full native state dict of a native or HF model directory, refused if its shapes are another model's."""
+    saved_cfg, state_dict = load_model_dir(path)
     check_fingerprint(model_fingerprint(saved_cfg), model_cfg, str(path))
     return state_dict
 

@@ -12,8 +12,7 @@ import torch
 from data.tokenizer import Tokenizer
 from data.video import VideoClip
 from train.config.model import ConfigError, ModelConfig
-from train.models.hf import HF_CONFIG_FILE, load_hf_checkpoint
-from train.models.native_io import NATIVE_CONFIG_FILE, load_native_checkpoint
+from train.checkpoint import CheckpointError, load_model_dir
 from train.models.qwen3vl.model import Qwen3VLModel
 from train.models.qwen3vl.positions import document_position_ids
 
@@ -23,14 +22,10 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str = "fp32") -> Qwen3VLModel:
     """A native (model_config.yaml) or HF (config.json) model directory as an eval-mode Qwen3VLModel."""
-    path = Path(path)
-    if (path / NATIVE_CONFIG_FILE).is_file():
-        cfg, state_dict = load_native_checkpoint(path)
-    elif (path / HF_CONFIG_FILE).is_file():
-        cfg, state_dict = load_hf_checkpoint(path)
-    else:
-        raise ConfigError(f"checkpoint={path}: neither a native model dir ({NATIVE_CONFIG_FILE}) nor an HF "
-                          f"one ({HF_CONFIG_FILE})")
+    try:
+        cfg, state_dict = load_model_dir(path)
+    except CheckpointError as err:
+        raise ConfigError(f"checkpoint={err}") from None
     with torch.device("meta"):
         model = Qwen3VLModel(cfg)  # no init: every tensor comes from the checkpoint
     model.load_state_dict(state_dict, assign=True)

@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from data.synth import COLORS, SHAPES, _draw_shape
+from data.synth import COLORS, NEEDLE_QUESTION, SHAPES, draw_shape
 from data.tokenizer import Tokenizer
 from data.video import VideoClip, VideoConfig, format_timestamp, frame_indices, patch_timestamps, plan_frames
 from data.vision import ImageConfig, patchify, resize_normalize
 
-NEEDLE_QUESTION = "When does a colored shape appear, and what is it?"  # data/synth.py needle_sample
 NEEDLE_COLORS = tuple(c for c in COLORS if c != "black")  # the needle palette of data/synth.py
 NUM_CHOICES = len(NEEDLE_COLORS) * len(SHAPES)
 
@@ -114,7 +113,7 @@ def draw_needle(frame: np.ndarray, needle: Needle) -> np.ndarray:
     margin = side // 8
     x0, y0 = (w - side) // 2 + margin, (h - side) // 2 + margin
     img = Image.fromarray(np.ascontiguousarray(frame))
-    _draw_shape(ImageDraw.Draw(img), needle.shape, (x0, y0, x0 + side - 2 * margin, y0 + side - 2 * margin),
+    draw_shape(ImageDraw.Draw(img), needle.shape, (x0, y0, x0 + side - 2 * margin, y0 + side - 2 * margin),
                 COLORS[needle.color])
     return np.asarray(img)
 
