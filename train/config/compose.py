@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data.errors import DataError
 from train.config.model import ConfigError
-from train.config.schema import TrainConfig
+from train.config.schema import PipelineConfig, TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 SCHEMA_NAME = "train_schema"
@@ -62,10 +62,13 @@ def stage_configs(overrides: Sequence[str] = ()) -> list[TrainConfig]:
 
     Each pipeline stage is composed afresh (its own stage file, data mix and LR schedule) from `stage=<name>`,
     the pipeline's per-stage overrides and then the user's overrides, so a stage of a pipeline is exactly the
-    config `python -m train stage=<name> <pipeline overrides> <user overrides>` would run.
+    config `python -m train stage=<name> <pipeline overrides> <user overrides>` would run. With
+    `pipeline.only=<stage>` just that stage's config is returned, starting from the previous stage's final/.
     """
     base = load_config(overrides)
     if not base.pipeline.stages:
+        if base.pipeline.only:
+            raise ConfigError(f"pipeline.only={base.pipeline.only} needs a pipeline (pipeline=NAME)")
         return [base]
     clashing = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") == "stage"]
     if clashing:
@@ -78,7 +81,30 @@ def stage_configs(overrides: Sequence[str] = ()) -> list[TrainConfig]:
             configs.append(load_config([f"stage={entry.stage}", *entry.overrides, *overrides]))
         except ConfigError as err:
             raise ConfigError(f"pipeline.stages[{i}] ({entry.stage}): {err}") from err
+    if base.pipeline.only:
+        return [_only_stage(base.pipeline, configs)]
     return configs
+
+
+def _only_stage(pipeline: PipelineConfig, configs: list[TrainConfig]) -> TrainConfig:
+    """The config of the stage `pipeline.only` names, with the handoff the whole pipeline would give it.
+
+    Every stage is composed above, so a mistake in any stage is still caught before a job of the chain runs.
+    The handoff is the previous stage's final/ in the same run dir (as run_pipeline sets it; the path
+    mirrors train.checkpoint.StageDir.final, not imported here to keep composing free of torch)."""
+    names = [entry.stage for entry in pipeline.stages]
+    if pipeline.only not in names:
+        raise ConfigError(f"pipeline.only={pipeline.only} is not a stage of pipeline={pipeline.name} "
+                          f"(stages: {', '.join(names)})")
+    if names.count(pipeline.only) > 1:
+        raise ConfigError(f"pipeline.only={pipeline.only} is ambiguous: pipeline={pipeline.name} runs it "
+                          f"{names.count(pipeline.only)} times")
+    k = names.index(pipeline.only)
+    cfg = configs[k]
+    if k > 0:
+        previous = configs[k - 1]
+        cfg.stage.init_from = str(Path(previous.run_dir) / previous.stage.name / "final")
+    return cfg
 
 
 def _one_line(err: BaseException) -> str:

@@ -78,6 +78,9 @@ class PipelineConfig:
 
     name: str = ""
     stages: list[PipelineStage] = field(default_factory=list)
+    # Run just this stage of the pipeline (one job of slurm/submit_pipeline.sh's chain): composed exactly as
+    # in the whole pipeline, starting from the previous stage's final/ in the same run dir. "" runs them all.
+    only: str = ""
 
 
 @dataclass
