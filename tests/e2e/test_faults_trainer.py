@@ -5,8 +5,8 @@ rank's loader handed to the trainer, and fault hooks that live in the test progr
 
 - kill -9 of one rank mid-step: torchrun fails; the same command again resumes from the last complete
   checkpoint and ends with per-step losses identical to an uninterrupted run, reading the same documents;
-- kill -9 in the middle of a checkpoint save (the program sleeps after the backend wrote the files of the
-  step-4 save): `latest` and the step-2 checkpoint are intact, the half-written temp dir is never used,
+- kill -9 of both ranks in the middle of a checkpoint save (the program sleeps after the backend wrote the
+  files of the step-4 save): `latest` and the step-2 checkpoint are intact, the half-written temp dir is never used,
   and the restart resumes from step 2 with identical losses;
 - a checkpoint dir that fills up (ENOSPC) or turns read-only mid-run (a real tmpfs): one-line error, exit 3,
   the earlier checkpoints and `latest` are kept and complete.
@@ -133,7 +133,10 @@ def test_kill_during_checkpoint_save_keeps_previous_and_resumes(demo_corpus: Pat
     checkpoints = tmp_path / "s1" / "checkpoints"
     proc = torchrun(demo_corpus, tmp_path, "--slow-save-step", "4", "--slow-save-s", "120")
     wait_until(lambda: (tmp_path / "pids" / "saving_4").exists(), RUN_TIMEOUT, "the step-4 save", proc)
-    os.kill(int((tmp_path / "pids" / "rank0").read_text()), signal.SIGKILL)
+    # Both ranks, as when the node dies: killing only rank 0 would leave rank 1 asleep in the save, ignoring
+    # torchrun's SIGTERM (the trainer turns it into a stop request), until torchrun's 30 s kill timeout.
+    for rank in (0, 1):
+        os.kill(int((tmp_path / "pids" / f"rank{rank}").read_text()), signal.SIGKILL)
     code, out = finish(proc)
     assert code != 0, out[-3000:]
     assert latest(tmp_path) == "step_000002" and (checkpoints / "step_000002" / "meta.json").is_file()
