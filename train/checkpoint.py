@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from launch.signals import any_rank_flag
 from train.config.model import ModelConfig
 from train.models.hf import HF_CONFIG_FILE, load_hf_checkpoint
 from train.models.native_io import (
@@ -110,26 +111,71 @@ def save_checkpoint(stage_dir: StageDir, step: int, backend: Any, loader_state: 
                     model_cfg: ModelConfig, meta: dict[str, Any], keep_last: int) -> Path:
     """Write the resumable state after `step` atomically; return the checkpoint directory. Collective.
 
-    `meta` (JSON) is stored in meta.json next to the step, the world size and the model fingerprint."""
+    `meta` (JSON) is stored in meta.json next to the step, the world size and the model fingerprint. A write
+    that fails on any rank (full disk, unwritable directory) raises CheckpointError on every rank, naming the
+    directory and the cause; `latest` and the earlier checkpoints are untouched."""
     me = rank()
     final = stage_dir.step_dir(step)
     tmp = final.with_name(f".{final.name}.tmp")
-    if me == 0:
+
+    def make_tmp() -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
         tmp.mkdir(parents=True)
-    barrier()
-    backend.save(tmp)
-    torch.save({"rng": rng_state(), "loader": loader_state}, tmp / f"rank_{me:05d}.pt")
-    barrier()
-    if me == 0:
+
+    def write_state() -> None:
+        backend.save(tmp)
+        torch.save({"rng": rng_state(), "loader": loader_state}, tmp / f"rank_{me:05d}.pt")
+
+    def publish() -> None:
         full_meta = {**meta, "step": step, "world_size": world_size(), "model": model_fingerprint(model_cfg)}
         (tmp / META).write_text(json.dumps(full_meta, indent=1, sort_keys=True) + "\n")
         _fsync_tree(tmp)
         _replace_dir(tmp, final)
         _write_latest(stage_dir.checkpoints, final.name)
         _prune(stage_dir, keep_last, keep=final)
-    barrier()
+
+    _agree_on_write(make_tmp if me == 0 else None, tmp, stage_dir)
+    _agree_on_write(write_state, tmp, stage_dir)
+    _agree_on_write(publish if me == 0 else None, tmp, stage_dir)
     return final
+
+
+LOW_DISK_BYTES = 1 << 20  # a failed write with less free space than this was the disk filling up
+
+
+def _agree_on_write(write: Any, tmp: Path, stage_dir: StageDir) -> None:
+    """Run `write` (None: nothing on this rank), then agree over all ranks whether every write worked, so
+    that a failure on one rank stops all of them at the same point instead of leaving the others waiting in
+    the next collective. torch.save on a full disk raises a RuntimeError from its zip writer ("unexpected
+    pos 576 vs 534") that names neither the file nor the disk: hence the cause is worked out here."""
+    failure: BaseException | None = None
+    if write is not None:
+        try:
+            write()
+        except (OSError, RuntimeError) as err:
+            failure = err
+    if any_rank_flag(failure is not None):
+        cause = _write_failure_cause(failure, tmp) if failure is not None else "it failed on another rank"
+        raise CheckpointError(f"cannot write checkpoint {tmp}: {cause}; {latest_kept(stage_dir.checkpoints)}")
+
+
+def _write_failure_cause(err: BaseException, path: Path) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(existing).free
+    if free < LOW_DISK_BYTES:
+        return f"no space left on the device ({free // 1024} KiB free)"
+    if not os.access(existing, os.W_OK):
+        return "the directory is not writable"
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def latest_kept(checkpoints: Path) -> str:
+    """What a failed write leaves for the next run to resume from, for error messages."""
+    pointer = checkpoints / LATEST
+    name = pointer.read_text().strip() if pointer.is_file() else ""
+    return f"latest checkpoint kept: {checkpoints / name}" if name else "no earlier checkpoint of this stage"
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

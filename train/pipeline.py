@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -20,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import torch.distributed as dist
 
 from train.backends.base import Backend
-from train.checkpoint import StageDir, barrier, rank
+from train.checkpoint import StageDir, barrier, latest_kept, rank
 from train.config.schema import TrainConfig
 from train.trainer import (
     Preempted, StageResult, StageRuntime, TrainingStopped, build_stage_loader, train_stage,
@@ -29,7 +28,6 @@ from train.trainer import (
 HF_EXPORT_DIR = "hf"
 EXIT_CONFIG = 2  # bad input, found before training
 EXIT_STOPPED = 3  # training stopped early (divergence, data ran out, disk full); checkpoints kept
-LOW_DISK_BYTES = 1 << 20  # a failed write with less free space than this was the disk filling up
 
 
 def default_runtime() -> StageRuntime:
@@ -41,47 +39,7 @@ def build_stage_backend(cfg: TrainConfig) -> Backend:
     from train.backends import build_backend
     from train.freeze import apply_trainable
 
-    backend = build_backend(cfg, prepare=lambda model: apply_trainable(model, cfg.stage.trainable))
-    _explain_save_failures(backend)
-    return backend
-
-
-def _explain_save_failures(backend: Backend) -> None:
-    """Turn a failed checkpoint write into one line naming the directory and the cause.
-
-    torch.save on a full disk raises a RuntimeError from its zip writer ("unexpected pos 576 vs 534") that
-    names neither the file nor the disk; the save goes to a temp dir, so `latest` still names the previous
-    checkpoint, and the message says so."""
-    from train.models.native_io import CheckpointError
-
-    save = backend.save
-
-    def explained_save(path: Path) -> None:
-        try:
-            save(path)
-        except (OSError, RuntimeError) as err:
-            raise CheckpointError(f"cannot write checkpoint {path}: {_write_failure_cause(err, Path(path))}"
-                                  f"; {_latest_kept(Path(path).parent)}") from err
-
-    backend.save = explained_save
-
-
-def _write_failure_cause(err: BaseException, path: Path) -> str:
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
-    free = shutil.disk_usage(existing).free
-    if free < LOW_DISK_BYTES:
-        return f"no space left on the device ({free // 1024} KiB free)"
-    if not os.access(existing, os.W_OK):
-        return "the directory is not writable"
-    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-
-
-def _latest_kept(checkpoints: Path) -> str:
-    pointer = checkpoints / "latest"
-    name = pointer.read_text().strip() if pointer.is_file() else ""
-    return f"latest checkpoint kept: {checkpoints / name}" if name else "no earlier checkpoint of this stage"
+    return build_backend(cfg, prepare=lambda model: apply_trainable(model, cfg.stage.trainable))
 
 
 def run_pipeline(configs: Sequence[TrainConfig], runtime: StageRuntime | None = None) -> int:
@@ -140,7 +98,7 @@ def _run_initialised(configs: list[TrainConfig], runtime: StageRuntime | None, w
 def _os_error_line(err: OSError, cfg: TrainConfig) -> str:
     """`s1: <file>: No space left on device; latest checkpoint kept: <dir>`."""
     where = str(err.filename) if err.filename else "I/O error"
-    kept = _latest_kept(StageDir(cfg.run_dir, cfg.stage.name).checkpoints)
+    kept = latest_kept(StageDir(cfg.run_dir, cfg.stage.name).checkpoints)
     return f"{cfg.stage.name}: {where}: {err.strerror or err}; {kept}"
 
 
