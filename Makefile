@@ -8,6 +8,9 @@ STAMP := $(VENV)/.longvl-setup
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# The venv first on PATH for every command and subprocess: DeepSpeed JIT-builds its CPU comm extension with
+# whichever ninja comes first, and a system ninja next to the venv's one makes it rebuild (~1 min) each time.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup train test test-fast bench clean
 
