@@ -8,7 +8,7 @@ same layout, which is what resuming a stage needs; a stage handoff across layout
 layout-independent native weights instead (Backend.state_dict_for_export / load_model_weights).
 
 Saving starts dist_checkpointing's writer (a spawn Manager that re-imports __main__): scripts that save
-need an `if __name__ == "__main__"` guard; parallel_state.destroy_parallel_groups stops the writer.
+need an `if __name__ == "__main__"` guard; every save stops the writer's Manager again.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from train.backends.megatron.parallel_state import stop_checkpoint_writer_manager
 
 SUBDIR = "megatron"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -61,6 +63,9 @@ def save_training_state(directory: Path, ddp: Any, optimizer: Any, step: int) ->
     target = directory / SUBDIR
     target.mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(_state(ddp, optimizer, step, is_loading=False), str(target))
+    # The writer's Manager process would outlive the trainer (which ends ranks with os._exit) and hold the
+    # job's stdout/stderr open: whoever waits for them hangs. Stop it now; the next save starts a new one.
+    stop_checkpoint_writer_manager()
 
 
 def load_training_state(directory: Path, ddp: Any, optimizer: Any) -> int:
