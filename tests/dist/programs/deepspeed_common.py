@@ -1,4 +1,4 @@
-"""Shared pieces of the DeepSpeed torchrun programs: process start/exit, a global batch of PackedBatches with
+"""Shared pieces of the DeepSpeed torchrun programs: a global batch of PackedBatches with
 images, a video and a text-only sequence (built by hand, not by the loader), the TrainConfig, and the
 single-process reference training loop (plain Qwen3VLModel + torch AdamW + the shared loss)."""
 from __future__ import annotations
@@ -8,7 +8,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 for extra in (REPO, os.path.join(REPO, "tests", "unit")):
@@ -24,27 +23,6 @@ from train.models.qwen3vl.positions import packed_position_ids  # noqa: E402
 from train.optim import learning_rate, param_groups, set_learning_rate  # noqa: E402
 
 SEQ = 64
-
-
-def start() -> int:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    return dist.get_rank()
-
-
-def finish(failures: list[str]) -> None:
-    """Report, then end every rank the way that does not abort at exit (see notes/cpu-backends.md)."""
-    for failure in failures:
-        print(f"[rank {dist.get_rank()}] FAIL {failure}", flush=True)
-    flag = torch.tensor([len(failures)])
-    dist.all_reduce(flag)
-    if dist.get_rank() == 0 and not flag.item():
-        print("ALL OK", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0 if not flag.item() else 1)
 
 
 def make_config(moe: bool = False, zero_stage: int = 1, cp: int = 1, ep: int = 1, batch: int = 4,

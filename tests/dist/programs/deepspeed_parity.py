@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from deepspeed_common import (compare_losses, compare_states, finish, global_batch, initial_state, make_config,
-                              reference_per_source, reference_training, start)
+from deepspeed_common import (compare_losses, compare_states, global_batch, initial_state, make_config,
+                              reference_per_source, reference_training)
+from rank_harness import finish, start
 from train.backends import build_backend
 
 MODES = {

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from deepspeed_common import (compare_losses, compare_states, finish, global_batch, initial_state, make_config,
-                              reference_training, start)
+from deepspeed_common import (compare_losses, compare_states, global_batch, initial_state, make_config,
+                              reference_training)
+from rank_harness import finish, start
 from train.backends.megatron.backend import MegatronBackend
 
 MODES = {

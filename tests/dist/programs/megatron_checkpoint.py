@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 import megatron_common as mc
+from rank_harness import finish, start
 from train.backends.megatron.parallel_state import (ParallelSizes, config_kwargs, destroy_parallel_groups,
                                                    init_parallel_groups)
 
@@ -39,7 +40,7 @@ def main() -> None:
     from megatron.core import dist_checkpointing
 
     ckpt_dir = sys.argv[1]
-    mc.start()
+    start()
     os.makedirs(ckpt_dir, exist_ok=True)  # megatron requires an existing (empty) directory
     failures: list[str] = []
     tokens = mc.random_batches(1, batch=2)[0]["tokens"]
@@ -61,7 +62,7 @@ def main() -> None:
     if not after <= 1e-6:
         failures.append(f"logits after TP2 -> TP1 load differ by {after}")
     destroy_parallel_groups()
-    mc.finish(failures)
+    finish(failures)
 
 
 if __name__ == "__main__":

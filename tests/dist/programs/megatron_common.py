@@ -1,4 +1,4 @@
-"""Shared pieces of the megatron torchrun programs: process start/exit, a tiny GPT, a single-process
+"""Shared pieces of the megatron torchrun programs: a tiny GPT, a single-process
 reference training loop, and copying/comparing full weights against a sharded (TP/PP/EP) model."""
 from __future__ import annotations
 
@@ -14,28 +14,8 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+
 VOCAB, SEQ, LR = 64, 16, 1e-3
-
-
-def start() -> int:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    return dist.get_rank()
-
-
-def finish(failures: list[str]) -> None:
-    """Report, then end every rank the way that does not abort at exit (see notes/cpu-backends.md)."""
-    for failure in failures:
-        print(f"[rank {dist.get_rank()}] FAIL {failure}", flush=True)
-    flag = torch.tensor([len(failures)])
-    dist.all_reduce(flag)
-    if dist.get_rank() == 0 and not flag.item():
-        print("ALL OK", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0 if not flag.item() else 1)
 
 
 def tiny_config(**overrides):

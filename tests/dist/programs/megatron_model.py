@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from data.batch import PackedBatch
-from deepspeed_common import SEQ, finish, global_batch, start
+from deepspeed_common import SEQ, global_batch
+from rank_harness import finish, start
 from model_fixtures import char_tokens, random_pixels, tiny_dense_config, tiny_moe_config, video_span
 from train.backends.megatron.parallel_state import ParallelSizes, destroy_parallel_groups, init_parallel_groups
 from train.models.qwen3vl import Qwen3VLModel

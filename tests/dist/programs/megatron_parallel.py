@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import megatron_common as mc
+from rank_harness import finish, start
 from train.backends.megatron.parallel_state import (ParallelSizes, destroy_parallel_groups, init_parallel_groups,
                                                    config_kwargs as parallel_config_kwargs)
 
@@ -251,11 +252,11 @@ MODES = {"dp": run_dp, "tp": run_tp, "pp": run_pp, "ep": run_ep, "cp": run_cp, "
 
 
 def main() -> None:
-    mc.start()
+    start()
     failures: list[str] = []
     for mode in sys.argv[1:]:
         MODES[mode](failures)
-    mc.finish(failures)
+    finish(failures)
 
 
 if __name__ == "__main__":
