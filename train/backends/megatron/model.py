@@ -46,7 +46,7 @@ from train.backends.megatron.parallel_state import ParallelSizes, config_kwargs
 from train.config.model import ModelConfig
 from train.models.qwen3vl import Qwen3VLModel
 from train.models.qwen3vl.common import maybe_checkpoint
-from train.models.qwen3vl.rope import interleaved_mrope_axis, inverse_frequencies
+from train.models.qwen3vl.rope import mrope_angles
 from train.models.qwen3vl.vision import VisionTower
 from train.parallel.context import ContextShard, shard_index, split_embedded
 
@@ -96,16 +96,6 @@ def layer_specs(config: TransformerConfig, model_cfg: ModelConfig) -> Transforme
             attn.q_layernorm = attn.k_layernorm = norm
         specs.append(spec)
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=norm or specs[0].submodules.input_layernorm)
-
-
-def mrope_angles(position_ids: Tensor, head_dim: int, theta: float, mrope_section: list[int]) -> Tensor:
-    """Rotary angles [L, head_dim] of interleaved MRoPE in the rotate-half layout: the argument of the
-    reference's mrope_cos_sin, which megatron's rotary code takes (it applies cos/sin itself)."""
-    inv_freq = inverse_frequencies(head_dim, theta, position_ids.device)
-    axis = interleaved_mrope_axis(mrope_section, inv_freq.numel()).to(position_ids.device)
-    positions = position_ids.float().gather(0, axis[:, None].expand(-1, position_ids.shape[1])).T
-    freqs = positions * inv_freq
-    return torch.cat([freqs, freqs], dim=-1)
 
 
 class MegatronQwen3VL(LanguageModule):

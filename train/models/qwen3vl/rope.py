@@ -33,17 +33,26 @@ def interleaved_mrope_axis(mrope_section: list[int], num_freqs: int) -> torch.Te
     return axis
 
 
-def mrope_cos_sin(
-    position_ids: torch.Tensor, head_dim: int, theta: float, mrope_section: list[int], dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [L, head_dim] for 3-D position ids [3, L] with interleaved MRoPE."""
+def mrope_angles(
+    position_ids: torch.Tensor, head_dim: int, theta: float, mrope_section: list[int]
+) -> torch.Tensor:
+    """Rotary angles [L, head_dim] (fp32, rotate-half layout) for 3-D position ids [3, L] with interleaved
+    MRoPE. Separate from mrope_cos_sin because megatron's rotary code takes the angles and applies cos/sin
+    itself (train/backends/megatron/model.py)."""
     device = position_ids.device
     inv_freq = inverse_frequencies(head_dim, theta, device)
     axis = interleaved_mrope_axis(mrope_section, inv_freq.numel()).to(device)
     # Pick, per frequency, the position of its axis: [L, head_dim/2].
     positions = position_ids.float().gather(0, axis[:, None].expand(-1, position_ids.shape[1])).T
     freqs = positions * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)
+    return torch.cat([freqs, freqs], dim=-1)
+
+
+def mrope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, mrope_section: list[int], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [L, head_dim] for 3-D position ids [3, L] with interleaved MRoPE."""
+    emb = mrope_angles(position_ids, head_dim, theta, mrope_section)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
