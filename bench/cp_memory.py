@@ -6,10 +6,12 @@ documents up to 8K tokens), the tiny model (configs/model/tiny.yaml), the shared
              decode -> chunked loss) with UlyssesAttention over the CP group, exactly as the backend wires
              it; the DeepSpeed engine itself is not built (ZeRO's buffers for a 0.4M-parameter model are
              not what is measured here: activations are).
-  megatron:  the megatron backend has not landed; measured instead: the reference model's decoder with
-             megatron's CP core attention (train/backends/megatron/cp_attention.ContextParallelAttention:
-             all-gather K/V, load-balanced 2*cp chunk layout) swapped in through an adapter, the batch
-             split in megatron's load-balanced layout after the vision merge (train/parallel/context).
+  megatron:  the megatron backend (train/backends/megatron: megatron-core model, DDP grad buffers, its CP
+             split and cp_attention), one forward+backward through its schedule (`MegatronBackend._run`,
+             everything of train_step but the optimizer step).
+  megatron_cp_attention (optional, --backends): what was measured before that backend landed: the
+             reference model's decoder with megatron's CP core attention (cp_attention.ContextParallelAttention:
+             all-gather K/V, load-balanced 2*cp chunks) swapped in through an adapter, load-balanced split.
 CP=2 runs under torchrun with 2 ranks (gloo); every rank measures its own peak (bench/common.PeakMemory:
 peak RSS during the step minus RSS before it, in a fresh process, after a small warm-up step).
 
@@ -37,7 +39,8 @@ from common import ALLOCATOR_ENV, MACHINE, ROOT, Mix, PeakMemory, append_section
 
 SEQ_LEN = 32768
 MAX_DOC = 8192
-BACKENDS = ("deepspeed", "megatron")
+BACKENDS = ("deepspeed", "megatron", "megatron_cp_attention")
+DEFAULT_BACKENDS = "deepspeed,megatron"
 
 
 def tiny_config():
@@ -80,6 +83,26 @@ class MegatronCore(torch.nn.Module):
         return out.reshape(q.shape)
 
 
+def megatron_backend_step(cfg, seq_len: int):
+    """One forward+backward through the megatron backend (megatron-core schedule, DDP grad buffers, CP via
+    its own layout and cp_attention), without the optimizer step: `MegatronBackend._run`."""
+    import torch.distributed as dist
+
+    from train.backends.megatron.backend import MegatronBackend
+    from train.config.schema import TrainConfig
+
+    train_cfg = TrainConfig()
+    train_cfg.model = cfg
+    train_cfg.backend.name, train_cfg.backend.precision = "megatron", "fp32"
+    train_cfg.parallel.cp = dist.get_world_size()
+    train_cfg.stage.seq_len, train_cfg.stage.global_batch_size, train_cfg.stage.max_steps = seq_len, 1, 1
+    backend = MegatronBackend(train_cfg)
+
+    def step(batch):
+        backend._run([batch], forward_only=False)
+    return step, backend
+
+
 def make_step(backend: str, model, group, cp: int, rank: int):
     """A function batch -> None running one forward+backward of `backend`'s CP path on this rank."""
     from train.loss import global_weight_sum, micro_batch_loss
@@ -101,7 +124,7 @@ def make_step(backend: str, model, group, cp: int, rank: int):
             objective.backward()
         return step
 
-    model.set_core_attention(lambda: MegatronCore(model.cfg, group))
+    model.set_core_attention(lambda: MegatronCore(model.cfg, group))  # megatron_cp_attention
 
     def step(batch):
         embeds, visual_mask, deepstack = model.embed(batch.input_ids, batch.pixel_values, batch.image_grid_thw,
@@ -129,10 +152,19 @@ def worker(backend: str, seq_len: int, max_doc: int, out_dir: str, text_only: bo
     group = dist.group.WORLD if cp > 1 else None
     cfg = tiny_config()
     torch.manual_seed(0)
-    model = Qwen3VLModel(cfg).train()
-    step = make_step(backend, model, group, cp, rank)
-    step(the_batch(cfg, 2048, 1024, skip=0))  # first-call costs (thread pools, kernels) outside the measurement
-    model.zero_grad(set_to_none=True)
+    if backend == "megatron":
+        step, model = megatron_backend_step(cfg, seq_len)
+        # Warm-up at the stage's length (megatron checks it): text only, short documents, as cheap as it gets.
+        warm = pack(document_stream(cfg, 1024, seed=9, mix=Mix(1.0, 0.0, 0.0, 0.0)), seq_len, 1)[0][0]
+    else:
+        model = Qwen3VLModel(cfg).train()
+        step = make_step(backend, model, group, cp, rank)
+        warm = the_batch(cfg, 2048, 1024, skip=0)
+    step(warm)  # first-call costs (thread pools, kernels) outside the measurement
+    if backend == "megatron":
+        model.ddp.zero_grad_buffer()
+    else:
+        model.zero_grad(set_to_none=True)
     batch = the_batch(cfg, seq_len, max_doc, text_only=text_only)
     dist.barrier()
     with PeakMemory() as mem:
@@ -168,7 +200,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=BACKENDS)
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
     parser.add_argument("--max-doc", type=int, default=MAX_DOC)
-    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"any of {', '.join(BACKENDS)}")
     parser.add_argument("--out-dir")
     parser.add_argument("--worker-text-only", action="store_true")
     parser.add_argument("--skip-text-only", action="store_true",
@@ -200,8 +232,8 @@ def main() -> None:
         text = [f"One forward+backward of the tiny model on the same {args.seq_len}-token packed batch (synthetic "
                 f"mix, documents <= {args.max_doc} tokens), peak RSS during the step minus RSS before it, per "
                 f"rank (torchrun, gloo, 1 thread per rank). deepspeed = the DeepSpeed backend's LossModule + "
-                f"Ulysses (no engine); megatron = the megatron backend had not landed: reference decoder with "
-                f"cp_attention.ContextParallelAttention swapped in, load-balanced split. {MACHINE}.", "",
+                f"Ulysses (no engine); megatron = the megatron backend's forward+backward (MegatronBackend._run); "
+                f"megatron_cp_attention = reference decoder with its cp_attention swapped in. {MACHINE}.", "",
                 "| backend | CP=1 MiB | CP=2 MiB rank0 / rank1 | ratio (worst rank / CP=1) |", "|---|---|---|---|"]
         text += lines + [""] + [f"- {name}: {value:.4g}" for name, value in figures.items()]
         append_section("Context-parallel memory (bench/cp_memory.py)", text)
