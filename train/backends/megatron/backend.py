@@ -10,6 +10,7 @@ gradient of the global loss (grad_scale = 1), whatever the layout; clipping and 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Callable
@@ -200,12 +201,25 @@ class MegatronBackend:
     def save(self, directory: Path) -> None:
         from train.backends.megatron.checkpoint import save_training_state
 
-        save_training_state(Path(directory), self.ddp, self.optimizer, self.step)
+        save_training_state(Path(directory), self.ddp, self.optimizer, self.step, self.state_layout())
 
     def load(self, directory: Path) -> None:
+        """Resume: model, optimizer and step, in the layout they were saved in (else a CheckpointError)."""
         from train.backends.megatron.checkpoint import load_training_state
 
-        self.step = load_training_state(Path(directory), self.ddp, self.optimizer)
+        self.step = load_training_state(Path(directory), self.ddp, self.optimizer, self.state_layout())
+
+    def load_model_weights_from_checkpoint(self, directory: Path) -> None:
+        """Only the model weights of a checkpoint saved by `save`, in any layout (resharded by
+        dist_checkpointing); the optimizer and the step stay fresh, as at the start of a new stage."""
+        from train.backends.megatron.checkpoint import load_model_state
+
+        load_model_state(Path(directory), self.ddp, self.optimizer)
+
+    def state_layout(self) -> dict:
+        """What the saved optimizer state's sharding depends on: a full load needs all of it unchanged."""
+        return {**dataclasses.asdict(self.sizes), "distributed_optimizer": self.cfg.backend.distributed_optimizer,
+                "precision": self.cfg.backend.precision}
 
     def state_dict_for_export(self) -> dict[str, torch.Tensor]:
         from train.backends.megatron.weights import export_native

@@ -1,0 +1,154 @@
+"""torchrun program (2 ranks, gloo): a Qwen3-VL MegatronBackend checkpoint saved at TP=2 (+ sequence
+parallel) loads its model weights at TP=1 (DP=2) and at PP=2 (the stage handoff across layouts).
+
+    megatron_reshard.py CHECKPOINT_DIR
+
+TP=2: one training step (weights away from the init, Adam state present), backend.save (dist_checkpointing),
+the exported native state dict and the full logits of a probe sequence are what every later layout must
+reproduce. Then for TP=1 and PP=2, each from another seed (checked to differ first, else the test would be
+vacuous):
+  - backend.load (model + optimizer) is refused with a one-line CheckpointError naming the layout change,
+  - load_model_weights_from_checkpoint: the export equals the saved one bitwise; the logits equal bitwise
+    those of the same layout handed the saved weights natively (load_model_weights), and those of the
+    saving TP=2 model within 1e-6 (TP=2 sums its row-parallel halves in another order: rounding),
+  - the next step equals that natively loaded backend's step bitwise: the optimizer starts fresh and steps
+    the loaded weights, not the ones the backend was built with.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from deepspeed_common import compare_states, global_batch
+from megatron_backend import mode_config, train
+from rank_harness import finish, start
+from train.backends.megatron.backend import MegatronBackend
+from train.models.native_io import CheckpointError
+
+TOLERANCE = 1e-7  # exported weights (they come out bitwise equal)
+CROSS_LAYOUT_LOGITS = 1e-6  # logits of the TP=2 model vs TP=1 / PP=2: another reduction order
+LAYOUTS = {"tp2": dict(tp=2, pp=1, sequence_parallel=True), "tp1": dict(tp=1, pp=1, sequence_parallel=False),
+           "pp2": dict(tp=1, pp=2, sequence_parallel=False)}
+
+
+def layout_config(name: str, seed: int):
+    cfg = mode_config("pp")  # 4 text layers, DeepStack on layers 0-1: runs in all three layouts
+    for key, value in LAYOUTS[name].items():
+        setattr(cfg.parallel, key, value)
+    cfg.seed = seed
+    return cfg
+
+
+@torch.no_grad()
+def full_logits(backend: MegatronBackend, batch) -> torch.Tensor | None:
+    """[n, V] logits of one packed sequence on the last pipeline stage (None elsewhere); earlier stages
+    hand their activations on point-to-point, as the schedule would."""
+    model, mpu = backend.model, backend.mpu
+    model.eval()
+    if not mpu.is_pipeline_first_stage():
+        received = torch.empty(batch.seq_len, 1, backend.cfg.model.text.hidden_size)
+        dist.recv(received, src=mpu.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(received)
+    hidden = model(batch)
+    model.train()
+    if not mpu.is_pipeline_last_stage():
+        dist.send(hidden.contiguous(), dst=mpu.get_pipeline_model_parallel_next_rank())
+        return None
+    return model.gather_sequence_parallel(hidden) @ model.lm_head_weight().t()
+
+
+def compare_exports(got: dict, want: dict, failures: list[str], what: str) -> float:
+    """Rank 0 holds the exports: same tensor names, values within TOLERANCE."""
+    if dist.get_rank() != 0:
+        return 0.0
+    if got.keys() != want.keys():
+        failures.append(f"{what}: tensor names differ: {sorted(set(got) ^ set(want))[:5]}")
+        return float("inf")
+    return compare_states(got, want, TOLERANCE, failures, what)
+
+
+def compare_logits(got: torch.Tensor | None, want: torch.Tensor | None, failures: list[str], what: str,
+                   tolerance: float = 0.0) -> float:
+    """Max |logit diff| over the ranks holding logits (the last stage), the same on every rank."""
+    diff = torch.tensor([0.0 if got is None else float((got - want).abs().max())])
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    if diff.item() > tolerance:
+        failures.append(f"{what}: logits differ by {diff.item():.3g}")
+    return diff.item()
+
+
+def full_load_is_refused(backend: MegatronBackend, ckpt: Path, failures: list[str], name: str) -> str:
+    try:
+        backend.load(ckpt)
+    except CheckpointError as err:
+        message = str(err)
+        if "\n" in message or "tp 2->1" not in message and "pp 1->2" not in message:
+            failures.append(f"{name}: refusal is not one line naming the layout change: {message!r}")
+        return message
+    failures.append(f"{name}: optimizer state saved at tp=2 loaded without complaint")
+    return ""
+
+
+def check_layout(name: str, ckpt: Path, want_state: dict, want_logits: torch.Tensor, probe, step_batches,
+                 failures: list[str]) -> None:
+    t0 = time.time()
+    backend = MegatronBackend(layout_config(name, seed=1000))
+    before = compare_logits(full_logits(backend, probe), want_logits, [], name)
+    if not before > 1e-3:
+        failures.append(f"{name}: fresh model already gives the saved logits (diff {before}): vacuous")
+    refusal = full_load_is_refused(backend, ckpt, failures, name)
+    backend.load_model_weights_from_checkpoint(ckpt)
+    state_diff = compare_exports(backend.state_dict_for_export(), want_state, failures, f"{name} weights")
+    logits = full_logits(backend, probe)
+    saved_diff = compare_logits(logits, want_logits, failures, f"{name} vs tp2 logits", CROSS_LAYOUT_LOGITS)
+    stepped = train(backend, step_batches)
+    after_step = backend.state_dict_for_export()
+    backend.close()
+
+    native = MegatronBackend(layout_config(name, seed=2000))
+    native.load_model_weights(want_state)
+    native_diff = compare_logits(logits, full_logits(native, probe), failures, f"{name} vs native-load logits")
+    reference = train(native, step_batches)
+    step_diff = compare_exports(after_step, native.state_dict_for_export(), failures, f"{name} step after load")
+    native.close()
+    if stepped.loss != reference.loss:
+        failures.append(f"{name}: step after weights-only load: loss {stepped.loss!r} vs {reference.loss!r}")
+    if dist.get_rank() == 0:
+        print(f"[{name}] fresh logits diff {before:.3g}; full load refused: {refusal}", flush=True)
+        print(f"[{name}] weights-only load: max weight diff {state_diff:.3g}; max logit diff vs native load "
+              f"{native_diff:.3g}, vs tp2 {saved_diff:.3g}; next step loss {stepped.loss!r} vs native load "
+              f"{reference.loss!r} (weights diff {step_diff:.3g}) time {time.time() - t0:.1f}s", flush=True)
+
+
+def _broadcast_state(state: dict) -> dict:
+    """The export lives on rank 0; load_model_weights wants the full state dict on every rank."""
+    box = [state]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def main(ckpt: Path) -> None:
+    start()
+    failures: list[str] = []
+    cfg = layout_config("tp2", seed=11)
+    probe = global_batch(cfg.model, 5)[1]  # the sequence with an image
+    t0 = time.time()
+    saved = MegatronBackend(cfg)
+    train(saved, global_batch(cfg.model, 0))
+    saved.save(ckpt)
+    want_state = _broadcast_state(saved.state_dict_for_export())
+    want_logits = full_logits(saved, probe)
+    saved.close()
+    if dist.get_rank() == 0:
+        print(f"[tp2] saved after one step; time {time.time() - t0:.1f}s", flush=True)
+    for name in ("tp1", "pp2"):
+        check_layout(name, ckpt, want_state, want_logits, probe, global_batch(cfg.model, 1), failures)
+    finish(failures)
+
+
+if __name__ == "__main__":  # required: the checkpoint writer's spawn Manager re-imports __main__
+    main(Path(sys.argv[1]))

@@ -1,0 +1,43 @@
+"""Stage handoff across layouts through dist_checkpointing, on the Qwen3-VL MegatronBackend (2 ranks,
+programs/megatron_reshard.py, ~22 s): saved at TP=2 + sequence parallel, loaded at TP=1 (DP=2) and at PP=2.
+  - the full load (model + optimizer) is refused with one line naming the layout change: the optimizer's
+    dp_reshardable shards do not survive a TP/PP change,
+  - the weights-only load exports bitwise the saved weights, gives the logits of the same layout handed
+    those weights natively (bitwise) and of the saving TP=2 model (<= 1e-6, reduction order), and its next
+    step equals that native handoff's step (fresh optimizer on the loaded weights).
+"""
+from __future__ import annotations
+
+import pytest
+
+from test_megatron_backend import run_program
+
+LAYOUTS = ("tp1", "pp2")
+
+
+@pytest.fixture(scope="module")
+def reshard_run(tmp_path_factory):
+    return run_program("megatron_reshard.py", str(tmp_path_factory.mktemp("megatron_reshard")))
+
+
+def _context(proc) -> str:
+    return proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tp2_checkpoint_weights_load_in_other_layout(reshard_run, layout):
+    lines = [line for line in reshard_run.stdout.splitlines() if line.startswith(f"[{layout}]")]
+    print("\n".join(lines))
+    assert not [line for line in reshard_run.stdout.splitlines() if f"FAIL {layout}" in line], _context(reshard_run)
+    loaded = [line for line in lines if "weights-only load" in line]
+    assert loaded and "max weight diff 0;" in loaded[0] and "vs native load 0," in loaded[0], _context(reshard_run)
+    refused = [line for line in lines if "full load refused: " in line]
+    assert refused and "saved in another layout" in refused[0], _context(reshard_run)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_reshard_program_passes_on_every_rank(reshard_run):
+    assert reshard_run.returncode == 0 and "ALL OK" in reshard_run.stdout, _context(reshard_run)
