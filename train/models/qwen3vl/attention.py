@@ -56,16 +56,16 @@ def _flash_varlen(q, k, v, cu_seqlens, causal) -> torch.Tensor:  # pragma: no co
 
 def _sdpa_per_segment(q, k, v, cu_seqlens, causal) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
+    lengths = segment_lengths(cu_seqlens)
     outputs = []
-    start = 0
-    for length in segment_lengths(cu_seqlens):
-        if length == 0:
+    # split() gives views whose backward is one concatenation; slicing t[seg] per segment would make each
+    # segment's backward allocate and accumulate into a full-size zero gradient (hundreds of ViT frames).
+    for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
+        if qs.shape[0] == 0:
             continue
-        seg = slice(start, start + length)
         # [l, H, D] -> [1, H, l, D]. The batch dim matters: with 3-D inputs torch falls back to the math
         # kernel, which materialises the l x l scores; 4-D inputs get the fused (flash) CPU/CUDA kernel.
-        out = F.scaled_dot_product_attention(*(t[seg].transpose(0, 1)[None] for t in (q, k, v)),
+        out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (qs, ks, vs)),
                                              is_causal=causal, enable_gqa=gqa)
         outputs.append(out[0].transpose(0, 1))
-        start += length
     return torch.cat(outputs, dim=0) if len(outputs) != 1 else outputs[0]
