@@ -9,8 +9,9 @@ and hands each rank its own slice) and attends its local query chunks against th
 sequences: pass `PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=<document boundaries of the full,
 unsplit sequence>)`; a token then attends only to earlier tokens of its own document.
 
-Memory: no L x L mask is built. Queries are processed per (local chunk, document) piece, each against the
-keys from its document start up to its last query only, so per-rank scores stay ~1/cp of the full ones.
+Memory: no L x L (or L/cp x L) mask or score tensor is built. Queries are processed per (local chunk,
+document) piece, each against the keys from its document start up to its last query only: the keys before the
+chunk unmasked, the diagonal block causally, both blockwise (blockwise_attention.py), merged by log-sum-exp.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from train.backends.megatron.blockwise_attention import (DEFAULT_KEY_BLOCK, DEFAULT_QUERY_BLOCK,
+                                                        blockwise_attention, merge_partials)
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -82,23 +86,35 @@ def document_bounds(packed_seq_params: PackedSeqParams | None, total_len: int) -
     return bounds
 
 
-def _causal_piece(query: Tensor, key: Tensor, value: Tensor, scale: float, dropout_p: float) -> Tensor:
+def _causal_piece(query: Tensor, key: Tensor, value: Tensor, scale: float, dropout_p: float,
+                  query_block: int, key_block: int) -> Tensor:
     """Attention of the last nq positions of a key range onto that range (query i sees keys <= its own).
 
-    query [nq, b, np, hn], key/value [nk, b, ng, hn] with nk >= nq; returns [nq, b, np, hn].
+    query [nq, b, np, hn], key/value [nk, b, ng, hn] with nk >= nq; returns [nq, b, np, hn]. The keys before
+    the first query are all visible (no mask) and the last nq keys form the causal diagonal block; the two
+    partial results are merged exactly by their log-sum-exp. Both go through blockwise_attention, so no
+    score or mask tensor larger than heads x query_block x key_block is ever allocated (an explicit
+    bottom-right mask would be nq x nk: 16 GiB for a 262K-token document at CP=2).
     """
-    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-    nq, nk = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
+    nq, nk = query.shape[0], key.shape[0]
     if nq == nk:
+        # Nothing before the chunk: torch's fused causal SDPA (4-D inputs, so its flash kernel, which keeps
+        # memory linear in nq on CPU and CUDA) is exact and several times faster than the Python blocks.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p,
-                                             enable_gqa=gqa)
-    else:
-        # Bottom-right aligned causal mask: query i sits at key position i + (nk - nq).
-        mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(diagonal=nk - nq)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p,
-                                             enable_gqa=gqa)
-    return out.permute(2, 0, 1, 3)
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return out.permute(2, 0, 1, 3)
+    groups = key.shape[2]
+    # [s, b, heads, hn] -> [b, groups, rep, s, hn]: query head h uses K/V group h // rep (megatron's GQA).
+    q = query.permute(1, 2, 0, 3).unflatten(1, (groups, -1))
+    k, v = (t.permute(1, 2, 0, 3) for t in (key, value))
+    blocks = {"query_block": query_block, "key_block": key_block, "dropout_p": dropout_p}
+    diagonal, diagonal_lse = blockwise_attention(q, k[:, :, nk - nq:], v[:, :, nk - nq:], scale, causal=True,
+                                                 **blocks)
+    before, before_lse = blockwise_attention(q, k[:, :, :nk - nq], v[:, :, :nk - nq], scale, causal=False,
+                                             **blocks)
+    out = merge_partials(before, before_lse, diagonal, diagonal_lse)
+    return out.flatten(1, 2).permute(2, 0, 1, 3)
 
 
 class ContextParallelAttention(MegatronModule):
@@ -119,6 +135,9 @@ class ContextParallelAttention(MegatronModule):
         # inside the fp16 softmax; in this fp32 SDPA path the two cancel, so only the base scale is used.
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        # Score-block shape of the blockwise attention: peak extra memory ~ 4 x heads x query x key block
+        # floats per step (scores, probabilities and their gradients), whatever the sequence length.
+        self.query_block, self.key_block = DEFAULT_QUERY_BLOCK, DEFAULT_KEY_BLOCK
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                 attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,
@@ -156,5 +175,8 @@ class ContextParallelAttention(MegatronModule):
         if dropout_p > 0.0 and not self.config.sequence_parallel:
             # Same RNG discipline as megatron's DotProductAttention: TP ranks hold different heads.
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                return _causal_piece(query, key, value, self.softmax_scale, dropout_p)
-        return _causal_piece(query, key, value, self.softmax_scale, dropout_p)
+                return self._piece(query, key, value, dropout_p)
+        return self._piece(query, key, value, dropout_p)
+
+    def _piece(self, query: Tensor, key: Tensor, value: Tensor, dropout_p: float) -> Tensor:
+        return _causal_piece(query, key, value, self.softmax_scale, dropout_p, self.query_block, self.key_block)
