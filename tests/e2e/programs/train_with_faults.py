@@ -6,8 +6,8 @@
     before a time limit); the trainer must checkpoint after that step and exit 0.
 --nan-from K: from the K-th training batch of this run on, loss weights are NaN (a diverged step), so the
     loss and the gradients are not finite and the backend must skip the step.
---max-steps A,B,...: stage.max_steps of each stage of a pipeline (a pipeline's own per-stage overrides
-    come after the command line's, so a shortened demo cannot be asked for there).
+--max-steps A,B,...: stage.max_steps of each stage of a pipeline, one value per stage (a command-line
+    stage.max_steps=N would give every stage the same N).
 Everything else is the real pipeline: real config, loader, DeepSpeed backend, checkpoints.
 """
 from __future__ import annotations
