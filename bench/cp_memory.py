@@ -2,10 +2,11 @@
 
 The same 32K-token packed batch (synthetic pretraining mix of bench/common.py: text, images, short videos;
 documents up to 8K tokens), the tiny model (configs/model/tiny.yaml), the shared chunked loss:
-  deepspeed: the DeepSpeed backend's LossModule (embed on the full sequence -> contiguous CP split ->
-             decode -> chunked loss) with UlyssesAttention over the CP group, exactly as the backend wires
-             it; the DeepSpeed engine itself is not built (ZeRO's buffers for a 0.4M-parameter model are
-             not what is measured here: activations are).
+  deepspeed: the DeepSpeed backend's LossModule (CP: this rank's contiguous share embedded with the vision
+             tower sharded by item over the CP group, train/parallel/vision_shard.py -> decode -> chunked
+             loss) with UlyssesAttention over the CP group, exactly as the backend wires it; the DeepSpeed
+             engine itself is not built (ZeRO's buffers for a 0.4M-parameter model are not what is measured
+             here: activations are).
   megatron:  the megatron backend (train/backends/megatron: megatron-core model, DDP grad buffers, its CP
              split and cp_attention), one forward+backward through its schedule (`MegatronBackend._run`,
              everything of train_step but the optimizer step).
@@ -17,8 +18,8 @@ peak RSS during the step minus RSS before it, in a fresh process, after a small 
 
 Prints `RESULT cp2_memory_ratio_<backend> <r>` (max over ranks of the CP=2 peak / the CP=1 peak) and the
 per-rank MiB, and appends them to bench/RESULTS.md. A second measurement on a text-only batch of the same
-length distribution (`_text_only` figures) separates the decoder, which CP splits, from the vision tower and
-embeddings, which every CP rank runs on the whole sequence.
+length distribution (`_text_only` figures) separates the decoder from the vision tower, which CP shards by
+item (each rank runs its share of the images / video frame groups).
 Usage: python bench/cp_memory.py [--skip-text-only] [--no-write]
 """
 from __future__ import annotations
@@ -106,7 +107,8 @@ def megatron_backend_step(cfg, seq_len: int):
 def make_step(backend: str, model, group, cp: int, rank: int):
     """A function batch -> None running one forward+backward of `backend`'s CP path on this rank."""
     from train.loss import global_weight_sum, micro_batch_loss
-    from train.parallel.context import shard_index, split_embedded
+    from train.parallel.context import shard_index
+    from train.parallel.vision_shard import embed_context_share
 
     if backend == "deepspeed":
         from train.backends.deepspeed.module import LossModule
@@ -127,11 +129,8 @@ def make_step(backend: str, model, group, cp: int, rank: int):
     model.set_core_attention(lambda: MegatronCore(model.cfg, group))  # megatron_cp_attention
 
     def step(batch):
-        embeds, visual_mask, deepstack = model.embed(batch.input_ids, batch.pixel_values, batch.image_grid_thw,
-                                                     batch.pixel_values_videos, batch.video_grid_thw,
-                                                     batch.cu_seqlens)
-        index = shard_index(batch.seq_len, cp, rank, load_balanced=True)
-        shard = split_embedded(batch, embeds, visual_mask, deepstack, index)
+        shares = [shard_index(batch.seq_len, cp, r, load_balanced=True) for r in range(cp)]
+        shard = embed_context_share(model, batch, shares, group)
         hidden, _ = model.decode(shard.inputs_embeds, shard.position_ids, shard.cu_seqlens, shard.visual_mask,
                                  shard.deepstack)
         total = global_weight_sum([(shard.labels, shard.loss_weights)])

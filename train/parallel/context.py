@@ -1,14 +1,14 @@
-"""Context-parallel split of one packed sequence, AFTER the vision features are merged into the embeddings.
+"""Context-parallel shares of one packed sequence: which positions each CP rank holds, and what it holds.
 
-Qwen3-VL's vision tokens cannot be split before the vision tower: an image's features come from its whole
-patch grid, and a vision span may straddle the boundary between two ranks' shares. So every CP rank runs
-`model.embed` on the full sequence (the vision tower is replicated, its gradient from each rank's share is
-summed by the data-parallel gradient reduction, which includes the CP ranks), then keeps its share of
-everything that is per token, consistently:
+Every per-token tensor is split consistently by the same positions:
 
   inputs_embeds [L, H], position_ids [3, L] (MRoPE positions of the WHOLE sequence, split with it),
   visual_mask [L], DeepStack features (one row per visual token: the rows of the visual tokens in the share),
   labels, loss_weights, source_ids [L].
+
+The embeddings of a share are built by train/parallel/vision_shard.py (vision tower sharded by item over
+the CP group, features exchanged to the rank whose share holds their placeholders); a vision span may
+straddle the boundary between two ranks' shares, each rank then gets exactly its part of the span.
 
 cu_seqlens stays global: attention (Ulysses all-to-all, or all-gather K/V) sees the full sequence again and
 applies the document boundaries there.
@@ -56,36 +56,6 @@ class ContextShard:
     loss_weights: torch.Tensor  # [n]
     source_ids: torch.Tensor  # [n]
     cu_seqlens: torch.Tensor  # global document boundaries (unchanged)
-
-
-def split_embedded(
-    batch: PackedBatch,
-    inputs_embeds: torch.Tensor,
-    visual_mask: torch.Tensor,
-    deepstack: list[torch.Tensor],
-    index: torch.Tensor,
-) -> ContextShard:
-    """Keep the tokens at `index` of every per-token tensor. DeepStack features hold one row per visual
-    token of the full sequence (in sequence order), so the share's rows are the visual ranks of its visual
-    tokens; a vision span cut by the boundary leaves each rank exactly its part of the span."""
-    if inputs_embeds.shape[0] != batch.seq_len:
-        raise ValueError(f"embeddings cover {inputs_embeds.shape[0]} tokens, the batch {batch.seq_len}")
-    device = inputs_embeds.device
-    index = index.to(device)
-    local_visual = visual_mask[index]
-    visual_row = torch.cumsum(visual_mask.long(), 0) - 1  # row of each visual token in the features
-    rows = visual_row[index][local_visual]
-    return ContextShard(
-        index=index,
-        inputs_embeds=inputs_embeds.index_select(0, index),
-        position_ids=batch.position_ids.to(device).index_select(1, index),
-        visual_mask=local_visual,
-        deepstack=[features.index_select(0, rows) for features in deepstack],
-        labels=batch.labels.to(device).index_select(0, index),
-        loss_weights=batch.loss_weights.to(device).index_select(0, index),
-        source_ids=batch.source_ids.to(device).index_select(0, index),
-        cu_seqlens=batch.cu_seqlens.to(device),
-    )
 
 
 def split_tokens(batch: PackedBatch, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

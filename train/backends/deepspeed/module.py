@@ -1,8 +1,8 @@
 """The module DeepSpeed wraps: the Qwen3-VL model plus the shared loss, in ONE forward per micro-batch.
 
-Keeping embed -> (context-parallel split) -> decode -> chunked loss inside one `forward` lets ZeRO-3's
-module hooks gather and release every parameter where it is used; the lm_head weight is read directly by
-the chunked cross entropy (never through lm_head.forward, which would build [L, V] logits), so it is
+Keeping embed (under CP: train/parallel/vision_shard.py) -> decode -> chunked loss inside one `forward`
+lets ZeRO-3's module hooks gather and release every parameter where it is used; the lm_head weight is read
+directly by the chunked cross entropy (never through lm_head.forward, which would build [L, V] logits), so it is
 registered as an external parameter of this module under ZeRO-3.
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ from torch import nn
 from data.batch import PackedBatch
 from train.loss import micro_batch_loss
 from train.models.qwen3vl import Qwen3VLModel
-from train.parallel.context import shard_index, split_embedded
+from train.parallel.context import shard_index
+from train.parallel.vision_shard import embed_context_share
 
 
 class LossModule(nn.Module):
@@ -35,15 +36,15 @@ class LossModule(nn.Module):
                 grad_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(objective, sum(w*ce) detached, per-token ce [share], aux loss detached) of one micro-batch."""
         model = self.model
-        embeds, visual_mask, deepstack = model.embed(
-            batch.input_ids, batch.pixel_values, batch.image_grid_thw, batch.pixel_values_videos,
-            batch.video_grid_thw, batch.cu_seqlens, batch.doc_keys)
-        index = self.token_share(batch.seq_len)
-        if index is None:
+        if self.cp_size == 1:
+            embeds, visual_mask, deepstack = model.embed(
+                batch.input_ids, batch.pixel_values, batch.image_grid_thw, batch.pixel_values_videos,
+                batch.video_grid_thw, batch.cu_seqlens, batch.doc_keys)
             hidden, aux = model.decode(embeds, batch.position_ids, batch.cu_seqlens, visual_mask, deepstack)
             labels, weights = batch.labels, batch.loss_weights
         else:
-            shard = split_embedded(batch, embeds, visual_mask, deepstack, index)
+            shares = [shard_index(batch.seq_len, self.cp_size, r) for r in range(self.cp_size)]
+            shard = embed_context_share(model, batch, shares, self.cp_group)
             hidden, aux = model.decode(shard.inputs_embeds, shard.position_ids, shard.cu_seqlens,
                                        shard.visual_mask, shard.deepstack)
             labels, weights = shard.labels, shard.loss_weights

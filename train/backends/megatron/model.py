@@ -11,9 +11,9 @@
 - Interleaved MRoPE: angles computed with the reference rope helpers and handed to every layer as
   `rotary_pos_emb` (megatron's own mrope is the contiguous Qwen2-VL layout; its `rotary_interleaved` is
   GPT-J rotate-every-two, neither is Qwen3-VL).
-- Context parallel: the vision merge runs on the full sequence, then train/parallel/context.py keeps this
-  rank's load-balanced share (the layout ContextParallelAttention expects); with sequence parallelism the
-  share is further scattered over the TP ranks.
+- Context parallel: train/parallel/vision_shard.py builds this rank's load-balanced share (the layout
+  ContextParallelAttention expects), the vision tower sharded by item over the CP group; with sequence
+  parallelism the share is further scattered over the TP ranks.
 
 The MoE load-balancing loss is the reference's (pooled over layers, transformers' formula): router logits
 are tapped from megatron's routers during forward and megatron's own aux loss is switched off.
@@ -48,7 +48,8 @@ from train.models.qwen3vl import Qwen3VLModel
 from train.models.qwen3vl.common import maybe_checkpoint
 from train.models.qwen3vl.rope import mrope_angles
 from train.models.qwen3vl.vision import VisionTower
-from train.parallel.context import ContextShard, shard_index, split_embedded
+from train.parallel.context import shard_index
+from train.parallel.vision_shard import embed_context_share
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -162,25 +163,35 @@ class MegatronQwen3VL(LanguageModule):
         return tensor_parallel.gather_from_tensor_model_parallel_region(weight.t()).t()
 
     # ----------------------------------------------------------------------------------------- forward
-    def cp_index(self, seq_len: int) -> Tensor | None:
+    def cp_shares(self, seq_len: int) -> list[Tensor] | None:
+        """Positions held by every CP rank (None without context parallelism)."""
         cp = mpu.get_context_parallel_world_size()
         if cp == 1:
             return None
-        return shard_index(seq_len, cp, mpu.get_context_parallel_rank(), load_balanced=True)
+        return [shard_index(seq_len, cp, r, load_balanced=True) for r in range(cp)]
+
+    def cp_index(self, seq_len: int) -> Tensor | None:
+        """Positions this CP rank holds (None without context parallelism)."""
+        shares = self.cp_shares(seq_len)
+        return None if shares is None else shares[mpu.get_context_parallel_rank()]
+
+    def _native_view(self) -> types.SimpleNamespace:
+        """This stage's modules under the reference model's names (what its embed code reads)."""
+        return types.SimpleNamespace(
+            cfg=self.model_cfg, visual=self.visual,
+            language_model=types.SimpleNamespace(embed_tokens=self.embedding.word_embeddings))
 
     def embed(self, batch: PackedBatch) -> tuple[Tensor, Tensor, list[Tensor]]:
         """The reference's embed (vision tower once, features at the placeholders) on this stage's modules."""
-        native_view = types.SimpleNamespace(
-            cfg=self.model_cfg, visual=self.visual,
-            language_model=types.SimpleNamespace(embed_tokens=self.embedding.word_embeddings))
-        return Qwen3VLModel.embed(native_view, batch.input_ids, batch.pixel_values, batch.image_grid_thw,
+        return Qwen3VLModel.embed(self._native_view(), batch.input_ids, batch.pixel_values, batch.image_grid_thw,
                                   batch.pixel_values_videos, batch.video_grid_thw, batch.cu_seqlens,
                                   batch.doc_keys)
 
-    def _first_stage_inputs(self, batch: PackedBatch, index: Tensor | None) -> tuple[Tensor, list[Tensor]]:
-        embeds, visual_mask, deepstack = self.embed(batch)
-        if index is not None:
-            shard: ContextShard = split_embedded(batch, embeds, visual_mask, deepstack, index)
+    def _first_stage_inputs(self, batch: PackedBatch, shares: list[Tensor] | None) -> tuple[Tensor, list[Tensor]]:
+        if shares is None:
+            embeds, visual_mask, deepstack = self.embed(batch)
+        else:
+            shard = embed_context_share(self._native_view(), batch, shares, mpu.get_context_parallel_group())
             embeds, visual_mask, deepstack = shard.inputs_embeds, shard.visual_mask, shard.deepstack
         visual_index = visual_mask.nonzero().squeeze(1)
         # Dense [n, H] DeepStack tensors (zero off the visual rows) so sequence parallelism can scatter them
@@ -195,9 +206,10 @@ class MegatronQwen3VL(LanguageModule):
     def forward(self, batch: PackedBatch, router_logits: list[Tensor] | None = None) -> Tensor:
         """Hidden states [n, 1, H] of this rank's share of one packed sequence. MoE router logits of the
         layers on this stage are appended to `router_logits` when given."""
-        index = self.cp_index(batch.seq_len)
+        shares = self.cp_shares(batch.seq_len)
+        index = None if shares is None else shares[mpu.get_context_parallel_rank()]
         if self.pre_process:
-            hidden, deepstack = self._first_stage_inputs(batch, index)
+            hidden, deepstack = self._first_stage_inputs(batch, shares)
         else:
             hidden, deepstack = self.input_tensor, []
         positions = batch.position_ids if index is None else batch.position_ids[:, index.to(batch.position_ids.device)]
