@@ -27,7 +27,7 @@ Memory per GPU (worst pipeline stage), P = parameters this GPU holds, T = its tr
              (h hidden, q = heads*head_dim, kv = kv_heads*head_dim, f FFN, f_e expert FFN, k top-k, E experts)
              1F1B keeps min(pp - stage, micro-batches) micro-batches in flight.
              Full recompute keeps h per token and layer plus one layer's working set.
-             Vision (first stage; not / cp: every CP rank runs the whole tower before the split), per patch
+             Vision (first stage; / cp: the CP ranks share a sequence's images and frame groups), per patch
              of the vision share (encoder vision_fraction x seq_len tokens, 4 patches each), bf16:
                no recompute: depth x (8 H_v + 2 I_v)   recompute: depth x H_v + (8 H_v + 2 I_v);
                mergers: 4 H_v x (1 + DeepStack levels)

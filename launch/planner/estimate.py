@@ -176,14 +176,14 @@ def _layer_elements(cfg: TrainConfig, moe: bool) -> float:
     return attention + 4 * t.intermediate_size  # gate, up, act(gate), down input
 
 
-def _vision_bytes(cfg: TrainConfig, tp: int, recompute: bool) -> tuple[float, float]:
-    """(kept per in-flight sequence, working set once) of ViT + merger activations. Not divided by CP: every
-    CP rank runs the whole vision tower before the sequence is split (train/parallel/context.py)."""
+def _vision_bytes(cfg: TrainConfig, tp: int, cp: int, recompute: bool) -> tuple[float, float]:
+    """(kept per in-flight sequence, working set once) of ViT + merger activations. Divided by CP: the CP
+    ranks share the images and video frame groups of a sequence (train/parallel/vision_shard.py)."""
     v = cfg.model.vision
     patches = vision_tokens(cfg) * v.spatial_merge_size ** 2
     block = 8 * v.hidden_size + 2 * v.intermediate_size  # per patch: norms, qkv, q/k/v, attn out, fc1 in/out
     mergers = v.hidden_size * 4 * (1 + len(v.deepstack_visual_indexes))  # per patch, all mergers
-    per_elem = 2.0 * patches / tp
+    per_elem = 2.0 * patches / (tp * cp)
     if recompute:
         return per_elem * (v.hidden_size * v.depth + mergers), per_elem * block
     return per_elem * (block * v.depth + mergers), 0.0
@@ -205,7 +205,7 @@ def _activation_bytes(cfg: TrainConfig, layout: Layout, stage: int, first_layer:
     else:
         kept = sum(per_layer) * in_flight
     if stage == 0:
-        per_sequence, working = _vision_bytes(cfg, layout.tp, recompute)
+        per_sequence, working = _vision_bytes(cfg, layout.tp, layout.cp, recompute)
         kept += per_sequence * in_flight + working
     return kept
 
