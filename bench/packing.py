@@ -60,8 +60,7 @@ def pad_to_longest_efficiency(lengths: list[int], seq_len: int) -> float:
 
 def measure_demo(corpus: str, tok: Tokenizer, seq_len: int, batches: int) -> dict[str, float]:
     encoder = DocumentEncoder(tok, EncodeConfig(), seq_len)
-    tokens = VisionTokens(tok.vision_start_id, tok.vision_end_id, tok.image_pad_id, tok.video_pad_id,
-                          encoder.merge, tok.pad_id)
+    tokens = VisionTokens.from_tokenizer(tok, encoder.merge)
     pulled: list[int] = []
 
     def encode(sample, key, source):  # records document lengths in stream order for the baseline

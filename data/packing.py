@@ -38,6 +38,12 @@ class VisionTokens:
     spatial_merge_size: int = 2
     pad: int = 0
 
+    @classmethod
+    def from_tokenizer(cls, tok: Any, spatial_merge_size: int) -> "VisionTokens":
+        """The ids of a data.tokenizer.Tokenizer (the defaults above are the project's sentencepiece ids)."""
+        return cls(vision_start=tok.vision_start_id, vision_end=tok.vision_end_id, image_pad=tok.image_pad_id,
+                   video_pad=tok.video_pad_id, spatial_merge_size=spatial_merge_size, pad=tok.pad_id)
+
 
 def document_loss_weight(num_targets: int, mode: str) -> float:
     """Weight of each supervised target of a document with `num_targets` targets."""

@@ -224,8 +224,6 @@ def build_stage_loader(cfg: TrainConfig, info: Any, seed: int) -> Any:
 
     tok = Tokenizer.load(tokenizer_path(cfg))
     encoder = DocumentEncoder(tok, cfg.data.encode, cfg.stage.seq_len)
-    tokens = VisionTokens(vision_start=tok.vision_start_id, vision_end=tok.vision_end_id,
-                          image_pad=tok.image_pad_id, video_pad=tok.video_pad_id,
-                          spatial_merge_size=cfg.model.vision.spatial_merge_size, pad=tok.pad_id)
+    tokens = VisionTokens.from_tokenizer(tok, cfg.model.vision.spatial_merge_size)
     return StreamingLoader(replace(cfg.data, seed=seed), encoder.encode, cfg.stage.seq_len,
                            dp_rank=info.dp_rank, dp_size=info.dp_size, tokens=tokens)

@@ -25,8 +25,7 @@ def setup(tmp_path_factory):
     make_corpus(root, scale=0.25, shards_per_set=3)
     tok = Tokenizer.load(root / "tokenizer.model")
     encoder = DocumentEncoder(tok, EncodeConfig(), SEQ)
-    tokens = VisionTokens(tok.vision_start_id, tok.vision_end_id, tok.image_pad_id, tok.video_pad_id,
-                          encoder.merge, tok.pad_id)
+    tokens = VisionTokens.from_tokenizer(tok, encoder.merge)
     cfg = DataConfig(datasets=[DatasetConfig(n, [str(root / n / "shard-*.tar")], w) for n, w in MIX.items()],
                      temperature=0.5, packing_buffer=16, num_workers=2, prefetch_factor=3, seed=5)
     return cfg, encoder, tokens

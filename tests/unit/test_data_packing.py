@@ -147,3 +147,14 @@ def test_best_fit_packs_every_document_once_densely_and_without_starvation():
 def test_packer_rejects_documents_longer_than_seq_len():
     with pytest.raises(ValueError, match="pass it through fit_document"):
         _pack_all([text_doc("x", 20)], 16, buffer=4)
+
+
+def test_vision_tokens_come_from_the_tokenizer_not_the_defaults() -> None:
+    from types import SimpleNamespace
+
+    from data.packing import VisionTokens
+
+    # Qwen's HF tokenizer ids differ from the project's sentencepiece ids (the defaults).
+    qwen = SimpleNamespace(vision_start_id=151652, vision_end_id=151653, image_pad_id=151655,
+                           video_pad_id=151656, pad_id=151643)
+    assert VisionTokens.from_tokenizer(qwen, 2) == VisionTokens(151652, 151653, 151655, 151656, 2, 151643)
