@@ -58,8 +58,11 @@ class ContextShard:
     cu_seqlens: torch.Tensor  # global document boundaries (unchanged)
 
 
-def split_tokens(batch: PackedBatch, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(labels, loss_weights, source_ids) of a share without embedding anything: what the global loss
-    normaliser needs before the forward passes."""
+def split_tokens(batch: PackedBatch,
+                 index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(labels, loss_weights, source_ids) of a share (None: the whole sequence) without embedding anything:
+    what the global loss normaliser needs before the forward passes."""
+    if index is None:
+        return batch.labels, batch.loss_weights, batch.source_ids
     return (batch.labels.index_select(0, index), batch.loss_weights.index_select(0, index),
             batch.source_ids.index_select(0, index))

@@ -28,6 +28,7 @@ from train.config.schema import TrainConfig
 from train.loss import MicroBatchLoss, global_weight_sum, reduce_step_metrics
 from train.models.qwen3vl import Qwen3VLModel
 from train.optim import learning_rate, param_groups, set_learning_rate
+from train.parallel.context import split_tokens
 from train.parallel.ulysses import UlyssesAttention
 
 CHECKPOINT_TAG = "deepspeed"
@@ -98,11 +99,8 @@ class DeepSpeedBackend:
 
     # ------------------------------------------------------------------------------------------ steps
     def _share(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(labels, loss_weights, source_ids) of the tokens this rank's loss covers."""
-        index = self.engine.module.token_share(batch.seq_len)
-        if index is None:
-            return batch.labels, batch.loss_weights, batch.source_ids
-        return (batch.labels[index], batch.loss_weights[index], batch.source_ids[index])
+        """(labels, loss_weights, source_ids) of the tokens this rank's loss covers (its CP share)."""
+        return split_tokens(batch, self.engine.module.token_share(batch.seq_len))
 
     def _forward(self, batches: list[PackedBatch], backward: bool) -> tuple[list[MicroBatchLoss], list, object]:
         shares = [self._share(b) for b in batches]

@@ -28,6 +28,7 @@ from train.loss import MicroBatchLoss, global_weight_sum, micro_batch_loss, redu
 from train.models.qwen3vl import Qwen3VLModel
 from train.models.qwen3vl.moe import load_balancing_loss
 from train.optim import learning_rate, param_groups, set_learning_rate
+from train.parallel.context import split_tokens
 
 NO_DECAY_ATTR = "longvl_no_weight_decay"
 
@@ -117,10 +118,7 @@ class MegatronBackend:
     # ------------------------------------------------------------------------------------------ steps
     def _share(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(labels, loss_weights, source_ids) of the tokens this rank's loss covers (its CP share)."""
-        index = self.model.cp_index(batch.seq_len)
-        if index is None:
-            return batch.labels, batch.loss_weights, batch.source_ids
-        return batch.labels[index], batch.loss_weights[index], batch.source_ids[index]
+        return split_tokens(batch, self.model.cp_index(batch.seq_len))
 
     def _run(self, micro_batches: list[PackedBatch], forward_only: bool):
         """Forward (and backward) over the micro-batches through megatron's schedule; returns the step's
