@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:  # benchmarks run as `python bench/<name>.py`
 from data.batch import Document, PackedBatch  # noqa: E402
 from data.packing import BestFitPacker, BufferEntry  # noqa: E402
 from train.config.model import ModelConfig  # noqa: E402
-from train.models.qwen3vl.positions import document_position_ids  # noqa: E402
+from data.positions import document_position_ids  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 MACHINE = "2 CPU cores, no GPU"

@@ -29,7 +29,7 @@ from data.shard_format import Part, parse_sample
 from data.tokenizer import Tokenizer
 from data.video import VideoConfig, format_timestamp, process_video
 from data.vision import ImageConfig, decode_image, process_image
-from train.models.qwen3vl.positions import document_position_ids
+from data.positions import document_position_ids
 
 
 @dataclass

@@ -154,3 +154,18 @@ def test_long_documents_are_whole_but_vision_fits(tok):
     # The packer cuts long documents at a text boundary; the encoder keeps vision within 0.9 * seq_len.
     assert len(doc) > 64
     assert int((doc.input_ids == tok.image_pad_id).sum()) <= int(0.9 * 64)
+
+
+def test_data_package_imports_nothing_from_train():
+    """data/ is upstream of train/ (one-way data flow): no module of it may import train.*"""
+    import ast
+    from pathlib import Path
+
+    data_dir = Path(__file__).resolve().parents[2] / "data"
+    offenders = []
+    for path in sorted(data_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n == "train" or n.startswith("train.")]
+    assert offenders == []

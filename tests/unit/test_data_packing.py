@@ -10,7 +10,7 @@ import torch
 from data.batch import IGNORE_INDEX, Document
 from data.packing import (BestFitPacker, BufferEntry, VisionTokens, build_packed, document_loss_weight,
                           fit_document)
-from train.models.qwen3vl.positions import document_position_ids
+from data.positions import document_position_ids
 
 TOK = VisionTokens()  # vision_start 3, vision_end 4, image_pad 5, video_pad 6, merge 2
 PATCH_DIM = 12

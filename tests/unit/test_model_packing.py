@@ -8,7 +8,7 @@ from model_fixtures import (char_tokens, image_span, random_pixels, tiny_dense_c
                             video_span)
 
 from train.models.qwen3vl import Qwen3VLModel
-from train.models.qwen3vl.positions import document_position_ids
+from data.positions import document_position_ids
 
 
 def _documents(cfg) -> list[dict]:

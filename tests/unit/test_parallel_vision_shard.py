@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from data.batch import IGNORE_INDEX, PackedBatch
 from model_fixtures import char_tokens, image_span, random_pixels, tiny_dense_config, video_span
 from train.loss import supervised_weights
-from train.models.qwen3vl.positions import packed_position_ids
+from data.positions import packed_position_ids
 from train.parallel.context import shard_index
 from train.parallel.vision_shard import assign_units, exchange_plan, frame_units
 

@@ -14,7 +14,7 @@ from data.video import VideoClip
 from train.config.model import ConfigError, ModelConfig
 from train.checkpoint import CheckpointError, load_model_dir
 from train.models.qwen3vl.model import Qwen3VLModel
-from train.models.qwen3vl.positions import document_position_ids
+from data.positions import document_position_ids
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")

@@ -19,7 +19,7 @@ from model_fixtures import image_span, random_pixels, tiny_dense_config, tiny_mo
 from train.config.schema import TrainConfig  # noqa: E402
 from train.loss import micro_batch_loss, supervised_weights  # noqa: E402
 from train.models.qwen3vl import Qwen3VLModel  # noqa: E402
-from train.models.qwen3vl.positions import packed_position_ids  # noqa: E402
+from data.positions import packed_position_ids  # noqa: E402
 from train.optim import learning_rate, param_groups, set_learning_rate  # noqa: E402
 
 SEQ = 64

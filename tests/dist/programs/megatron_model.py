@@ -15,7 +15,7 @@ from rank_harness import finish, start
 from model_fixtures import char_tokens, random_pixels, tiny_dense_config, tiny_moe_config, video_span
 from train.backends.megatron.parallel_state import ParallelSizes, destroy_parallel_groups, init_parallel_groups
 from train.models.qwen3vl import Qwen3VLModel
-from train.models.qwen3vl.positions import packed_position_ids
+from data.positions import packed_position_ids
 
 LAYOUTS = {"single": ParallelSizes(dp=2), "tp2+sp": ParallelSizes(tp=2), "cp2": ParallelSizes(cp=2),
            "ep2": ParallelSizes(ep=2)}

@@ -22,7 +22,7 @@ from train.config.model import ModelConfig
 from train.models.qwen3vl.attention import full_cu_seqlens
 from train.models.qwen3vl.common import RMSNorm, maybe_checkpoint
 from train.models.qwen3vl.moe import Experts, TopKRouter, load_balancing_loss
-from train.models.qwen3vl.positions import packed_position_ids
+from data.positions import packed_position_ids
 from train.models.qwen3vl.rope import mrope_cos_sin
 from train.models.qwen3vl.text import TextModel
 from train.models.qwen3vl.vision import VisionTower

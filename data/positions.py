@@ -7,7 +7,8 @@ timestamps, so every video frame group is its own item with t = 0 (its grid row 
 Packed sequences restart positions at 0 for every document (segment of `cu_seqlens`).
 
 data/ computes these once per document; the model only recomputes them when called without position ids
-(HF-style inference), through the same function.
+(HF-style inference), through the same function. The module lives in data/ because it is part of the
+PackedBatch contract: the model imports it from here (data/ imports nothing from train/).
 """
 from __future__ import annotations
 
