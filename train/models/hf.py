@@ -6,15 +6,19 @@ mapping is a prefix change plus two details:
 - tied embeddings: with tie_word_embeddings, HF checkpoints do not store `lm_head.weight`;
 - MoE experts: transformers >= 5 holds `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] (our layout) and
   writes them so, but checkpoints written by transformers 4.x (the published Qwen3-VL-MoE weights) hold the
-  transposes [E, H, 2I] / [E, I, H]. We accept both and always write the transformers-5 layout.
+  transposes [E, H, 2I] / [E, I, H]. We accept both, and per-expert tensors (`experts.{e}.gate_proj.weight`
+  etc., the Qwen3-MoE text layout some converters write), and always write the transformers-5 layout.
+The map is per tensor (`hf_read_plan` -> `HFTensor` per native name; `hf_name` for writing) so loads and
+exports can stream one tensor, or one slice, at a time; the whole-state-dict functions loop over it.
 This module does not import transformers: it is a test-only dependency of the project.
 """
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -22,7 +26,7 @@ from train.config.model import ConfigError, ModelConfig, TextConfig, VisionConfi
 from train.models.native_io import (
     DEFAULT_MAX_SHARD_SIZE, EMBED, LM_HEAD, CheckpointError, StateDict, atomic_directory,
     check_state_dict_fits, drop_tied_lm_head, model_config_from_dict, read_safetensors_dir,
-    restore_tied_lm_head, write_safetensors_dir,
+    write_safetensors_dir,
 )
 
 HF_CONFIG_FILE = "config.json"
@@ -168,48 +172,153 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-# ---- state dicts --------------------------------------------------------------------------------------
+# ---- per-tensor name and layout map -------------------------------------------------------------------
+# One native tensor is stored in an HF checkpoint as:
+RENAME = "rename"  # one HF tensor, same layout ("model." + native name; `lm_head.weight` as is)
+TRANSPOSED_EXPERTS = "transposed_experts"  # transformers 4.x fused experts [E, H, 2I] / [E, I, H]
+PER_EXPERT_GLU = "per_expert_glu"  # per-expert files: experts.{e}.gate_proj / up_proj [I, H] -> gate_up_proj
+PER_EXPERT = "per_expert"  # per-expert files: experts.{e}.down_proj [H, I] -> down_proj
+_PER_EXPERT_NAME = re.compile(r"^(.+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_FUSED_EXPERTS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
+
+Index = tuple[slice, ...]
+
+
+class SliceReader(Protocol):
+    """What `HFTensor.read` needs of one stored tensor: safetensors' `get_slice` object or a torch.Tensor."""
+
+    def __getitem__(self, index: Index) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class HFTensor:
+    """Which HF tensor(s) one native tensor is made of, and how (one of the layouts above)."""
+
+    native: str
+    shape: tuple[int, ...]  # the native shape
+    hf_names: tuple[str, ...]  # PER_EXPERT_GLU: gate_0, up_0, gate_1, up_1, ...; PER_EXPERT: down_0, ...
+    layout: str = RENAME
+
+    def to_native(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The native tensor from all of its HF tensors (RENAME returns the HF tensor object itself)."""
+        if self.layout == RENAME:
+            return tensors[0]
+        if self.layout == TRANSPOSED_EXPERTS:
+            return tensors[0].transpose(1, 2).contiguous()
+        if self.layout == PER_EXPERT_GLU:
+            return torch.stack([torch.cat(tensors[i:i + 2]) for i in range(0, len(tensors), 2)])
+        return torch.stack(list(tensors))
+
+    def read(self, open_tensor: Callable[[str], SliceReader], index: Index | None = None) -> torch.Tensor:
+        """`native[index]` reading only that slice of the HF tensors (per-expert layouts: the experts in it)."""
+        index = _full_index(index, self.shape)
+        if self.layout == RENAME:
+            return open_tensor(self.hf_names[0])[index]
+        if self.layout == TRANSPOSED_EXPERTS:
+            experts, rows, cols = index
+            return open_tensor(self.hf_names[0])[experts, cols, rows].transpose(1, 2).contiguous()
+        experts = range(*index[0].indices(self.shape[0]))
+        if self.layout == PER_EXPERT:
+            return torch.stack([open_tensor(self.hf_names[e])[index[1:]] for e in experts])
+        rows = []
+        for e in experts:  # one expert's [2I, H] at a time: the slice may straddle gate and up
+            gate_up = torch.cat([open_tensor(name)[:] for name in self.hf_names[2 * e:2 * e + 2]])
+            rows.append(gate_up[index[1:]])
+        return torch.stack(rows)
+
+
+def _full_index(index: Index | None, shape: tuple[int, ...]) -> Index:
+    index = tuple(index or ())
+    if len(index) > len(shape) or any(not isinstance(s, slice) or s.step not in (None, 1) for s in index):
+        raise ValueError(f"index {index} is not a tuple of contiguous slices for shape {list(shape)}")
+    return index + (slice(None),) * (len(shape) - len(index))
+
+
+def hf_name(native: str) -> str:
+    """The HF name a native tensor is written under (always the transformers-5 layout)."""
+    return native if native == LM_HEAD else HF_PREFIX + native
+
+
+def hf_names_to_write(cfg: ModelConfig, native: str) -> str | None:
+    """HF name of `native` in an export, None for the tied `lm_head.weight` (not stored)."""
+    return None if native == LM_HEAD and cfg.text.tie_word_embeddings else hf_name(native)
+
+
+def hf_read_plan(cfg: ModelConfig, hf_shapes: Mapping[str, Sequence[int]], source: str = "HF checkpoint",
+                 legacy_expert_layout: bool = False) -> dict[str, HFTensor]:
+    """Native name -> how to read it from HF tensors of these names and shapes (a checkpoint's headers).
+
+    Tied models get `lm_head.weight` from the embedding. `legacy_expert_layout` resolves the fused expert
+    layout when shapes cannot (hidden == 2 * moe_intermediate or hidden == moe_intermediate): true for
+    files written by transformers 4.x. Shapes are not checked against `cfg` here (check_state_dict_fits).
+    """
+    plan: dict[str, HFTensor] = {}
+    per_expert: dict[tuple[str, str], dict[int, str]] = {}
+    for key, shape in hf_shapes.items():
+        expert = _PER_EXPERT_NAME.match(key)
+        if expert is not None and key.startswith(HF_PREFIX):
+            prefix, index, proj = expert.groups()
+            per_expert.setdefault((prefix[len(HF_PREFIX):], proj), {})[int(index)] = key
+        elif key == LM_HEAD or key.startswith(HF_PREFIX):
+            native = key if key == LM_HEAD else key[len(HF_PREFIX):]
+            plan[native] = _fused_or_renamed(cfg, native, key, tuple(shape), legacy_expert_layout)
+        else:
+            raise CheckpointError(f"{source}: tensor {key!r} is neither 'model.*' nor {LM_HEAD!r}")
+    for (prefix, proj), by_index in per_expert.items():
+        if proj != "down":
+            gates, ups = per_expert.get((prefix, "gate"), {}), per_expert.get((prefix, "up"), {})
+            if proj == "up" and gates:
+                continue  # planned with its gate
+            plan[prefix + ".gate_up_proj"] = _per_expert(source, prefix, hf_shapes, [gates, ups], PER_EXPERT_GLU)
+        else:
+            plan[prefix + ".down_proj"] = _per_expert(source, prefix, hf_shapes, [by_index], PER_EXPERT)
+    embed = plan.get(EMBED)
+    if LM_HEAD not in plan and embed is not None and cfg.text.tie_word_embeddings:
+        plan[LM_HEAD] = HFTensor(LM_HEAD, embed.shape, embed.hf_names)
+    if LM_HEAD not in plan and not cfg.text.tie_word_embeddings:
+        raise CheckpointError(f"{source}: tie_word_embeddings is false but {LM_HEAD!r} is missing")
+    return plan
+
+
+def _fused_or_renamed(cfg: ModelConfig, native: str, key: str, shape: tuple[int, ...], legacy: bool) -> HFTensor:
+    if not (cfg.text.is_moe and native.endswith(_FUSED_EXPERTS)) or len(shape) != 3:
+        return HFTensor(native, shape, (key,))
+    experts, hidden, inter = cfg.text.num_experts, cfg.text.hidden_size, cfg.text.moe_intermediate_size
+    current = (experts, 2 * inter, hidden) if native.endswith(_FUSED_EXPERTS[0]) else (experts, hidden, inter)
+    transposed = (current[0], current[2], current[1])
+    if shape == transposed and (legacy or current != transposed):
+        return HFTensor(native, current, (key,), TRANSPOSED_EXPERTS)
+    return HFTensor(native, shape, (key,))
+
+
+def _per_expert(source: str, prefix: str, hf_shapes: Mapping[str, Sequence[int]], parts: list[dict[int, str]],
+                layout: str) -> HFTensor:
+    count = len(parts[0])
+    for by_index in parts:
+        if sorted(by_index) != list(range(count)):
+            raise CheckpointError(f"{source}: per-expert tensors of {HF_PREFIX}{prefix} hold experts "
+                                  f"{sorted(by_index)[:8]}, not 0..{count - 1} for each projection")
+    names = tuple(by_index[e] for e in range(count) for by_index in parts)
+    first = tuple(hf_shapes[names[0]])
+    rows = sum(tuple(hf_shapes[n])[0] for n in names[:len(parts)])
+    native = prefix + (".gate_up_proj" if layout == PER_EXPERT_GLU else ".down_proj")
+    return HFTensor(native, (count, rows, *first[1:]), names, layout)
+
+
+# ---- state dicts (thin loops over the per-tensor map) -------------------------------------------------
 
 def hf_to_native_state_dict(cfg: ModelConfig, hf_state_dict: StateDict, source: str = "HF state dict",
                             legacy_expert_layout: bool = False) -> StateDict:
-    """Native state dict (with `lm_head.weight`, tied or not) from an HF checkpoint's tensors.
-
-    `legacy_expert_layout` resolves the expert layout when shapes cannot (hidden == 2 * moe_intermediate or
-    hidden == moe_intermediate): true for files written by transformers 4.x.
-    """
-    native: StateDict = {}
-    for key, tensor in hf_state_dict.items():
-        if key == LM_HEAD:
-            native[key] = tensor
-        elif key.startswith(HF_PREFIX):
-            native[key[len(HF_PREFIX):]] = tensor
-        else:
-            raise CheckpointError(f"{source}: tensor {key!r} is neither 'model.*' nor {LM_HEAD!r}")
-    if cfg.text.is_moe:
-        native = _experts_to_current_layout(cfg, native, legacy_expert_layout)
-    return restore_tied_lm_head(native, cfg.text.tie_word_embeddings, EMBED, LM_HEAD, source)
+    """Native state dict (with `lm_head.weight`, tied or not) from an HF checkpoint's tensors."""
+    shapes = {key: tuple(tensor.shape) for key, tensor in hf_state_dict.items()}
+    plan = hf_read_plan(cfg, shapes, source, legacy_expert_layout)
+    return {native: entry.to_native([hf_state_dict[k] for k in entry.hf_names]) for native, entry in plan.items()}
 
 
 def native_to_hf_state_dict(cfg: ModelConfig, state_dict: StateDict) -> StateDict:
     """HF on-disk state dict: "model." prefix, and no `lm_head.weight` when embeddings are tied."""
     on_disk = drop_tied_lm_head(state_dict, cfg.text.tie_word_embeddings, EMBED, LM_HEAD)
-    return {key if key == LM_HEAD else HF_PREFIX + key: tensor for key, tensor in on_disk.items()}
-
-
-def _experts_to_current_layout(cfg: ModelConfig, state_dict: StateDict, legacy: bool) -> StateDict:
-    experts, hidden, inter = cfg.text.num_experts, cfg.text.hidden_size, cfg.text.moe_intermediate_size
-    current = {".mlp.experts.gate_up_proj": (experts, 2 * inter, hidden),
-               ".mlp.experts.down_proj": (experts, hidden, inter)}
-    out = dict(state_dict)
-    for key, tensor in state_dict.items():
-        suffix = next((s for s in current if key.endswith(s)), None)
-        if suffix is None:
-            continue
-        shape, transposed = current[suffix], (current[suffix][0], current[suffix][2], current[suffix][1])
-        ambiguous = shape == transposed
-        if tuple(tensor.shape) == transposed and (legacy or not ambiguous):
-            out[key] = tensor.transpose(1, 2).contiguous()
-    return out
+    return {hf_name(key): tensor for key, tensor in on_disk.items()}
 
 
 # ---- checkpoint directories ---------------------------------------------------------------------------
