@@ -23,12 +23,11 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from train.config.model import ConfigError, ModelConfig
+from train.models.streaming_writer import INDEX_FILE, SINGLE_FILE, TensorSpec, write_tensors
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 NATIVE_CONFIG_FILE = "model_config.yaml"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 LM_HEAD = "lm_head.weight"
@@ -129,51 +128,10 @@ def write_safetensors_dir(directory: str | Path, state_dict: StateDict,
                           max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
     """Write `state_dict` as one file, or as shards + index when it exceeds `max_shard_size` bytes.
 
-    Returns the names of the files written. Tensors are made contiguous and storage-unshared because
-    safetensors refuses views that share memory.
+    Returns the names of the files written (train/models/streaming_writer.py; tensors keep their dtypes).
     """
-    directory = Path(directory)
-    tensors = _unshared_contiguous(state_dict)
-    shards = _plan_shards(tensors, parse_size(max_shard_size))
-    if len(shards) == 1:
-        save_file(tensors, directory / SINGLE_FILE, metadata={"format": "pt"})
-        return [SINGLE_FILE]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map: dict[str, str] = {}
-    for name, keys in zip(names, shards):
-        save_file({k: tensors[k] for k in keys}, directory / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in keys})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return names + [INDEX_FILE]
-
-
-def _plan_shards(tensors: StateDict, max_bytes: int) -> list[list[str]]:
-    """Greedy in key order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    return shards
-
-
-def _unshared_contiguous(state_dict: StateDict) -> StateDict:
-    seen: set[tuple[int, int]] = set()
-    out: StateDict = {}
-    for key, tensor in state_dict.items():
-        tensor = tensor.detach().contiguous()
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if ident in seen and tensor.numel():
-            tensor = tensor.clone()
-        seen.add(ident)
-        out[key] = tensor
-    return out
+    specs = {key: TensorSpec(tuple(t.shape), t.dtype) for key, t in state_dict.items()}
+    return write_tensors(directory, specs, state_dict.items(), parse_size(max_shard_size))
 
 
 # ---- atomic directory write ---------------------------------------------------------------------------
@@ -196,6 +154,7 @@ def atomic_directory(destination: str | Path, force: bool = False) -> Iterator[P
     tmp.mkdir()
     try:
         yield tmp
+        _fsync_tree(tmp)  # the data is on disk before the rename makes it visible
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -203,7 +162,23 @@ def atomic_directory(destination: str | Path, force: bool = False) -> Iterator[P
     if destination.exists():
         destination.rename(old)  # a directory cannot be os.replace'd onto a non-empty one
     tmp.rename(destination)
+    _fsync(destination.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    _fsync(directory)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---- tied embeddings ----------------------------------------------------------------------------------
