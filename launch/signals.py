@@ -16,6 +16,8 @@ from typing import Iterable, Mapping
 import torch
 import torch.distributed as dist
 
+from train.device import comm_tensor
+
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
@@ -68,8 +70,7 @@ def any_rank_flag(flag: bool) -> bool:
     """Logical OR of `flag` over all ranks (one 1-element all_reduce; local value without a group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    value = comm_tensor([1 if flag else 0], dtype=torch.int32)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 

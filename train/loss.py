@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from data.batch import IGNORE_INDEX
+from train.device import comm_tensor, comm_zeros, on_group_device
 
 # fp32 logits held at once (per chunk): 2^26 elements = 256 MiB, e.g. 441 tokens x 151936 vocabulary.
 DEFAULT_LOGITS_BUDGET = 1 << 26
@@ -110,9 +111,9 @@ def global_weight_sum(
     """sum(w) over the whole global batch: `shares` are (labels, loss_weights) of the tokens THIS rank's loss
     covers (all its micro-batches; under context parallelism only its part of each sequence), summed in
     fp64, then one all_reduce over `group` (data x context parallel ranks). Returns an fp32 scalar."""
-    local = torch.zeros((), dtype=torch.float64)
+    local = comm_zeros((), dtype=torch.float64, group=group)
     for labels, weights in shares:
-        local = local + supervised_weights(labels, weights).sum().cpu()
+        local += supervised_weights(labels, weights).sum().to(local.device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(local, group=group)
     return local.float()
@@ -171,25 +172,27 @@ def reduce_step_metrics(
     loss_weights, source_ids) shares. Collective over `group`: every rank calls it."""
     distributed = dist.is_available() and dist.is_initialized()
     max_source = max((int(s.max()) for _, _, s in shares if s.numel()), default=-1)
-    num_sources = torch.tensor(max_source + 1, dtype=torch.int64)
+    num_sources = comm_tensor(max_source + 1, dtype=torch.int64, group=group)
     if distributed:
         dist.all_reduce(num_sources, op=dist.ReduceOp.MAX, group=group)
     n = int(num_sources)
     # Layout: [sum w*ce, sum aux, tokens, per-source sum w*ce (n), per-source sum w (n)], fp64.
-    totals = torch.zeros(3 + 2 * n, dtype=torch.float64)
+    host_totals = torch.zeros(3 + 2 * n, dtype=torch.float64)  # built on the host, reduced once on the device
     for part, (labels, weights, sources) in zip(parts, shares):
         w = supervised_weights(labels, weights).cpu()
         wce = w * part.token_ce.double().cpu()
         src = sources.cpu()
         real = src >= 0
-        totals[0] += float(part.weighted_ce)
-        totals[1] += float(part.aux_loss)
-        totals[2] += int(real.sum())
-        totals[3:3 + n].index_add_(0, src[real], wce[real])
-        totals[3 + n:].index_add_(0, src[real], w[real])
+        host_totals[0] += float(part.weighted_ce)
+        host_totals[1] += float(part.aux_loss)
+        host_totals[2] += int(real.sum())
+        host_totals[3:3 + n].index_add_(0, src[real], wce[real])
+        host_totals[3 + n:].index_add_(0, src[real], w[real])
+    totals = on_group_device(host_totals, group)
     if distributed:
         dist.all_reduce(totals, group=group)
+    reduced = totals.cpu()  # one device -> host copy for all the Python numbers below
     denominator = float(global_weight) if float(global_weight) > 0 else 1.0
-    per_source = {s: float(totals[3 + s] / totals[3 + n + s]) for s in range(n) if totals[3 + n + s] > 0}
-    return LossMetrics(loss=float(totals[0]) / denominator, aux_loss=float(totals[1]) / max(1, aux_count),
-                       tokens=int(totals[2]), loss_per_source=per_source)
+    per_source = {s: float(reduced[3 + s] / reduced[3 + n + s]) for s in range(n) if reduced[3 + n + s] > 0}
+    return LossMetrics(loss=float(reduced[0]) / denominator, aux_loss=float(reduced[1]) / max(1, aux_count),
+                       tokens=int(reduced[2]), loss_per_source=per_source)

@@ -13,12 +13,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from train.device import on_group_device
 from train.models.qwen3vl.moe import Experts
 
 
 def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+    x = on_group_device(x, group)
     out = x.new_empty((sum(recv), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+    dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=group)
     return out
 
 
@@ -65,7 +67,7 @@ class ExpertParallelExperts(nn.Module):
         order = torch.argsort(flat_expert, stable=True)
         token_of = order // k
         sorted_expert = flat_expert[order]
-        send = torch.bincount(sorted_expert // self.num_local, minlength=self.ep_size)
+        send = on_group_device(torch.bincount(sorted_expert // self.num_local, minlength=self.ep_size), self.group)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
         send_sizes, recv_sizes = send.tolist(), recv.tolist()

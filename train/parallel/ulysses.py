@@ -15,12 +15,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from train.device import on_group_device
 from train.models.qwen3vl.attention import PackedAttention
 
 
 def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """out[j] = rank j's x[me] for x [cp, ...] (the chunks along dim 0 are exchanged)."""
-    x = x.contiguous()  # before empty_like, which would copy a view's permuted strides
+    x = on_group_device(x, group)  # contiguous before empty_like, which would copy a view's permuted strides
     out = torch.empty_like(x)
     dist.all_to_all_single(out, x, group=group)
     return out

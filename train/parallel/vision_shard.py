@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from data.batch import PackedBatch
+from train.device import on_group_device
 from train.models.qwen3vl.vision_inputs import (check_placeholder_counts, concat_vision_inputs,
                                                 dummy_vision_input, visual_positions)
 from train.parallel.context import ContextShard, split_tokens
@@ -90,15 +91,17 @@ class _ExchangeRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, send_splits, recv_splits, group):  # type: ignore[override]
         ctx.splits, ctx.group = (send_splits, recv_splits), group
+        rows = on_group_device(rows, group)
         out = rows.new_empty(sum(recv_splits), rows.shape[1])
-        dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
+        dist.all_to_all_single(out, rows, recv_splits, send_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         send_splits, recv_splits = ctx.splits
+        grad = on_group_device(grad, ctx.group)
         out = grad.new_empty(sum(send_splits), grad.shape[1])
-        dist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits, group=ctx.group)
+        dist.all_to_all_single(out, grad, send_splits, recv_splits, group=ctx.group)
         return out, None, None, None
 
 

@@ -25,6 +25,7 @@ from train.backends.deepspeed.experts import ExpertParallelism
 from train.backends.deepspeed.module import LossModule
 from train.backends.deepspeed.weights import export_state_dict, import_state_dict
 from train.config.schema import TrainConfig
+from train.device import move_batch
 from train.loss import MicroBatchLoss, global_weight_sum, reduce_step_metrics
 from train.models.qwen3vl import Qwen3VLModel
 from train.optim import learning_rate, param_groups, set_learning_rate
@@ -103,14 +104,14 @@ class DeepSpeedBackend:
         return split_tokens(batch, self.engine.module.token_share(batch.seq_len))
 
     def _forward(self, batches: list[PackedBatch], backward: bool) -> tuple[list[MicroBatchLoss], list, object]:
+        batches = [move_batch(b, self.engine.device) for b in batches]
         shares = [self._share(b) for b in batches]
         total_weight = global_weight_sum([(labels, weights) for labels, weights, _ in shares])
         aux_count = len(batches) * self.info.world_size
         grad_scale = float(self.engine.dp_world_size * len(batches))
         parts = []
         for i, batch in enumerate(batches):
-            objective, weighted, token_ce, aux = self.engine(batch.to(self.engine.device), total_weight,
-                                                             aux_count, grad_scale)
+            objective, weighted, token_ce, aux = self.engine(batch, total_weight, aux_count, grad_scale)
             if backward:
                 self.engine.backward(objective)
                 if i < len(batches) - 1:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from train.device import on_group_device
 from train.models.qwen3vl import Qwen3VLModel
 from train.models.qwen3vl.moe import SparseMoeBlock
 from train.parallel.expert import ExpertParallelExperts, expert_slice
@@ -90,8 +91,9 @@ class ExpertParallelism:
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         """The full stacked tensor from the EP group's slices (collective over the group)."""
+        local = on_group_device(local, self.group)
         parts = [torch.empty_like(local) for _ in range(self.ep_size)]
-        dist.all_gather(parts, local.contiguous(), group=self.group)
+        dist.all_gather(parts, local, group=self.group)
         return torch.cat(parts, dim=0)
 
     def local_slice(self, full: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from train.backends.megatron.layout import check_layout
 from train.backends.megatron.parallel_state import (ParallelSizes, destroy_parallel_groups, init_parallel_groups,
                                                    resolve_sizes)
 from train.config.schema import TrainConfig
+from train.device import comm_tensor, compute_device, move_batch
 from train.loss import MicroBatchLoss, global_weight_sum, micro_batch_loss, reduce_step_metrics
 from train.models.qwen3vl import Qwen3VLModel
 from train.models.qwen3vl.moe import load_balancing_loss
@@ -91,7 +92,8 @@ class MegatronBackend:
             model.checkpoint_decoder = True
             if first:
                 model.visual.checkpoint_blocks = True
-        return model.to(DTYPES[cfg.backend.precision])
+        # Frozen parameters (the ViT in s0) and the reused native tower move too, not only megatron's own.
+        return model.to(device=compute_device(), dtype=DTYPES[cfg.backend.precision])
 
     def _wrap(self, model):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -163,6 +165,7 @@ class MegatronBackend:
         lengths = {b.seq_len for b in micro_batches}
         if len(lengths) != 1:
             raise ValueError(f"micro-batches of one step must have one packed length, got {sorted(lengths)}")
+        micro_batches = [move_batch(b) for b in micro_batches]
         lr = learning_rate(self.step, self.cfg.optim, self.total_steps)
         set_learning_rate(self.optimizer, lr)
         self.ddp.train()
@@ -182,14 +185,14 @@ class MegatronBackend:
         """All ranks agree: the reduced gradient buffers (after finalize_model_grads) hold no NaN/inf."""
         local = all(bool(torch.isfinite(buffer.grad_data).all())
                     for buffer in [*self.ddp.buffers, *self.ddp.expert_parallel_buffers])
-        flag = torch.tensor([0 if local else 1])
+        flag = comm_tensor([0 if local else 1])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return not flag.item()
 
     def eval_step(self, batch: PackedBatch) -> StepMetrics:
         self.ddp.eval()
         with torch.no_grad():
-            metrics = self._run([batch], forward_only=True)
+            metrics = self._run([move_batch(batch)], forward_only=True)
         self.ddp.train()
         lr = learning_rate(max(0, self.step - 1), self.cfg.optim, self.total_steps)
         return StepMetrics(loss=metrics.loss, grad_norm=float("nan"), lr=lr, tokens=metrics.tokens,

@@ -31,6 +31,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from train.backends.megatron.blockwise_attention import (DEFAULT_KEY_BLOCK, DEFAULT_QUERY_BLOCK,
                                                         blockwise_attention, merge_partials)
+from train.device import on_group_device
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -39,16 +40,18 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, local: Tensor, group: dist.ProcessGroup) -> Tensor:
         ctx.group = group
+        local = on_group_device(local, group)
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, local.contiguous(), group=group)
+        dist.all_gather(parts, local, group=group)
         return torch.cat(parts, dim=0)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         # Every rank's queries produced gradient for every rank's K/V: sum over ranks, keep own slice.
         group = ctx.group
+        grad = on_group_device(grad, group)
         out = torch.empty_like(grad.chunk(dist.get_world_size(group), dim=0)[dist.get_rank(group)])
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=group)
+        dist.reduce_scatter_tensor(out, grad, group=group)
         return out, None
 
 

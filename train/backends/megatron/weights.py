@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from train.config.model import ModelConfig
+from train.device import on_group_device
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$")
@@ -222,8 +223,9 @@ def gather_tp(tensor: torch.Tensor, rule: Rule, size: int, group: dist.ProcessGr
     """All-gather one parameter's TP slices and unshard them (collective over `group`)."""
     if rule.tp_dim is None or size == 1:
         return tensor
+    tensor = on_group_device(tensor, group)
     pieces = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(pieces, tensor.contiguous(), group=group)
+    dist.all_gather(pieces, tensor, group=group)
     return unshard(rule, pieces)
 
 
