@@ -132,11 +132,34 @@ def _check_rank(rank_name: str, rank: int, size_name: str, size: int) -> None:
         raise LaunchEnvError(f"{rank_name}={rank} is outside [0, {size_name}={size})")
 
 
-def _backend_and_device(local_rank: int, cuda: bool) -> tuple[str, str]:
-    return ("nccl", f"cuda:{local_rank}") if cuda else ("gloo", "cpu")
+def _backend_and_device(local_rank: int, gpus: int, environ: Mapping[str, str]) -> tuple[str, str]:
+    """NCCL on this rank's GPU when GPUs are visible, gloo on the CPU otherwise. A rank that sees exactly one
+    GPU uses it whatever its local rank (SLURM's --gpus-per-task / per-task CUDA_VISIBLE_DEVICES binding);
+    with several, local rank i takes GPU i."""
+    if gpus == 0:
+        return "gloo", "cpu"
+    if gpus == 1:
+        return "nccl", "cuda:0"
+    if local_rank >= gpus:
+        visible = environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+        raise LaunchEnvError(f"local rank {local_rank} has no GPU: {gpus} visible (CUDA_VISIBLE_DEVICES={visible}); "
+                             f"start at most {gpus} ranks per node")
+    return "nccl", f"cuda:{local_rank}"
 
 
-def _from_torchrun(environ: Mapping[str, str], cuda: bool) -> DistEnv:
+def omp_threads(environ: Mapping[str, str], local_world_size: int, affinity: int, cores: int) -> int | None:
+    """OMP threads per rank when the launcher set none (torchrun does, srun does not): SLURM_CPUS_PER_TASK,
+    else the cores this process may run on, divided among the node's ranks unless srun already bound the
+    task to its own subset. None: OMP_NUM_THREADS is set, leave it."""
+    if "OMP_NUM_THREADS" in environ:
+        return None
+    if environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(environ["SLURM_CPUS_PER_TASK"]))
+    shared = affinity >= cores
+    return max(1, affinity // local_world_size if shared else affinity)
+
+
+def _from_torchrun(environ: Mapping[str, str], gpus: int) -> DistEnv:
     missing = [n for n in TORCHRUN_RANK_VARS + TORCHRUN_ADDR_VARS if n not in environ]
     if missing:
         present = [n for n in TORCHRUN_RANK_VARS if n in environ]
@@ -151,7 +174,7 @@ def _from_torchrun(environ: Mapping[str, str], cuda: bool) -> DistEnv:
     if local_world > world:
         raise LaunchEnvError(f"LOCAL_WORLD_SIZE={local_world} exceeds WORLD_SIZE={world}")
     port = _int_var(environ, "MASTER_PORT")
-    backend, device = _backend_and_device(local_rank, cuda)
+    backend, device = _backend_and_device(local_rank, gpus, environ)
     return DistEnv(rank, world, local_rank, local_world, environ["MASTER_ADDR"], port, backend, device, "torchrun")
 
 
@@ -169,7 +192,7 @@ def _slurm_layout(environ: Mapping[str, str], world: int) -> tuple[list[str], li
     return hosts, per_node
 
 
-def _from_slurm(environ: Mapping[str, str], cuda: bool) -> DistEnv:
+def _from_slurm(environ: Mapping[str, str], gpus: int) -> DistEnv:
     rank, world = _int_var(environ, "SLURM_PROCID"), _int_var(environ, "SLURM_NTASKS")
     local_rank, node_id = _int_var(environ, "SLURM_LOCALID"), _int_var(environ, "SLURM_NODEID")
     _check_rank("SLURM_PROCID", rank, "SLURM_NTASKS", world)
@@ -182,21 +205,24 @@ def _from_slurm(environ: Mapping[str, str], cuda: bool) -> DistEnv:
         port = _int_var(environ, "MASTER_PORT")
     else:
         port = master_port_for_job(_int_var(environ, "SLURM_JOB_ID"))
-    backend, device = _backend_and_device(local_rank, cuda)
+    backend, device = _backend_and_device(local_rank, gpus, environ)
     return DistEnv(rank, world, local_rank, per_node[node_id], addr, port, backend, device, "slurm")
 
 
-def detect_env(environ: Mapping[str, str] | None = None, cuda: bool | None = None) -> DistEnv:
-    """Read the launcher's variables (default: os.environ) into a DistEnv; see the module docstring."""
+def detect_env(environ: Mapping[str, str] | None = None, cuda: bool | None = None,
+               visible_gpus: int | None = None) -> DistEnv:
+    """Read the launcher's variables (default: os.environ) into a DistEnv; see the module docstring.
+    `cuda` / `visible_gpus` default to what torch sees."""
     environ = os.environ if environ is None else environ
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    gpus = (torch.cuda.device_count() if visible_gpus is None else visible_gpus) if cuda else 0
     if any(name in environ for name in TORCHRUN_RANK_VARS):
-        return _from_torchrun(environ, cuda)
+        return _from_torchrun(environ, gpus)
     # SLURM_STEP_ID tells an srun task from the batch shell, which also carries SLURM_PROCID=0 and the job's
     # SLURM_NTASKS: a program started directly from the batch script is one process, not rank 0 of many.
     if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ:
-        return _from_slurm(environ, cuda)
-    backend, device = _backend_and_device(0, cuda)
+        return _from_slurm(environ, gpus)
+    backend, device = _backend_and_device(0, gpus, environ)
     return DistEnv(0, 1, 0, 1, "127.0.0.1", 0, backend, device, "single")
 
 
@@ -206,7 +232,9 @@ def init_distributed(env: DistEnv, timeout_s: float = 300.0) -> None:
     if dist.is_initialized():
         raise LaunchEnvError("torch.distributed is already initialised")
     if env.device.startswith("cuda"):
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(torch.device(env.device))
+    if env.launcher == "slurm":
+        _set_omp_threads(env)
     timeout = timedelta(seconds=timeout_s)
     if env.world_size == 1:
         dist.init_process_group(env.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
@@ -218,6 +246,15 @@ def init_distributed(env: DistEnv, timeout_s: float = 300.0) -> None:
         world_size=env.world_size,
         timeout=timeout,
     )
+
+
+def _set_omp_threads(env: DistEnv) -> None:
+    """Under srun, give each rank its share of the cores as torchrun would (torch's default is every core
+    per rank: local_world_size x oversubscription)."""
+    threads = omp_threads(os.environ, env.local_world_size, len(os.sched_getaffinity(0)), os.cpu_count() or 1)
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def shutdown_distributed(exit_code: int = 0) -> NoReturn:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.env import LaunchEnvError, detect_env, master_port_for_job, parse_nodelist, parse_tasks_per_node
+from launch.env import (LaunchEnvError, detect_env, master_port_for_job, omp_threads, parse_nodelist,
+                        parse_tasks_per_node)
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
@@ -61,8 +62,31 @@ def test_torchrun_environment() -> None:
 
 
 def test_cuda_selects_nccl_and_the_local_device() -> None:
-    env = detect_env(TORCHRUN, cuda=True)
+    env = detect_env(TORCHRUN, cuda=True, visible_gpus=8)
     assert (env.backend, env.device) == ("nccl", "cuda:1")
+
+
+def test_a_rank_that_sees_one_gpu_uses_it() -> None:
+    """SLURM --gpus-per-task=1: SLURM_LOCALID=1 but the task's only visible GPU is cuda:0."""
+    env = detect_env(SLURM_STEP, cuda=True, visible_gpus=1)
+    assert env.local_rank == 1 and (env.backend, env.device) == ("nccl", "cuda:0")
+
+
+def test_more_local_ranks_than_gpus_names_the_visible_devices() -> None:
+    environ = {**TORCHRUN, "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4", "CUDA_VISIBLE_DEVICES": "5,6"}
+    with pytest.raises(LaunchEnvError, match=r"local rank 2 has no GPU: 2 visible \(CUDA_VISIBLE_DEVICES=5,6\)"):
+        detect_env(environ, cuda=True, visible_gpus=2)
+
+
+@pytest.mark.parametrize("environ, local_world, affinity, cores, threads", [
+    ({"OMP_NUM_THREADS": "3"}, 4, 64, 64, None),  # the user's choice stays
+    ({"SLURM_CPUS_PER_TASK": "12"}, 8, 96, 96, 12),
+    ({}, 8, 96, 96, 12),  # whole node visible: its cores shared by the node's ranks
+    ({}, 8, 10, 96, 10),  # srun bound the task to 10 cores: all of them
+    ({}, 8, 4, 4, 1),  # never 0
+])
+def test_omp_threads_per_rank_under_srun(environ, local_world, affinity, cores, threads) -> None:
+    assert omp_threads(environ, local_world, affinity, cores) == threads
 
 
 def test_torchrun_wins_inside_a_slurm_step() -> None:
