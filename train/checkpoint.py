@@ -2,7 +2,7 @@
 
 Layout of one stage (`<run_dir>/<stage>/`):
 
-    checkpoints/step_000100/     backend.save() files + meta.json + rank_00000.pt (RNG + loader state) ...
+    checkpoints/step_000100/     backend.save() files + meta.json + rank_00000.json (RNG + loader state) ...
     checkpoints/latest           the name of the newest complete checkpoint ("step_000100")
     final/                       native model dir (model_config.yaml + model.safetensors): the handoff
     summary.json                 the stage's result; written last, so its presence means "stage done"
@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from launch.signals import any_rank_flag
+from train.checkpoint_files import Manifest, all_files, check_manifests, digest_files, my_share
 from train.config.model import ModelConfig
 from train.models.hf import HF_CONFIG_FILE, load_hf_checkpoint
 from train.models.native_io import (
@@ -122,22 +124,47 @@ def save_checkpoint(stage_dir: StageDir, step: int, backend: Any, loader_state: 
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
         tmp.mkdir(parents=True)
 
+    manifest: Manifest = {}
+
     def write_state() -> None:
         backend.save(tmp)
-        torch.save({"rng": rng_state(), "loader": loader_state}, tmp / f"rank_{me:05d}.pt")
+        rank_file = tmp / rank_file_name(me)
+        rank_file.write_text(json.dumps({"rng": rng_state(), "loader": loader_state}) + "\n")
+        # The writer hashes and fsyncs what it wrote: only its fsync makes its node's pages durable.
+        manifest.update(digest_files(tmp, [rank_file, *_rank_files(backend, tmp)]))
 
     def publish() -> None:
-        full_meta = {**meta, "step": step, "world_size": world_size(), "model": model_fingerprint(model_cfg)}
+        files = [dict(m) for m in gathered]
+        claimed = {name for rank_files in files for name in rank_files}
+        files[0].update(digest_files(tmp, all_files(tmp, claimed | {META})))  # written by none in particular
+        full_meta = {**meta, "step": step, "world_size": world_size(), "model": model_fingerprint(model_cfg),
+                     "files": files}
         (tmp / META).write_text(json.dumps(full_meta, indent=1, sort_keys=True) + "\n")
-        _fsync_tree(tmp)
+        _fsync_dirs(tmp)
         _replace_dir(tmp, final)
         _write_latest(stage_dir.checkpoints, final.name)
         _prune(stage_dir, keep_last, keep=final)
 
     _agree_on_write(make_tmp if me == 0 else None, tmp, stage_dir)
     _agree_on_write(write_state, tmp, stage_dir)
+    gathered = _all_gather_object(manifest)
     _agree_on_write(publish if me == 0 else None, tmp, stage_dir)
     return final
+
+
+def _rank_files(backend: Any, directory: Path) -> list[Path]:
+    """The files this rank's `backend.save` wrote (backends that cannot tell leave them to rank 0)."""
+    owned = getattr(backend, "rank_files", None)
+    return list(owned(directory)) if owned is not None else []
+
+
+def _all_gather_object(value: Any) -> list[Any]:
+    """`value` of every rank (a list of one without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 LOW_DISK_BYTES = 1 << 20  # a failed write with less free space than this was the disk filling up
@@ -208,11 +235,8 @@ def _prune(stage_dir: StageDir, keep_last: int, keep: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+def _fsync_dirs(directory: Path) -> None:
+    """fsync the directory entries (the files were fsync'ed by the ranks that wrote them)."""
     for path in sorted(p for p in directory.rglob("*") if p.is_dir()):
         _fsync_dir(path)
     _fsync_dir(directory)
@@ -226,6 +250,65 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# ---- verify -------------------------------------------------------------------------------------------
+
+def verify_share(ckpt: Path, rank: int, world: int) -> str | None:
+    """What is wrong with the part of `ckpt` this rank checks (see checkpoint_files.my_share), or None.
+    Checkpoints written before files were recorded (no "files" in meta.json) are trusted as they are."""
+    try:
+        meta = json.loads((ckpt / META).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{ckpt / META}: unreadable ({type(exc).__name__})"
+    files = meta.get("files")
+    if files is None:
+        return None
+    return check_manifests(ckpt, files, my_share(len(files), rank, world))
+
+
+def resume_checkpoint(stage_dir: StageDir) -> Path | None:
+    """The newest checkpoint of the stage whose files all verify, or None if the stage has none. Collective:
+    every rank checks its share of each candidate and all agree. A `latest` that fails is skipped for the
+    next older one with one warning line naming the bad file; if none verifies, a CheckpointError."""
+    latest = stage_dir.latest()
+    if latest is None:
+        return None
+    older = [p for p in reversed(stage_dir.list_checkpoints())
+             if int(p.name[5:]) < int(latest.name[5:]) and (p / META).is_file()]
+    first_problem = None
+    for candidate in [latest, *older]:
+        problems = [p for p in _all_gather_object(verify_share(candidate, rank(), world_size())) if p]
+        if not problems:
+            if first_problem is not None and rank() == 0:
+                print(f"longvl: warning: checkpoint {latest} failed verification ({first_problem}); resuming "
+                      f"from {candidate} instead", file=sys.stderr, flush=True)
+            return candidate
+        first_problem = first_problem or problems[0]
+    raise CheckpointError(f"no checkpoint of {stage_dir.checkpoints} verifies; the newest: {first_problem}")
+
+
+def verify_run_dir(path: Path) -> list[tuple[Path, str | None]]:
+    """(checkpoint, problem or None) for every checkpoint under a run dir, a stage dir or one checkpoint."""
+    if (path / META).is_file():
+        found = [path]
+    else:
+        found = sorted(p for pattern in ("checkpoints/step_*", "*/checkpoints/step_*") for p in path.glob(pattern)
+                       if STEP_DIR.fullmatch(p.name) and p.is_dir())
+    return [(ckpt, verify_share(ckpt, 0, 1)) for ckpt in found]
+
+
+def _verify_main(args: list[str]) -> int:
+    if len(args) != 2 or args[0] != "verify":
+        print("usage: python -m train.checkpoint verify RUN_DIR|STAGE_DIR|CHECKPOINT_DIR", file=sys.stderr)
+        return 2
+    results = verify_run_dir(Path(args[1]))
+    if not results:
+        print(f"{args[1]}: no checkpoints found", file=sys.stderr)
+        return 1
+    for ckpt, problem in results:
+        print(f"ok   {ckpt}" if problem is None else f"BAD  {ckpt}: {problem}")
+    return 1 if any(problem for _, problem in results) else 0
+
+
 # ---- load ---------------------------------------------------------------------------------------------
 
 def load_checkpoint(stage_dir: StageDir, ckpt: Path, backend: Any, model_cfg: ModelConfig) -> dict[str, Any]:
@@ -235,11 +318,14 @@ def load_checkpoint(stage_dir: StageDir, ckpt: Path, backend: Any, model_cfg: Mo
     if meta.get("world_size") != world_size():
         raise CheckpointError(f"{ckpt} was written by {meta.get('world_size')} ranks, this run has "
                               f"{world_size()}: resume with the same layout (stages may change it)")
-    rank_file = ckpt / f"rank_{rank():05d}.pt"
+    rank_file = ckpt / rank_file_name(rank())
     if not rank_file.is_file():
         raise CheckpointError(f"{rank_file}: missing (incomplete checkpoint)")
     backend.load(ckpt)
-    per_rank = torch.load(rank_file, weights_only=False)
+    try:  # JSON: reading a checkpoint never unpickles (nor runs) anything
+        per_rank = json.loads(rank_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{rank_file}: unreadable ({type(exc).__name__})") from None
     set_rng_state(per_rank["rng"])
     return {"meta": meta, "loader": per_rank["loader"]}
 
@@ -275,20 +361,41 @@ def read_model_dir(path: str | Path, model_cfg: ModelConfig) -> dict[str, torch.
 
 # ---- RNG ----------------------------------------------------------------------------------------------
 
+def rank_file_name(rank: int) -> str:
+    """A rank's RNG and data-loader state (JSON) inside a checkpoint."""
+    return f"rank_{rank:05d}.json"
+
+
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
-                             "torch": torch.get_rng_state()}
+    """Python, numpy, torch CPU and this rank's CUDA device RNG states as JSON-able values. Only the current
+    CUDA device: each rank drives one GPU, and reading every visible GPU's state would create a context on
+    each of them from every rank."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {"python": [version, list(mt_state), gauss],
+                             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+                             "torch": _hex(torch.get_rng_state())}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = _hex(torch.cuda.get_rng_state())
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unhex(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(_unhex(state["cuda"]))
+
+
+def _hex(byte_tensor: torch.Tensor) -> str:
+    return byte_tensor.numpy().tobytes().hex()
+
+
+def _unhex(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray.fromhex(text), dtype=torch.uint8)
 
 
 # ---- process group helpers (a single process without a group behaves as rank 0 of 1) -------------------
@@ -305,3 +412,7 @@ def world_size() -> int:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+if __name__ == "__main__":
+    sys.exit(_verify_main(sys.argv[1:]))

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from data.batch import PackedBatch
 from train.backends.base import Backend, StepMetrics
 from train.checkpoint import (
-    StageDir, barrier, load_checkpoint, read_model_dir, save_checkpoint, save_final,
+    StageDir, barrier, load_checkpoint, read_model_dir, resume_checkpoint, save_checkpoint, save_final,
 )
 from launch.signals import PreemptionHandler
 from train.config.schema import TrainConfig
@@ -124,7 +124,7 @@ def train_stage(cfg: TrainConfig, runtime: StageRuntime) -> StageResult:
 def _resume_or_init(cfg: TrainConfig, stage_dir: StageDir, backend: Backend,
                     loader: Any) -> dict[str, Any] | None:
     """Restore the latest checkpoint and return its meta, or load init_from weights and return None."""
-    latest = stage_dir.latest()
+    latest = resume_checkpoint(stage_dir)
     if latest is not None:
         restored = load_checkpoint(stage_dir, latest, backend, cfg.model)
         loader.load_state_dict(restored["loader"])

@@ -140,6 +140,9 @@ def test_kill_during_checkpoint_save_keeps_previous_and_resumes(demo_corpus: Pat
     code, out = finish(proc)
     assert code != 0, out[-3000:]
     assert latest(tmp_path) == "step_000002" and (checkpoints / "step_000002" / "meta.json").is_file()
+    owned = json.loads((checkpoints / "step_000002" / "meta.json").read_text())["files"]
+    assert [sorted(n for n in files if "optim_states" in n) for files in owned] == \
+        [[f"deepspeed/zero_pp_rank_{r}_mp_rank_00_optim_states.pt"] for r in (0, 1)]  # each rank its own
     assert not (checkpoints / "step_000004").exists()
     half = checkpoints / ".step_000004.tmp"
     assert any(half.rglob("*.pt")) and not (half / "meta.json").exists(), "killed after files, before meta"
@@ -182,6 +185,6 @@ def test_full_or_readonly_checkpoint_dir_fails_in_one_line_and_keeps_checkpoints
     assert latest(tmp_path) == "step_000004"
     for step in (2, 4):
         kept = tmpfs_checkpoints / f"step_{step:06d}"
-        assert {p.name for p in kept.iterdir()} >= {"meta.json", "rank_00000.pt", "rank_00001.pt", "deepspeed"}
+        assert {p.name for p in kept.iterdir()} >= {"meta.json", "rank_00000.json", "rank_00001.json", "deepspeed"}
         assert json.loads((kept / "meta.json").read_text())["step"] == step
     assert not (tmp_path / "s1" / "summary.json").exists()

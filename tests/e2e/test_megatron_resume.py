@@ -42,6 +42,10 @@ def test_megatron_resume_equals_straight_run(demo_corpus: Path, tmp_path: Path) 
     _ok(run([*common, f"run_dir={straight}"], ranks=2))
     saved = straight / "s1" / "checkpoints" / "step_000002"
     assert (saved / "megatron" / "metadata.json").is_file()  # the dist_checkpointing save
+    owned = json.loads((saved / "meta.json").read_text())["files"]  # each rank hashed and fsynced its own
+    assert [sorted(n for n in files if n.endswith(".distcp")) for files in owned] == \
+        [sorted(f"megatron/{p.name}" for p in (saved / "megatron").glob(f"__{r}_*.distcp")) for r in (0, 1)]
+    assert "megatron/metadata.json" in owned[0] and "rank_00001.json" in owned[1]
 
     killed_after(straight / "s1", 2, resumed / "s1")
     _ok(run([*common, f"run_dir={resumed}"], ranks=2))  # the same command again resumes

@@ -6,7 +6,10 @@ directory protocol around `backend.save/load`, which is the same for every backe
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ import pytest
 import torch
 
 from train.checkpoint import (
-    StageDir, check_fingerprint, load_checkpoint, model_fingerprint, save_checkpoint,
+    StageDir, check_fingerprint, load_checkpoint, model_fingerprint, resume_checkpoint, save_checkpoint,
 )
 from train.config.model import ModelConfig, TextConfig
 from train.models.native_io import CheckpointError
@@ -61,7 +64,7 @@ def test_save_writes_complete_dir_then_latest(tmp_path: Path, model_cfg: ModelCo
     assert ckpt == tmp_path / "s1" / "checkpoints" / "step_000100"
     assert stage.latest() == ckpt
     assert (stage.checkpoints / "latest").read_text().strip() == "step_000100"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "rank_00000.pt", "state.pt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "rank_00000.json", "state.pt"]
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["step"] == 100 and meta["world_size"] == 1 and meta["stage"] == "s1"
     assert meta["model"]["model.text.hidden_size"] == 256
@@ -140,3 +143,74 @@ def test_latest_naming_a_missing_dir_is_an_error(tmp_path: Path, model_cfg: Mode
     (ckpt / "meta.json").unlink()
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         stage.latest()
+
+
+# ---- verified loads ------------------------------------------------------------------------------------
+
+def _two_checkpoints(tmp_path: Path, cfg: ModelConfig) -> tuple[StageDir, Path, Path]:
+    stage = StageDir(tmp_path, "s1")
+    backend = FileBackend()
+    older = _save(stage, 10, backend, cfg)
+    backend.step()
+    return stage, older, _save(stage, 20, backend, cfg)
+
+
+def test_meta_records_size_and_checksum_of_every_file(tmp_path: Path, model_cfg: ModelConfig) -> None:
+    stage, _, ckpt = _two_checkpoints(tmp_path, model_cfg)
+    files = json.loads((ckpt / "meta.json").read_text())["files"]
+    assert len(files) == 1 and sorted(files[0]) == ["rank_00000.json", "state.pt"]
+    size, digest = files[0]["state.pt"]
+    assert size == (ckpt / "state.pt").stat().st_size and digest.startswith("xxh3_64:")
+    assert resume_checkpoint(stage) == ckpt
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, phrase", [(_truncate, "truncated"), (_flip_byte, "checksum mismatch"),
+                                            (Path.unlink, "missing")])
+def test_damaged_latest_falls_back_to_previous(tmp_path: Path, model_cfg: ModelConfig, capsys, damage,
+                                               phrase: str) -> None:
+    stage, older, latest = _two_checkpoints(tmp_path, model_cfg)
+    damage(latest / "state.pt")
+    assert resume_checkpoint(stage) == older
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and str(latest / "state.pt") in warning[0] and phrase in warning[0]
+    # The fallback restores the older state; the damaged one is left for the user to inspect.
+    restored = load_checkpoint(stage, older, FileBackend(), model_cfg)
+    assert restored["meta"]["step"] == 10 and (stage.checkpoints / "latest").read_text().strip() == "step_000020"
+
+
+def test_nothing_verifies_is_one_line_error(tmp_path: Path, model_cfg: ModelConfig) -> None:
+    stage, older, latest = _two_checkpoints(tmp_path, model_cfg)
+    _truncate(latest / "rank_00000.json")
+    _flip_byte(older / "state.pt")
+    with pytest.raises(CheckpointError, match=r"no checkpoint of .* verifies; the newest: .*rank_00000.json.*"
+                                              r"truncated") as err:
+        resume_checkpoint(stage)
+    assert "\n" not in str(err.value)
+
+
+def test_verify_command(tmp_path: Path, model_cfg: ModelConfig) -> None:
+    _, older, latest = _two_checkpoints(tmp_path, model_cfg)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+
+    def verify(path: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "train.checkpoint", "verify", str(path)], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    ok = verify(tmp_path)
+    assert ok.returncode == 0 and ok.stdout.split() == ["ok", str(older), "ok", str(latest)]
+    _flip_byte(latest / "state.pt")
+    bad = verify(tmp_path)
+    assert bad.returncode == 1
+    assert bad.stdout.splitlines()[1] == f"BAD  {latest}: {latest / 'state.pt'}: checksum mismatch (content " \
+                                         f"changed since it was written)"

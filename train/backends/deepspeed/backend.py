@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from data.batch import PackedBatch
 from train.backends.base import ParallelInfo, StepMetrics
+from train.backends.deepspeed.checkpoint_io import RecordingEngine
 from train.backends.deepspeed.config import check_layout, deepspeed_config
 from train.backends.deepspeed.experts import ExpertParallelism
 from train.backends.deepspeed.module import LossModule
@@ -88,6 +89,8 @@ class DeepSpeedBackend:
                                                config=deepspeed_config(cfg, grad_accum, world))
         if cfg.backend.zero_stage == 3:
             self._register_external_parameters(module)
+        self.checkpoint_io = RecordingEngine(self.engine.checkpoint_engine)
+        self.engine.checkpoint_engine = self.checkpoint_io
 
     def _register_external_parameters(self, module: LossModule) -> None:
         """Parameters read outside their owner's forward must be gathered by ZeRO-3 for the reader."""
@@ -180,11 +183,18 @@ class DeepSpeedBackend:
         return self.experts.plain_checkpointing(self.engine)
 
     def save(self, directory: Path) -> None:
+        self.checkpoint_io.begin(snapshot=False)
         with self._checkpointing():
             self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"step": self.step},
                                         save_latest=False)
         if self.experts is not None:
             self.experts.save(Path(directory))
+
+    def rank_files(self, directory: Path) -> list[Path]:
+        """The files this rank wrote in the last `save` into `directory`."""
+        written = [p for p in self.checkpoint_io.written if p.is_relative_to(directory)]
+        experts = [self.experts.file(directory)] if self.experts is not None else []
+        return written + experts
 
     def load(self, directory: Path) -> None:
         with self._checkpointing():

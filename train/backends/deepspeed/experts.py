@@ -110,17 +110,17 @@ class ExpertParallelism:
         finally:
             engine.has_moe_layers = saved
 
-    def _file(self, directory: Path) -> Path:
+    def file(self, directory: Path) -> Path:
         return directory / f"experts_rank{dist.get_rank():05d}.pt"
 
     def save(self, directory: Path) -> None:
         state = {f"{layer}.{n}": p.detach().cpu() for layer, module in self.layers.items()
                  for n, p in module.named_parameters()}
-        torch.save(state, self._file(directory))
+        torch.save(state, self.file(directory))
 
     @torch.no_grad()
     def load(self, directory: Path, optimizer: Any) -> None:
-        state = torch.load(self._file(directory), map_location="cpu", weights_only=True)
+        state = torch.load(self.file(directory), map_location="cpu", weights_only=True)
         for layer, module in self.layers.items():
             for n, p in module.named_parameters():
                 p.copy_(state[f"{layer}.{n}"])

@@ -204,6 +204,13 @@ class MegatronBackend:
 
         save_training_state(Path(directory), self.ddp, self.optimizer, self.step, self.state_layout())
 
+    def rank_files(self, directory: Path) -> list[Path]:
+        """The files this rank wrote in the last `save` (dist_checkpointing names them after the global rank;
+        the common files of the coordinator are left to rank 0 by the caller)."""
+        from train.backends.megatron.checkpoint import SUBDIR
+
+        return sorted((Path(directory) / SUBDIR).glob(f"__{dist.get_rank()}_*.distcp"))
+
     def load(self, directory: Path) -> None:
         """Resume: model, optimizer and step, in the layout they were saved in (else a CheckpointError)."""
         from train.backends.megatron.checkpoint import load_training_state
