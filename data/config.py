@@ -19,8 +19,10 @@ class DatasetConfig:
     """One data set of the mixture: a name (used in logs and loss-per-source metrics) and its shards."""
 
     name: str = ""
-    # Glob patterns or plain paths of .tar shards ("/data/caption/shard-*.tar"); brace ranges
-    # ("shard-{000..099}.tar") are expanded like webdataset does.
+    # Shard URLs (see data/sources.py): local globs or paths ("/data/caption/shard-*.tar"), brace ranges
+    # ("shard-{000..099}.tar") expanded like webdataset does, "pipe:COMMAND", "http(s)://...", fsspec URLs
+    # ("s3://bucket/cap/shard-*.tar" with the s3 extra, "gs://..." with the gcs extra), "@list.txt" (one URL
+    # a line); .tar, .tar.gz or .tgz.
     shards: list[str] = field(default_factory=list)
     weight: float = 1.0
 
@@ -42,10 +44,16 @@ class DataConfig:
     packing_buffer: int = 64
     num_workers: int = 2
     prefetch_factor: int = 2
-    # Stop with DataError once bad samples / samples read passes this fraction (after `bad_sample_grace`
-    # samples, so that one early bad sample does not end a run).
+    # The run stops once a data set's (bad samples + bad shards) / (everything read from it), summed over
+    # every rank and worker, passes this fraction; only after `bad_sample_grace` reads of that data set, so
+    # that one early bad sample does not end a run. The trainer checks it every step.
     max_bad_fraction: float = 0.05
     bad_sample_grace: int = 200
+    # A shard whose source fails (connection refused or cut, a pipe command exiting with an error) is opened
+    # again this many times, from the sample it stopped at, waiting fetch_backoff_s, then twice as long...;
+    # then it is counted and skipped as a bad shard.
+    fetch_retries: int = 3
+    fetch_backoff_s: float = 1.0
     # At most one warning per worker in this many seconds; the rest are counted in the stats only.
     warn_interval_s: float = 30.0
     # None streams forever (each data set restarts with a new shard order when it runs out); N stops each
@@ -81,5 +89,8 @@ class DataConfig:
             raise DataError(f"{prefix}.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
         if self.bad_sample_grace < 0:
             raise DataError(f"{prefix}.bad_sample_grace={self.bad_sample_grace} must be >= 0")
+        if self.fetch_retries < 0 or self.fetch_backoff_s < 0:
+            raise DataError(f"{prefix}.fetch_retries={self.fetch_retries} / {prefix}.fetch_backoff_s="
+                            f"{self.fetch_backoff_s} must be >= 0")
         if self.max_epochs is not None and self.max_epochs < 1:
             raise DataError(f"{prefix}.max_epochs={self.max_epochs} must be >= 1 or None")

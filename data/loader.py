@@ -35,7 +35,8 @@ from data.config import DataConfig
 from data.errors import BadSample, DataError
 from data.mixture import SourceSchedule, mixture_probabilities
 from data.packing import BestFitPacker, BufferEntry, VisionTokens, fit_document
-from data.shards import RestoreKey, Sample, ShardError, SourceStream, list_shards, read_sample
+from data.shards import RestoreKey, Sample, ShardError, SourceStream, list_shards, read_samples
+from data.sources import FetchRetry
 
 log = logging.getLogger(__name__)
 EncodeFn = Callable[[Sample, str, int], Document]  # (webdataset sample, key, source) -> Document
@@ -44,7 +45,9 @@ STAT_NAMES = ("samples", "bad_samples", "bad_shards", "truncated", "dropped_too_
 
 
 class _Stats:
-    """Per-source counters of one worker, the bad-fraction limit and rate-limited warnings."""
+    """Per-source counters of one worker and rate-limited warnings. The bad-fraction limit is global (every
+    rank and worker): the trainer sums `StreamingLoader.stats()` over the ranks and applies
+    `data.errors.over_limit`, so no worker stops the run on its own share."""
 
     def __init__(self, cfg: DataConfig, counts: dict[str, list[int]] | None = None) -> None:
         self.cfg = cfg
@@ -56,7 +59,7 @@ class _Stats:
         self.counts[name][source] += 1
 
     def bad(self, name: str, source: int, what: str) -> None:
-        """Count a bad sample or shard, warn (rate-limited) and stop once the bad fraction is too high."""
+        """Count a bad sample or shard and warn (rate-limited)."""
         self.add(name, source)
         now = time.monotonic()
         if now - self._last_warning >= self.cfg.warn_interval_s:
@@ -65,14 +68,6 @@ class _Stats:
             self._last_warning, self._suppressed = now, 0
         else:
             self._suppressed += 1
-        bad = sum(self.counts["bad_samples"]) + sum(self.counts["bad_shards"])
-        seen = bad + sum(self.counts["samples"])
-        if seen >= self.cfg.bad_sample_grace and bad > self.cfg.max_bad_fraction * seen:
-            raise DataError(f"bad data fraction {bad}/{seen} = {bad / seen:.3f} passed data.max_bad_fraction="
-                            f"{self.cfg.max_bad_fraction}; last: {what}; per data set: {self.summary()}")
-
-    def summary(self) -> dict[str, dict[str, int]]:
-        return {d.name: {k: v[i] for k, v in self.counts.items()} for i, d in enumerate(self.cfg.datasets)}
 
 
 class _WorkerStream:
@@ -84,8 +79,9 @@ class _WorkerStream:
         slot = spec.dp_rank * spec.num_logical + logical
         num_slots = spec.dp_size * spec.num_logical
         self.schedule = SourceSchedule(spec.probabilities, cfg.seed, slot)
+        retry = FetchRetry(cfg.fetch_retries, cfg.fetch_backoff_s)
         self.streams = [SourceStream(i, d.name, spec.shards[i], slot, num_slots, cfg.seed, cfg.max_epochs,
-                                     self._bad_shard) for i, d in enumerate(cfg.datasets)]
+                                     self._bad_shard, retry) for i, d in enumerate(cfg.datasets)]
         self.packer = BestFitPacker(spec.seq_len, cfg.packing_buffer, cfg.loss_weighting, spec.tokens.pad)
         self.k, self.batches = 0, 0
         self.stats = _Stats(cfg)
@@ -101,9 +97,9 @@ class _WorkerStream:
         for stream, cursor in zip(self.streams, state["streams"]):
             stream.load_state(cursor)
         self.stats = _Stats(self.spec.cfg, state["stats"])
-        for tag in state["buffer"]:
-            key: RestoreKey = (int(tag[0]), int(tag[1]), int(tag[2]))
-            sample = read_sample(self.spec.shards[key[0]], key)
+        keys: list[RestoreKey] = [(int(tag[0]), int(tag[1]), int(tag[2])) for tag in state["buffer"]]
+        retry = FetchRetry(self.spec.cfg.fetch_retries, self.spec.cfg.fetch_backoff_s)
+        for key, sample in zip(keys, read_samples(self.spec.shards, keys, retry)):
             try:
                 doc = self.spec.encode(sample, _doc_key(sample), key[0])
             except BadSample as e:
@@ -157,7 +153,9 @@ class _WorkerStream:
 
 def _doc_key(sample: Sample) -> str:
     shard = os.path.basename(str(sample["__url__"]))
-    return f"{shard.removesuffix('.tar')}/{sample['__key__']}"
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        shard = shard.removesuffix(suffix)
+    return f"{shard}/{sample['__key__']}"
 
 
 class _Spec:
@@ -181,6 +179,10 @@ class _PackedDataset(IterableDataset):
         logical = ((info.id if info else 0) + self.rotation) % self.spec.num_logical
         for batch, state in _WorkerStream(self.spec, logical, self.states[logical]):
             yield batch, logical, state
+
+
+def _last_line(err: DataError) -> str:
+    return str(err).rstrip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")
 
 
 def _passthrough(item: Any) -> Any:
@@ -254,9 +256,12 @@ class StreamingLoader:
         if cfg.num_workers > 0:
             items = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, collate_fn=_passthrough,
                                prefetch_factor=cfg.prefetch_factor)
-        for batch, logical, state in items:
-            # Record before handing the batch over: once the trainer holds it, it counts as consumed.
-            self._workers[logical] = state
-            self._batches += 1
-            self._next_worker = (logical + 1) % self.spec.num_logical
-            yield batch
+        try:
+            for batch, logical, state in items:
+                # Record before handing the batch over: once the trainer holds it, it counts as consumed.
+                self._workers[logical] = state
+                self._batches += 1
+                self._next_worker = (logical + 1) % self.spec.num_logical
+                yield batch
+        except DataError as err:  # from a worker process, torch puts the worker's traceback in the message
+            raise DataError(_last_line(err)) from None

@@ -1,77 +1,52 @@
-"""Shard listing, the tar sample reader, and the per-source stream with its resumable cursor.
+"""The tar sample reader and the per-source stream with its resumable cursor.
 
 Shards are webdataset-style tars: consecutive members sharing a key (the member name up to the first dot of
-its basename) form one sample, `{"__key__": key, "__url__": shard, "<ext>": bytes, ...}`.
+its basename) form one sample, `{"__key__": key, "__url__": shard, "<ext>": bytes, ...}`. Where shards come
+from (local files, `pipe:`, `http(s)://`, fsspec object stores, list files) and how they are opened is
+`data.sources`; a gzip-compressed shard (`.tar.gz`, `.tgz`) is recognised by its magic bytes.
 
 Missing data, decided here once:
 - at start-up, a pattern that matches no file, or a plain path that does not exist, is a `DataError` naming
   the data set and the pattern (nothing expensive has happened yet, and a typo must not shrink the mix);
 - during the run, a shard that disappeared, cannot be opened, is empty or is truncated is a `ShardError`
-  that the stream counts as a bad shard and skips (the samples read before a truncation are kept).
+  that the stream counts as a bad shard and skips (the samples read before a truncation are kept); a shard
+  whose source failed (`FetchError`: connection refused or cut, a pipe command that failed) is first opened
+  again `data.fetch_retries` times with backoff, from the sample it stopped at.
 
 A `SourceStream` reads one data set's share for one (data-parallel rank, loader worker) "slot". Its cursor
 is three integers (epoch, position in the slot's shard list, raw sample offset in the shard) so the state
 saved with a checkpoint is tiny and exact; every sample it returns carries a restore key
-(source, shard index, raw offset) from which it can be read again.
+(source, shard index, raw offset) from which it can be read again. Resuming inside a shard reopens it and
+skips to the saved offset: by seeking over the skipped samples where the source can seek (local and fsspec
+files), by reading through them on a stream (pipe, HTTP, gzip).
 """
 from __future__ import annotations
 
-import glob
-import os
+import gzip
 import random
 import re
 import tarfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from braceexpand import braceexpand
+from data.errors import DataError, FetchError, ShardError
+from data.sources import FetchRetry, SequentialSource, close_source, list_shards, open_source
 
-from data.config import DatasetConfig
-from data.errors import DataError
-
+__all__ = ["ShardError", "FetchError", "list_shards", "iter_samples", "read_samples", "SourceStream"]
 _NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # key, extension: the webdataset convention
+_GZIP_MAGIC = b"\x1f\x8b"
 Sample = dict[str, object]
 RestoreKey = tuple[int, int, int]  # (source, shard index in the data set's list, raw sample offset)
-
-
-class ShardError(Exception):
-    """A shard cannot be (fully) read. Counted and skipped by the stream, never fatal on its own."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
-def list_shards(dataset: DatasetConfig) -> list[str]:
-    """The data set's shard files in config order (globs sorted). Raises DataError on an unmatched pattern."""
-    found: list[str] = []
-    for pattern in dataset.shards:
-        for expanded in braceexpand(pattern):
-            if glob.has_magic(expanded):
-                matches = sorted(glob.glob(expanded))
-                if not matches:
-                    raise DataError(f"data set {dataset.name!r}: shard pattern {expanded!r} matches no file")
-                found.extend(matches)
-            elif os.path.isfile(expanded):
-                found.append(expanded)
-            else:
-                raise DataError(f"data set {dataset.name!r}: shard {expanded!r} does not exist")
-    return list(dict.fromkeys(found))  # a shard listed twice would be read twice per epoch
 
 
 def iter_samples(path: str, start: int = 0, stride: int = 1, phase: int = 0) -> Iterator[tuple[int, Sample]]:
     """(raw index, sample) for every sample with index >= start and index % stride == phase.
 
-    Skipped samples are not read (tarfile seeks over their data), so resuming deep into a shard is cheap.
+    Skipped samples are not read where the source can seek (tarfile seeks over their data), so resuming deep
+    into a local shard is cheap; on a stream they are read and dropped.
     """
-    try:
-        tar = tarfile.open(path, mode="r:")
-    except FileNotFoundError:
-        raise ShardError(path, "missing (deleted or moved after start-up)") from None
-    except (tarfile.TarError, OSError) as e:
-        raise ShardError(path, f"not a readable tar: {e}") from None
-    with tar:
+    with _open_tar(path) as (tar, complete):
         index, key, sample = -1, None, {}
         for member in _members(tar, path):
             member_key, ext = _split_name(member.name)
@@ -87,10 +62,47 @@ def iter_samples(path: str, start: int = 0, stride: int = 1, phase: int = 0) -> 
             yield index, sample
         if index < 0:
             raise ShardError(path, "empty (no samples)")
-        # tarfile ends silently when a file is cut exactly at a header; a complete tar ends with two
+        # tarfile ends silently when a shard is cut exactly at a header; a complete tar ends with two
         # zero blocks after the last member.
-        if os.path.getsize(path) < tar.offset + 2 * tarfile.BLOCKSIZE:
+        if not complete():
             raise ShardError(path, f"truncated after sample {index} (no end-of-archive marker)")
+
+
+@contextmanager
+def _open_tar(path: str) -> Iterator[tuple[tarfile.TarFile, Callable[[], bool]]]:
+    """The shard as a tarfile, and a check that the archive was read to its end-of-archive marker."""
+    source = open_source(path)
+    try:
+        try:
+            if _seekable(source):
+                gzipped = source.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
+                size = source.seek(0, 2)
+                source.seek(0)
+                if not gzipped:  # random access: tarfile seeks over the members it skips
+                    tar = tarfile.open(fileobj=source, mode="r:")
+                    yield tar, lambda: size >= tar.offset + 2 * tarfile.BLOCKSIZE
+                    return
+                raw: object = source
+            else:
+                raw = SequentialSource(source, path)
+                gzipped = raw.peek(len(_GZIP_MAGIC)) == _GZIP_MAGIC
+            counted = SequentialSource(gzip.GzipFile(fileobj=raw) if gzipped else raw, path)  # type: ignore
+            tar = tarfile.open(fileobj=counted, mode="r|")  # type: ignore[call-overload]
+        except ShardError:
+            raise
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ShardError(path, f"not a readable tar: {e}") from None
+        # The end-of-archive block was read only if the stream delivered a full block past the last member.
+        yield tar, lambda: counted.count >= tar.offset + tarfile.BLOCKSIZE
+    finally:
+        close_source(source)
+
+
+def _seekable(source: object) -> bool:
+    try:
+        return bool(source.seekable())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _wanted(index: int, start: int, stride: int, phase: int) -> bool:
@@ -149,12 +161,14 @@ class SourceStream:
     """One data set's samples for one slot, epoch after epoch, with a shard order reshuffled per epoch."""
 
     def __init__(self, source: int, name: str, shards: list[str], slot: int, num_slots: int, seed: int,
-                 max_epochs: int | None, on_bad_shard: Callable[[int, ShardError], None]) -> None:
+                 max_epochs: int | None, on_bad_shard: Callable[[int, ShardError], None],
+                 retry: FetchRetry = FetchRetry()) -> None:
         self.source, self.name, self.shards = source, name, shards
         self.slot, self.num_slots, self.seed, self.max_epochs = slot, num_slots, seed, max_epochs
-        self.on_bad_shard = on_bad_shard
+        self.on_bad_shard, self.retry = on_bad_shard, retry
         self.cursor = Cursor()
         self._reader: Iterator[tuple[int, Sample]] | None = None
+        self._failures = 0  # fetch failures of the current shard since it last delivered a sample
 
     @property
     def exhausted(self) -> bool:
@@ -166,7 +180,12 @@ class SourceStream:
 
     def load_state(self, state: list[int]) -> None:
         self.cursor = Cursor(*(int(v) for v in state))
-        self._reader = None
+        self._drop_reader()
+
+    def _drop_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()  # type: ignore[attr-defined]  # a generator: closes its source (pipe, socket)
+        self._reader, self._failures = None, 0
 
     def plan(self, epoch: int) -> list[tuple[int, int, int]]:
         """This slot's reads in `epoch`: the shard order is a pure function of (seed, source, epoch)."""
@@ -186,13 +205,23 @@ class SourceStream:
                 self._reader = iter_samples(self.shards[shard], self.cursor.offset, stride, phase)
             try:
                 item = next(self._reader, None)
+            except FetchError as e:
+                self._reader = None
+                if self._failures < self.retry.attempts:
+                    self._failures += 1
+                    self.retry.wait(self._failures, e)
+                    continue  # reopen the shard at cursor.offset: what was returned is not read again
+                self.on_bad_shard(self.source, e)
+                item = None
             except ShardError as e:
                 self.on_bad_shard(self.source, e)
                 item = None
             if item is None:
-                self.cursor.position, self.cursor.offset, self._reader = self.cursor.position + 1, 0, None
+                self._drop_reader()
+                self.cursor.position, self.cursor.offset = self.cursor.position + 1, 0
                 continue
             index, sample = item
+            self._failures = 0
             self.cursor.offset = index + 1
             self.cursor.returned += 1
             return (self.source, shard, index), sample
@@ -205,15 +234,45 @@ class SourceStream:
         self.cursor = Cursor(epoch=self.cursor.epoch + 1)
 
 
-def read_sample(shards: list[str], key: RestoreKey) -> Sample:
-    """Read one sample again from its restore key (rebuilding the packing buffer on resume)."""
-    _, shard, offset = key
-    try:
-        for index, sample in iter_samples(shards[shard], start=offset, stride=1, phase=0):
-            if index == offset:
-                return sample
-            break
-    except ShardError as e:
-        raise DataError(f"cannot restore sample {offset} of shard {shards[shard]!r}: {e.reason}") from None
-    raise DataError(f"cannot restore sample {offset} of shard {shards[shard]!r}: the shard changed since "
-                    f"the checkpoint was saved")
+def read_samples(shards: list[list[str]], keys: list[RestoreKey],
+                 retry: FetchRetry = FetchRetry()) -> list[Sample]:
+    """Read samples again from their restore keys (rebuilding the packing buffer on resume), in `keys` order;
+    `shards[source]` is a data set's shard list.
+
+    Each shard is opened once for all its keys (a stream is read front to back only once), with the same
+    retries as the stream; a sample that cannot be read again is a DataError."""
+    wanted: dict[tuple[int, int], set[int]] = {}
+    for source, shard, offset in keys:
+        wanted.setdefault((source, shard), set()).add(offset)
+    found: dict[RestoreKey, Sample] = {}
+    for (source, shard), offsets in wanted.items():
+        for index, sample in _read_offsets(shards[source][shard], offsets, retry):
+            found[(source, shard, index)] = sample
+    for source, shard, offset in keys:
+        if (source, shard, offset) not in found:
+            raise DataError(f"cannot restore sample {offset} of shard {shards[source][shard]!r}: the shard "
+                            f"changed since the checkpoint was saved")
+    return [found[key] for key in keys]
+
+
+def _read_offsets(path: str, offsets: set[int], retry: FetchRetry) -> list[tuple[int, Sample]]:
+    got: list[tuple[int, Sample]] = []
+    attempt = 0
+    while True:
+        start = min(offsets - {index for index, _ in got}, default=None)
+        if start is None:
+            return got
+        try:
+            for index, sample in iter_samples(path, start=start):
+                if index in offsets:
+                    got.append((index, sample))
+                if index >= max(offsets):
+                    return got
+            return got
+        except FetchError as e:
+            attempt += 1
+            if attempt > retry.attempts:
+                raise DataError(f"cannot restore samples of shard {path!r}: {e.reason}") from None
+            retry.wait(attempt, e)
+        except ShardError as e:
+            raise DataError(f"cannot restore samples of shard {path!r}: {e.reason}") from None

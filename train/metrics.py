@@ -39,6 +39,8 @@ class StepRecord:
     memory_gb: float = 0.0
     skipped: bool = False
     loss_per_source: dict[str, float] = field(default_factory=dict)
+    # Per data set: (bad samples + bad shards) / read, over every rank and worker so far this stage.
+    bad_data_fraction: dict[str, float] = field(default_factory=dict)
 
     def wandb_row(self) -> dict[str, float]:
         row = {"train/loss": self.loss, "train/lr": self.lr, "train/grad_norm": self.grad_norm,
@@ -46,17 +48,40 @@ class StepRecord:
                "train/moe_aux_loss": self.aux_loss, "train/memory_gb": self.memory_gb,
                "train/skipped": float(self.skipped)}
         row.update({f"train/loss/{name}": value for name, value in self.loss_per_source.items()})
+        row.update({f"data/bad_fraction/{name}": value for name, value in self.bad_data_fraction.items()})
         return row
 
 
 def make_record(step: int, metrics: StepMetrics, seconds: float, packing_efficiency: float,
-                source_names: Sequence[str]) -> StepRecord:
+                source_names: Sequence[str], bad_data_fraction: dict[str, float] | None = None) -> StepRecord:
     per_source = {(source_names[i] if 0 <= i < len(source_names) else f"source{i}"): float(v)
                   for i, v in metrics.loss_per_source.items()}
     return StepRecord(step=step, loss=float(metrics.loss), lr=float(metrics.lr), grad_norm=float(metrics.grad_norm),
                       tokens=int(metrics.tokens), tokens_per_s=metrics.tokens / max(seconds, 1e-9),
                       packing_efficiency=packing_efficiency, aux_loss=float(metrics.aux_loss),
-                      memory_gb=peak_memory_gb(), skipped=metrics.skipped, loss_per_source=per_source)
+                      memory_gb=peak_memory_gb(), skipped=metrics.skipped, loss_per_source=per_source,
+                      bad_data_fraction=dict(bad_data_fraction or {}))
+
+
+def global_data_counts(local: dict[str, dict[str, int]], dp_rank: int) -> dict[str, dict[str, int]]:
+    """The loader counters of every data-parallel rank summed (each rank's already sums its workers).
+
+    Collective when a process group is up: every rank calls it at the same step. The tensor/context/pipeline
+    peers of a DP rank consume the same batches, so each DP rank is counted once: the elementwise max over
+    the ranks reporting that dp_rank (equal counts when every peer loads, the loading peer's when only one
+    does and the others report zeros)."""
+    if not local or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local
+    names, stats = list(local), list(next(iter(local.values())))
+    row = torch.tensor([dp_rank] + [local[n][s] for n in names for s in stats], dtype=torch.int64)
+    rows = [torch.zeros_like(row) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(rows, row)
+    per_dp: dict[int, torch.Tensor] = {}
+    for r in rows:
+        key = int(r[0])
+        per_dp[key] = torch.maximum(per_dp[key], r[1:]) if key in per_dp else r[1:]
+    total = torch.stack(list(per_dp.values())).sum(0).view(len(names), len(stats)).tolist()
+    return {n: dict(zip(stats, values)) for n, values in zip(names, total)}
 
 
 def peak_memory_gb() -> float:

@@ -58,6 +58,7 @@ def run_pipeline(configs: Sequence[TrainConfig], runtime: StageRuntime | None = 
 
 
 def _run_initialised(configs: list[TrainConfig], runtime: StageRuntime | None, world_size: int) -> int:
+    from data.errors import DataError
     from train.models.native_io import CheckpointError
     from train.preflight import PreflightError, preflight
 
@@ -81,6 +82,9 @@ def _run_initialised(configs: list[TrainConfig], runtime: StageRuntime | None, w
         _say(f"longvl: {err}", error=True)
         _say(summary_table(results))
         return EXIT_STOPPED
+    except DataError as err:  # the data cannot be used as configured (a saved state from another mix, ...)
+        _say(f"longvl: {configs[len(results)].stage.name}: {err}", error=True)
+        return EXIT_CONFIG
     except OSError as err:  # a full or unwritable disk (checkpoint, final/): one line, earlier saves stay
         _say(f"longvl: {_os_error_line(err, configs[len(results)])}", error=True)
         return EXIT_STOPPED

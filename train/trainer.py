@@ -21,13 +21,14 @@ import torch
 from omegaconf import OmegaConf
 
 from data.batch import PackedBatch
+from data.errors import bad_fractions, over_limit
 from train.backends.base import Backend, StepMetrics
 from train.checkpoint import (
     StageDir, barrier, load_checkpoint, read_model_dir, resume_checkpoint, save_checkpoint, save_final,
 )
 from launch.signals import PreemptionHandler
 from train.config.schema import TrainConfig
-from train.metrics import MetricsLogger, StepTimer, make_record, read_history
+from train.metrics import MetricsLogger, StepTimer, global_data_counts, make_record, read_history
 
 # Stop the stage after this many consecutive skipped (non-finite) steps unless the config says otherwise:
 # one bad batch is noise, a streak means the run has diverged and more steps only burn compute.
@@ -73,7 +74,9 @@ class StageRuntime:
     """What the loop needs besides the config; tests replace the factories with stand-ins."""
 
     build_backend: Callable[[TrainConfig], Backend]
-    build_loader: Callable[[TrainConfig, Any, int], Any]  # (cfg, ParallelInfo, seed) -> resumable loader
+    # (cfg, ParallelInfo, seed) -> resumable loader: an iterable of PackedBatch with state_dict(),
+    # load_state_dict() and stats() (counters per data set, see data.loader.StreamingLoader.stats)
+    build_loader: Callable[[TrainConfig, Any, int], Any]
     extra_meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -146,13 +149,15 @@ def _run_steps(cfg: TrainConfig, backend: Backend, loader: Any, stage_dir: Stage
     for step in range(start_step + 1, total + 1):
         micro = _take(batches, per_rank, cfg.stage.name)
         metrics = backend.train_step(micro)
+        bad_data = _check_bad_data(cfg, loader, backend.info.dp_rank, stage_dir)
         seconds = timer.lap()
         result.seconds += seconds
         skipped = metrics.skipped or not math.isfinite(metrics.loss)
         in_a_row = in_a_row + 1 if skipped else 0
         result.skipped += int(skipped)
         if step % cfg.stage.log_every == 0 or step == total or skipped:
-            logger.log(make_record(step, _as_skipped(metrics, skipped), seconds, packing_efficiency(micro), names))
+            logger.log(make_record(step, _as_skipped(metrics, skipped), seconds, packing_efficiency(micro), names,
+                                   bad_data))
         if skipped:  # never saved: a checkpoint is only written after a good step
             logger.note(f"{cfg.stage.name} step {step}: non-finite loss/gradients, step skipped "
                         f"({in_a_row} in a row, stop at {max_skips})")
@@ -167,6 +172,18 @@ def _run_steps(cfg: TrainConfig, backend: Backend, loader: Any, stage_dir: Stage
         if stop:
             raise Preempted(f"{cfg.stage.name}: stopped by signal after step {step}; latest checkpoint "
                             f"{stage_dir.latest()}; run the same command again to resume")
+
+
+def _check_bad_data(cfg: TrainConfig, loader: Any, dp_rank: int, stage_dir: StageDir) -> dict[str, float]:
+    """The bad fraction per data set over every rank and worker (collective); stops the stage in one line
+    naming the data sets past data.max_bad_fraction (the checkpoint of this step is not written)."""
+    counts = global_data_counts(loader.stats(), dp_rank)
+    exceeded = over_limit(counts, cfg.data.max_bad_fraction, cfg.data.bad_sample_grace)
+    if exceeded:
+        raise TrainingStopped(f"{cfg.stage.name}: bad data (bad samples + bad shards of everything read, all "
+                              f"ranks and workers) passed data.max_bad_fraction={cfg.data.max_bad_fraction} in "
+                              f"{', '.join(exceeded)}; last good checkpoint: {stage_dir.latest()}")
+    return bad_fractions(counts)
 
 
 def _take(batches: Iterator[PackedBatch], count: int, stage: str) -> list[PackedBatch]:

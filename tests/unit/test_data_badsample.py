@@ -1,5 +1,6 @@
 """Bad data through the loader with the real encoder: skipped, counted per data set, warned about (rate-
-limited, naming shard and key); fatal only past data.max_bad_fraction; missing shards fail at start-up."""
+limited, naming shard and key); the limit on the sum over ranks and workers (data.max_bad_fraction) is the
+trainer's; missing shards fail at start-up."""
 from __future__ import annotations
 
 import io
@@ -15,7 +16,7 @@ from PIL import Image
 
 from data.config import DataConfig, DatasetConfig
 from data.encode import DocumentEncoder, EncodeConfig
-from data.errors import DataError
+from data.errors import DataError, over_limit
 from data.loader import StreamingLoader
 from data.tokenizer import train_sentencepiece
 from data.vision import ImageConfig
@@ -123,13 +124,15 @@ def test_missing_shards_at_start_up_are_an_error_naming_the_pattern(tmp_path, en
         StreamingLoader(cfg, encode, SEQ)
 
 
-def test_run_stops_only_when_the_bad_fraction_passes_the_limit(tmp_path, encode):
+def test_workers_count_bad_data_and_the_limit_is_decided_on_the_sum(tmp_path, encode):
+    """No worker stops on its own share any more: the trainer sums the counts of every rank and worker and
+    applies data.errors.over_limit (tests/unit/test_pipeline.py runs that through the trainer)."""
     samples = {f"good{i}": _good(i) for i in range(12)}
     samples.update({f"bad{i}": BAD["malformed_json"] for i in range(4)})  # 4 of 16 = 0.25
     for shard in range(2):
         _write(str(tmp_path / f"shard-{shard:06d}.tar"), samples)
-    tolerant = StreamingLoader(_config(str(tmp_path), max_bad_fraction=0.3, num_workers=2), encode, SEQ)
-    assert len(_keys(tolerant)) == 24
-    strict = StreamingLoader(_config(str(tmp_path), max_bad_fraction=0.2, num_workers=2), encode, SEQ)
-    with pytest.raises(DataError, match=r"bad data fraction .* passed data.max_bad_fraction=0.2"):
-        _keys(strict)
+    loader = StreamingLoader(_config(str(tmp_path), max_bad_fraction=0.2, num_workers=2), encode, SEQ)
+    assert len(_keys(loader)) == 24
+    counts = loader.stats()
+    assert counts["mixed"]["bad_samples"] == 8 and counts["mixed"]["samples"] == 24
+    assert over_limit(counts, 0.3, 0) == [] and over_limit(counts, 0.2, 0) == ["mixed 8/32 = 0.250"]

@@ -9,7 +9,7 @@ import webdataset as wds
 
 from data.config import DatasetConfig
 from data.errors import DataError
-from data.shards import SourceStream, iter_samples, list_shards, read_sample, slot_plan
+from data.shards import SourceStream, iter_samples, list_shards, read_samples, slot_plan
 from data_stream_fixtures import write_text_shards
 
 
@@ -35,7 +35,8 @@ def test_reader_groups_members_and_skips_without_reading(tmp_path):
     assert samples[2][1] == {"__key__": "k2", "__url__": path, "txt": b"t2", "json": b"{}"}
     assert [s["__key__"] for _, s in iter_samples(path, start=4)] == ["k4", "k5"]
     assert [i for i, _ in iter_samples(path, start=1, stride=2, phase=1)] == [1, 3, 5]
-    assert read_sample([path], (0, 0, 3))["txt"] == b"t3"
+    again = read_samples([[path]], [(0, 0, 3), (0, 0, 1), (0, 0, 3)])
+    assert [s["txt"] for s in again] == [b"t3", b"t1", b"t3"]
 
 
 @pytest.mark.parametrize("num_shards,num_slots", [(8, 4), (7, 4), (3, 4), (2, 6), (1, 4), (5, 5)])

@@ -105,3 +105,36 @@ def test_non_logging_rank_writes_nothing(tmp_path: Path, mode: str) -> None:
     logger.log(make_record(1, _metrics(1), 1.0, 1.0, []))
     logger.close()
     assert not (tmp_path / "s1").exists()
+
+
+def test_data_counts_are_summed_over_dp_ranks_once_each(monkeypatch):
+    """4 ranks = 2 DP ranks x 2 model-parallel peers; rank 1 is a peer that does not load (zeros), ranks 2
+    and 3 both load and report the same counts: each DP rank is counted once."""
+    import torch
+    import torch.distributed as dist
+
+    from train.metrics import global_data_counts
+
+    reported = {0: (0, [10, 2]), 1: (0, [0, 0]), 2: (1, [7, 1]), 3: (1, [7, 1])}
+
+    def all_gather(rows, row):
+        for r, (dp_rank, (samples, bad)) in reported.items():
+            rows[r].copy_(torch.tensor([dp_rank, samples, bad, 0, 0, 0, 0]))
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    local = {"web": {"samples": 10, "bad_samples": 2, "bad_shards": 0}, "ocr": dict.fromkeys(
+        ("samples", "bad_samples", "bad_shards"), 0)}
+    assert global_data_counts(local, dp_rank=0) == {"web": {"samples": 17, "bad_samples": 3, "bad_shards": 0},
+                                                    "ocr": {"samples": 0, "bad_samples": 0, "bad_shards": 0}}
+
+
+def test_over_limit_names_each_data_set_past_the_fraction_after_the_grace():
+    from data.errors import bad_fractions, over_limit
+
+    counts = {"web": {"samples": 90, "bad_samples": 8, "bad_shards": 2}, "ocr": {"samples": 3, "bad_samples": 2},
+              "code": {"samples": 100, "bad_samples": 5}}
+    assert over_limit(counts, 0.05, grace=10) == ["web 10/100 = 0.100"]  # ocr: 5 reads, within the grace
+    assert over_limit(counts, 0.05, grace=0) == ["web 10/100 = 0.100", "ocr 2/5 = 0.400"]
+    assert bad_fractions(counts) == {"web": 0.1, "ocr": 0.4, "code": 5 / 105}

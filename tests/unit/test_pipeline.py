@@ -3,6 +3,7 @@ stage order, the handoff of final weights with a fresh backend per stage, skippi
 HF export, the summary table, and one-line refusals before any stage starts."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from data.batch import PackedBatch
+from data.errors import DataError
 from train.backends.base import ParallelInfo, StepMetrics
 from train.config.compose import stage_configs
 from train.config.schema import TrainConfig
@@ -70,6 +72,9 @@ class StandInLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.count = state["count"]
+
+    def stats(self) -> dict:
+        return {}
 
     def __iter__(self) -> Iterator[PackedBatch]:
         while True:
@@ -176,3 +181,42 @@ def test_summary_table() -> None:
     assert lines[0].split()[:4] == ["stage", "steps", "tokens", "time"]
     assert lines[2].split() == ["s0", "30", "30.7K", "57s", "7.500", "->", "7.400", "7.600", "->", "7.400", "0"]
     assert lines[3].split()[:4] == ["s3", "11921", "100.0B", "3600s"] and "- -> -" in lines[3]
+
+
+class BadDataLoader(StandInLoader):
+    """Counts like StreamingLoader.stats(): from batch `bad_from` on, every other sample of `bad_set` is bad."""
+
+    def __init__(self, seq_len: int, names: list[str], bad_set: str, bad_from: int) -> None:
+        super().__init__(seq_len)
+        self.names, self.bad_set, self.bad_from = names, bad_set, bad_from
+
+    def stats(self) -> dict:
+        bad = max(0, self.count - self.bad_from) * 10
+        return {n: {"samples": 100 * self.count, "bad_samples": bad if n == self.bad_set else 0, "bad_shards": 0}
+                for n in self.names}
+
+
+def test_bad_data_past_the_limit_stops_the_run_in_one_line_naming_the_data_set(data_root: Path, tmp_path: Path,
+                                                                               capsys) -> None:
+    configs = _configs(data_root, tmp_path)[:1]
+    cfg = configs[0]
+    cfg.stage.max_steps, cfg.stage.save_every, cfg.data.bad_sample_grace = 12, 2, 0
+    names = [d.name for d in cfg.data.datasets]
+    runtime = StageRuntime(build_backend=lambda c: StandInBackend(c, []),
+                           build_loader=lambda c, info, seed: BadDataLoader(c.stage.seq_len, names, names[-1], 6))
+    assert run_pipeline(configs, runtime) == EXIT_STOPPED
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("longvl:")]
+    assert len(err) == 1 and f"passed data.max_bad_fraction=0.05 in {names[-1]} " in err[0], err
+    assert all(f"in {n} " not in err[0] for n in names[:-1])
+    history = [json.loads(line) for line in (tmp_path / cfg.stage.name / "metrics.jsonl").read_text().splitlines()]
+    assert history and history[0]["bad_data_fraction"] == dict.fromkeys(names, 0.0)
+    assert 0 < history[-1]["bad_data_fraction"][names[-1]] <= 0.05  # the step that passed it is not logged
+
+    class Refusing(StandInLoader):  # what StreamingLoader raises for a state saved with another data mix
+        def load_state_dict(self, state: dict) -> None:
+            raise DataError("data loader state does not fit this data mix; differs in seq_len: state 128, now 256")
+
+    runtime.build_loader = lambda c, info, seed: Refusing(c.stage.seq_len)
+    assert run_pipeline(_configs(data_root, tmp_path)[:1], runtime) == EXIT_CONFIG  # resumes its checkpoint
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"longvl: {cfg.stage.name}: data loader state does not fit")

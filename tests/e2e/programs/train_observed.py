@@ -57,6 +57,9 @@ class RecordingLoader:
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
 
+    def stats(self) -> dict:
+        return self.loader.stats()
+
     def __iter__(self) -> Iterator[PackedBatch]:
         for batch in self.loader:
             with open(self.log_path, "a") as out:

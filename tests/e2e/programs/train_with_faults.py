@@ -38,6 +38,9 @@ class NaNAfter:
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
 
+    def stats(self) -> dict:
+        return self.loader.stats()
+
     def __iter__(self) -> Iterator[PackedBatch]:
         for i, batch in enumerate(self.loader, start=1):
             if i >= self.first_bad:
