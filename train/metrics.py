@@ -19,6 +19,7 @@ import torch
 
 from train.backends.base import StepMetrics
 from train.config.schema import LoggingConfig
+from train.device import comm_tensor, comm_zeros
 
 HISTORY_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -73,11 +74,11 @@ def global_data_counts(local: dict[str, dict[str, int]], dp_rank: int) -> dict[s
     if not local or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return local
     names, stats = list(local), list(next(iter(local.values())))
-    row = torch.tensor([dp_rank] + [local[n][s] for n in names for s in stats], dtype=torch.int64)
-    rows = [torch.zeros_like(row) for _ in range(torch.distributed.get_world_size())]
+    row = comm_tensor([dp_rank] + [local[n][s] for n in names for s in stats], dtype=torch.int64)
+    rows = [comm_zeros(row.numel(), torch.int64) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(rows, row)
     per_dp: dict[int, torch.Tensor] = {}
-    for r in rows:
+    for r in (r.cpu() for r in rows):
         key = int(r[0])
         per_dp[key] = torch.maximum(per_dp[key], r[1:]) if key in per_dp else r[1:]
     total = torch.stack(list(per_dp.values())).sum(0).view(len(names), len(stats)).tolist()

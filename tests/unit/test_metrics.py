@@ -123,6 +123,7 @@ def test_data_counts_are_summed_over_dp_ranks_once_each(monkeypatch):
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
     monkeypatch.setattr(dist, "all_gather", all_gather)
     local = {"web": {"samples": 10, "bad_samples": 2, "bad_shards": 0}, "ocr": dict.fromkeys(
         ("samples", "bad_samples", "bad_shards"), 0)}
