@@ -28,6 +28,8 @@ from train.checkpoint import (
 )
 from launch.signals import PreemptionHandler
 from train.config.schema import TrainConfig
+from train.device import compute_device
+from train.fast_path import describe as describe_run_path
 from train.metrics import MetricsLogger, StepTimer, global_data_counts, make_record, read_history
 
 # Stop the stage after this many consecutive skipped (non-finite) steps unless the config says otherwise:
@@ -102,6 +104,7 @@ def train_stage(cfg: TrainConfig, runtime: StageRuntime) -> StageResult:
     logger = MetricsLogger(cfg.logging, stage_dir.root, cfg.stage.name, Path(cfg.run_dir).name,
                            cfg.stage.num_steps(), start_step, info.is_logging_rank,
                            OmegaConf.to_container(OmegaConf.structured(cfg)))
+    logger.note(describe_run_path(cfg, compute_device()))
     result = StageResult(name=cfg.stage.name, steps=cfg.stage.num_steps(), resumed_from=start_step,
                          init_from=cfg.stage.init_from or "")
     if resumed_meta:

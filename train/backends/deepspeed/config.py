@@ -7,10 +7,15 @@ share of the tokens). Expert-parallel groups are consecutive ranks too (DeepSpee
 """
 from __future__ import annotations
 
+import shutil
 from typing import Any
+
+import torch
 
 from train.config.model import ConfigError
 from train.config.schema import TrainConfig
+from train.device import compute_device
+from train.fast_path import register
 
 
 def check_layout(cfg: TrainConfig, world_size: int) -> int:
@@ -44,19 +49,21 @@ def check_layout(cfg: TrainConfig, world_size: int) -> int:
     return cfg.stage.global_batch_size // dp
 
 
-def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config. One packed sequence per micro-batch; DeepSpeed's data-parallel group is the
-    whole world (see module doc), hence train_batch_size counts every rank. The LR is set by us every step
-    (train/optim.py), so there is no DeepSpeed scheduler."""
+def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int,
+                     device: torch.device | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for a run on `device` (default: this rank's compute device). One packed sequence
+    per micro-batch; DeepSpeed's data-parallel group is the whole world (see module doc), hence
+    train_batch_size counts every rank. The LR is set by us every step (train/optim.py), so there is no
+    DeepSpeed scheduler."""
     optim, backend = cfg.optim, cfg.backend
+    on_cuda = (device or compute_device()).type == "cuda"
     zero: dict[str, Any] = {"stage": backend.zero_stage}
     if backend.zero_stage in (1, 2):
-        # DeepSpeed's MoE support asserts contiguous gradients + reduce-scatter for ZeRO-1/2.
-        zero.update(contiguous_gradients=True, reduce_scatter=True, overlap_comm=False)
+        # DeepSpeed's MoE support asserts contiguous gradients + reduce-scatter for ZeRO-1/2. Overlapping
+        # the gradient reduction with the backward needs CUDA streams (the CPU accelerator has none).
+        zero.update(contiguous_gradients=True, reduce_scatter=True, overlap_comm=on_cuda)
     if backend.zero_stage == 3:
-        # Keep every parameter partitioned (no persistence threshold) so tiny test models exercise the
-        # gather/release path of real ones.
-        zero.update(stage3_param_persistence_threshold=0, overlap_comm=False, stage3_prefetch_bucket_size=0)
+        zero.update(zero3_thresholds(cfg.model.text.hidden_size, on_cuda))
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": grad_accum,
@@ -64,10 +71,60 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int) -> dict
         "gradient_clipping": optim.grad_clip,
         "optimizer": {"type": "AdamW", "params": {
             "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
-            "torch_adam": True, "adam_w_mode": True}},
+            "adam_w_mode": True, **adam_implementation(on_cuda)}},
         "bf16": {"enabled": backend.precision == "bf16", "check_grad_overflow": True},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def zero3_thresholds(hidden_size: int, on_cuda: bool) -> dict[str, Any]:
+    """ZeRO-3 parameter traffic. On CUDA: gathers overlap compute (overlap_comm, a prefetch bucket of ~0.9
+    hidden^2 elements, i.e. about one attention projection ahead), and parameters under 10 x hidden elements
+    (norms, biases) stay resident instead of being gathered per layer. On CPU everything stays partitioned
+    and nothing is prefetched, so tiny test models exercise the gather/release path of real ones."""
+    if not on_cuda:
+        return {"stage3_param_persistence_threshold": 0, "overlap_comm": False, "stage3_prefetch_bucket_size": 0}
+    return {"overlap_comm": True, "contiguous_gradients": True,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size,
+            "reduce_bucket_size": hidden_size * hidden_size}
+
+
+def adam_implementation(on_cuda: bool, deepspeed_fused_adam: bool | None = None) -> dict[str, Any]:
+    """The Adam kernel, as DeepSpeed optimizer params. CUDA: DeepSpeed's FusedAdam when its op is prebuilt or
+    can be JIT-built here (nvcc present), else torch's fused AdamW (no build step). CPU: torch's AdamW."""
+    if not on_cuda:
+        return {"torch_adam": True}
+    fused = _deepspeed_fused_adam_builds() if deepspeed_fused_adam is None else deepspeed_fused_adam
+    return {"torch_adam": False} if fused else {"torch_adam": True, "fused": True}
+
+
+def _deepspeed_fused_adam_builds() -> bool:  # pragma: no cover - CUDA machines only
+    try:
+        from deepspeed.git_version_info import installed_ops
+        from deepspeed.ops.op_builder import FusedAdamBuilder
+    except ImportError:
+        return False
+    if installed_ops.get("fused_adam"):
+        return True
+    return shutil.which("nvcc") is not None and FusedAdamBuilder().is_compatible(verbose=False)
+
+
+def describe_adam(params: dict[str, Any]) -> str:
+    if not params.get("torch_adam"):
+        return "DeepSpeed FusedAdam"
+    return "torch fused AdamW" if params.get("fused") else "torch AdamW"
+
+
+@register("deepspeed")
+def _deepspeed_choice(cfg: TrainConfig, device: torch.device) -> str | None:
+    if cfg.backend.name != "deepspeed":
+        return None
+    ds = deepspeed_config(cfg, 1, 1, device)
+    zero = ds["zero_optimization"]
+    overlap = "overlap_comm" if zero.get("overlap_comm") else "no comm overlap"
+    prefetch = f", prefetch {zero['stage3_prefetch_bucket_size']:.3g}" if zero.get("stage3_prefetch_bucket_size") else ""
+    return f"ZeRO-{zero['stage']} {overlap}{prefetch}, {describe_adam(ds['optimizer']['params'])}"

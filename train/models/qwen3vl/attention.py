@@ -8,8 +8,11 @@ context parallel) with `Qwen3VLModel.set_core_attention` without touching the mo
 module specs swap their core attention.
 
 `PackedAttention` is the reference: flash-attn's varlen kernel when it is importable and the tensors are
-half precision on CUDA, otherwise one torch SDPA call per segment. Both keep memory linear in L (SDPA's
-fused CPU/CUDA kernels never materialise the scores of a whole segment either).
+half precision on CUDA (one kernel for all segments), otherwise one torch SDPA call per segment. Both keep
+memory linear in L (SDPA's fused CPU/CUDA kernels never materialise the scores of a whole segment either).
+`attention_kernel` is the one decision, used by the forward and reported at start-up (train/fast_path.py).
+The segment bookkeeping (int32 cu_seqlens on the device, max length, lengths) is computed once per
+cu_seqlens tensor and reused by every layer: reading it on the host is a device sync.
 """
 from __future__ import annotations
 
@@ -17,10 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # optional: only present on CUDA clusters
+from train.config.schema import TrainConfig
+from train.fast_path import register
+
+try:  # optional: only present on CUDA clusters (pip install longvl[gpu])
     from flash_attn import flash_attn_varlen_func
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_varlen_func = None
+
+FLASH_VARLEN, SDPA_PER_SEGMENT = "flash_varlen", "sdpa_per_segment"
+KERNEL_NAMES = {FLASH_VARLEN: "flash-attn varlen", SDPA_PER_SEGMENT: "torch SDPA per segment"}
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def full_cu_seqlens(length: int, device: torch.device) -> torch.Tensor:
@@ -28,8 +38,44 @@ def full_cu_seqlens(length: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([0, length], dtype=torch.int32, device=device)
 
 
-def segment_lengths(cu_seqlens: torch.Tensor) -> list[int]:
-    return (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+def attention_kernel(device: torch.device, dtype: torch.dtype, flash_available: bool | None = None) -> str:
+    """FLASH_VARLEN when flash-attn is importable and the tensors are fp16/bf16 on CUDA, else SDPA_PER_SEGMENT."""
+    flash = flash_attn_varlen_func is not None if flash_available is None else flash_available
+    return FLASH_VARLEN if flash and device.type == "cuda" and dtype in FLASH_DTYPES else SDPA_PER_SEGMENT
+
+
+@register("attention")
+def _attention_choice(cfg: TrainConfig, device: torch.device) -> str:
+    """The reference attention runs the ViT always, and the text model too on the DeepSpeed backend."""
+    dtype = torch.bfloat16 if cfg.backend.precision == "bf16" else torch.float32
+    where = "ViT" if cfg.backend.name == "megatron" else "text + ViT"
+    return f"{KERNEL_NAMES[attention_kernel(device, dtype)]} ({where})"
+
+
+class Segments:
+    """cu_seqlens as the kernels take it: int32 on the device, the longest segment, the segment lengths."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, device: torch.device) -> None:
+        host = cu_seqlens.detach().to("cpu", torch.int64)
+        self.lengths: list[int] = (host[1:] - host[:-1]).tolist()
+        self.max_len = max(self.lengths, default=0)
+        self.cu = cu_seqlens.to(device=device, dtype=torch.int32)
+
+
+_last_segments: tuple[torch.Tensor, int, torch.device, Segments] | None = None
+
+
+def segments_of(cu_seqlens: torch.Tensor, device: torch.device) -> Segments:
+    """`Segments` of cu_seqlens, reused while the same tensor (unmodified) comes back: every layer of one
+    forward passes the same cu_seqlens. The cache holds the tensor, so its memory cannot be reused by another
+    tensor while it is the key; `_version` catches in-place edits."""
+    global _last_segments
+    cached = _last_segments
+    if cached is not None and cached[0] is cu_seqlens and cached[1] == cu_seqlens._version and cached[2] == device:
+        return cached[3]
+    segments = Segments(cu_seqlens, device)
+    _last_segments = (cu_seqlens, cu_seqlens._version, device, segments)
+    return segments
 
 
 class PackedAttention(nn.Module):
@@ -37,26 +83,23 @@ class PackedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                 causal: bool) -> torch.Tensor:
-        if q.shape[0] != int(cu_seqlens[-1]):
-            raise ValueError(f"cu_seqlens covers {int(cu_seqlens[-1])} tokens but q has {q.shape[0]}")
-        if _flash_usable(q):
-            return _flash_varlen(q, k, v, cu_seqlens, causal)
-        return _sdpa_per_segment(q, k, v, cu_seqlens, causal)
+        segments = segments_of(cu_seqlens, q.device)
+        if q.shape[0] != sum(segments.lengths):
+            raise ValueError(f"cu_seqlens covers {sum(segments.lengths)} tokens but q has {q.shape[0]}")
+        if attention_kernel(q.device, q.dtype) == FLASH_VARLEN:
+            return flash_varlen(q, k, v, segments, causal, flash_attn_varlen_func)
+        return _sdpa_per_segment(q, k, v, segments.lengths, causal)
 
 
-def _flash_usable(q: torch.Tensor) -> bool:
-    return flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, causal: bool,
+                 kernel) -> torch.Tensor:
+    """One varlen call over all segments (queries and keys share the segments; GQA is native)."""
+    return kernel(q, k, v, segments.cu, segments.cu, segments.max_len, segments.max_len, dropout_p=0.0,
+                  softmax_scale=None, causal=causal)
 
 
-def _flash_varlen(q, k, v, cu_seqlens, causal) -> torch.Tensor:  # pragma: no cover - CUDA only
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
-    return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=causal)
-
-
-def _sdpa_per_segment(q, k, v, cu_seqlens, causal) -> torch.Tensor:
+def _sdpa_per_segment(q, k, v, lengths: list[int], causal) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
-    lengths = segment_lengths(cu_seqlens)
     outputs = []
     # split() gives views whose backward is one concatenation; slicing t[seg] per segment would make each
     # segment's backward allocate and accumulate into a full-size zero gradient (hundreds of ViT frames).
