@@ -7,6 +7,8 @@ every backend consume `PackedBatch` as is: nothing downstream re-derives what it
 Conventions:
 - Vision tensors follow transformers' Qwen3-VL layout: `pixel_values` [num_patches, C * T * ps * ps] in the
   patch order of its image processor, `grid_thw` [num_items, 3] in patch units (before the 2x2 merge).
+  Pixels are uint8 (resized values, normalised by the model's first op on the device) or float32 (already
+  normalised: data.encode.image.pixel_dtype=float32, or HF-processor output); the model accepts both.
 - `position_ids` are interleaved-MRoPE (t, h, w) indices that restart at 0 for every document.
 - `labels[i]` is the token to predict at position i (the next token of the same document), `loss_weights[i]`
   its weight (0 where nothing is predicted: document ends, vision placeholders, prompts, padding). The loss
@@ -39,6 +41,13 @@ class Document:
 
     def __len__(self) -> int:
         return int(self.input_ids.numel())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its tensors: what the document costs in a packing buffer and in a batch."""
+        return sum(t.numel() * t.element_size() for t in (
+            self.input_ids, self.position_ids, self.target_mask, self.pixel_values, self.image_grid_thw,
+            self.pixel_values_videos, self.video_grid_thw) if t is not None)
 
 
 @dataclass

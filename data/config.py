@@ -42,6 +42,9 @@ class DataConfig:
     loss_weighting: str = "sqrt"
     # Documents held back for best-fit packing; larger fills sequences better and costs restore time.
     packing_buffer: int = 64
+    # ... and at most this many bytes of document tensors per worker (plus the one document that crosses
+    # it); None: documents only. 2 GiB holds ~350K visual tokens of uint8 pixels (6 KiB each).
+    buffer_bytes: int | None = 2 * 1024 ** 3
     num_workers: int = 2
     prefetch_factor: int = 2
     # The run stops once a data set's (bad samples + bad shards) / (everything read from it), summed over
@@ -83,6 +86,8 @@ class DataConfig:
         for key in ("packing_buffer", "prefetch_factor"):
             if getattr(self, key) < 1:
                 raise DataError(f"{prefix}.{key}={getattr(self, key)} must be >= 1")
+        if self.buffer_bytes is not None and self.buffer_bytes < 1:
+            raise DataError(f"{prefix}.buffer_bytes={self.buffer_bytes} must be >= 1 or None")
         if self.num_workers < 0:
             raise DataError(f"{prefix}.num_workers={self.num_workers} must be >= 0")
         if not 0 <= self.max_bad_fraction <= 1:

@@ -82,7 +82,8 @@ class _WorkerStream:
         retry = FetchRetry(cfg.fetch_retries, cfg.fetch_backoff_s)
         self.streams = [SourceStream(i, d.name, spec.shards[i], slot, num_slots, cfg.seed, cfg.max_epochs,
                                      self._bad_shard, retry) for i, d in enumerate(cfg.datasets)]
-        self.packer = BestFitPacker(spec.seq_len, cfg.packing_buffer, cfg.loss_weighting, spec.tokens.pad)
+        self.packer = BestFitPacker(spec.seq_len, cfg.packing_buffer, cfg.loss_weighting, spec.tokens.pad,
+                                    cfg.buffer_bytes)
         self.k, self.batches = 0, 0
         self.stats = _Stats(cfg)
         if state is not None:
@@ -107,7 +108,7 @@ class _WorkerStream:
             fitted = fit_document(doc, self.spec.seq_len, self.spec.tokens)
             if fitted is None:
                 raise DataError(f"restored sample {_doc_key(sample)} no longer fits seq_len={self.spec.seq_len}")
-            self.packer.buffer.append(BufferEntry(fitted, key))
+            self.packer.add(BufferEntry(fitted, key))
 
     def __iter__(self) -> Iterator[tuple[PackedBatch, dict[str, Any]]]:
         while True:
@@ -218,8 +219,8 @@ class StreamingLoader:
             "shards": [hashlib.sha1("\n".join(names).encode()).hexdigest()[:16] for names in shard_names],
             "temperature": cfg.temperature, "seq_len": spec.seq_len, "seed": cfg.seed,
             "loss_weighting": cfg.loss_weighting, "packing_buffer": cfg.packing_buffer,
-            "max_epochs": cfg.max_epochs, "dp_rank": spec.dp_rank, "dp_size": spec.dp_size,
-            "num_workers": spec.num_logical, "tokens": asdict(spec.tokens),
+            "buffer_bytes": cfg.buffer_bytes, "max_epochs": cfg.max_epochs, "dp_rank": spec.dp_rank,
+            "dp_size": spec.dp_size,            "num_workers": spec.num_logical, "tokens": asdict(spec.tokens),
         }
 
     def state_dict(self) -> dict[str, Any]:

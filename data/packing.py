@@ -1,6 +1,9 @@
 """Best-fit packing of documents into `PackedBatch`es of exactly seq_len tokens, and per-document loss weights.
 
-Packing: a buffer holds up to `buffer_size` documents. A sequence starts with the oldest document in the
+Packing: a buffer is filled until it holds `buffer_size` documents or `buffer_bytes` bytes of tensors, so it
+never holds more than buffer_bytes plus one document (a few long-video documents weigh gigabytes; the byte
+bound keeps a worker's memory bounded whatever the mix). The fill rule depends only on the buffered documents, so a buffer restored from
+its documents' keys refills exactly as the uninterrupted run did. A sequence starts with the oldest document in the
 buffer (so no document waits more than buffer_size sequences), then repeatedly takes the longest buffered
 document that still fits the remaining space, refilling the buffer after each take; when nothing fits, the
 rest is padding. Documents are never split across sequences: one longer than seq_len is cut at a text
@@ -169,9 +172,29 @@ class BufferEntry:
 class BestFitPacker:
     """Holds the buffer between sequences; `buffer` (in order) is all the state there is."""
 
-    def __init__(self, seq_len: int, buffer_size: int, weighting: str, pad_id: int = 0) -> None:
+    def __init__(self, seq_len: int, buffer_size: int, weighting: str, pad_id: int = 0,
+                 buffer_bytes: int | None = None) -> None:
         self.seq_len, self.buffer_size, self.weighting, self.pad_id = seq_len, buffer_size, weighting, pad_id
+        self.buffer_bytes = buffer_bytes
         self.buffer: list[BufferEntry] = []
+        self._bytes = 0  # of the buffered documents, kept with every append and pop
+
+    def full(self) -> bool:
+        """No more documents now: buffer_size documents, or buffer_bytes bytes already held."""
+        return len(self.buffer) >= self.buffer_size or (
+            self.buffer_bytes is not None and bool(self.buffer) and self._bytes >= self.buffer_bytes)
+
+    def add(self, entry: BufferEntry) -> None:
+        if len(entry.doc) > self.seq_len:
+            raise ValueError(f"document {entry.doc.key} has {len(entry.doc)} tokens > seq_len "
+                             f"{self.seq_len}: pass it through fit_document first")
+        self.buffer.append(entry)
+        self._bytes += entry.doc.nbytes
+
+    def _take(self, index: int) -> Document:
+        doc = self.buffer.pop(index).doc
+        self._bytes -= doc.nbytes
+        return doc
 
     def next_sequence(self, pull: Callable[[], BufferEntry | None]) -> PackedBatch | None:
         """Pack one sequence, pulling documents (each <= seq_len) until the buffer is full or pull is dry.
@@ -179,26 +202,23 @@ class BestFitPacker:
         self._fill(pull)
         if not self.buffer:
             return None
-        chosen = [self.buffer.pop(0).doc]
+        chosen = [self._take(0)]
         room = self.seq_len - len(chosen[0])
         while room > 0:
             self._fill(pull)
             best = self._best_fit(room)
             if best is None:
                 break
-            chosen.append(self.buffer.pop(best).doc)
+            chosen.append(self._take(best))
             room -= len(chosen[-1])
         return build_packed(chosen, self.seq_len, self.weighting, self.pad_id)
 
     def _fill(self, pull: Callable[[], BufferEntry | None]) -> None:
-        while len(self.buffer) < self.buffer_size:
+        while not self.full():
             entry = pull()
             if entry is None:
                 return
-            if len(entry.doc) > self.seq_len:
-                raise ValueError(f"document {entry.doc.key} has {len(entry.doc)} tokens > seq_len "
-                                 f"{self.seq_len}: pass it through fit_document first")
-            self.buffer.append(entry)
+            self.add(entry)
 
     def _best_fit(self, room: int) -> int | None:
         best, best_len = None, 0

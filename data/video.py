@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from data.errors import BadSample, DataError
-from data.vision import ImageConfig, patchify, resize_normalize, smart_resize
+from data.vision import ImageConfig, finish_pixels, patchify, resize_rgb, smart_resize
 
 TIMESTAMP_FORMATS = ("seconds", "hms")
 
@@ -56,7 +56,7 @@ class VideoConfig:
 class VideoClip:
     """A processed video: patches, grid (T/2, gh, gw) and one timestamp (seconds) per temporal patch."""
 
-    pixel_values: torch.Tensor  # [T/2 * gh * gw, C * 2 * ps * ps]
+    pixel_values: torch.Tensor  # [T/2 * gh * gw, C * 2 * ps * ps], uint8 or float32 (ImageConfig.pixel_dtype)
     grid_thw: torch.Tensor  # [1, 3]
     timestamps: list[float]
     frame_indices: list[int]
@@ -166,7 +166,7 @@ def process_video(data: bytes, cfg: VideoConfig, image_cfg: ImageConfig, budget_
         raise BadSample(e.reason if e.reason.startswith(member) else f"{member}: {e.reason}") from e
     except (RuntimeError, ValueError, IndexError) as e:  # decord raises DECORDError (a RuntimeError)
         raise BadSample(f"{member}: undecodable video ({type(e).__name__}: {str(e)[:120]})") from e
-    normalized = np.stack([resize_normalize(Image.fromarray(f), h, w, image_cfg) for f in frames])
-    pixels, grid = patchify(normalized, image_cfg)
-    return VideoClip(pixels, torch.tensor([grid], dtype=torch.long), patch_timestamps(indices, video_fps, tps),
+    resized = np.stack([resize_rgb(Image.fromarray(f), h, w) for f in frames])
+    pixels, grid = patchify(resized, image_cfg)
+    return VideoClip(finish_pixels(pixels, image_cfg), torch.tensor([grid], dtype=torch.long), patch_timestamps(indices, video_fps, tps),
                      indices, video_fps, total)

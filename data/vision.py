@@ -1,9 +1,15 @@
-"""Images -> Qwen3-VL pixel patches: dynamic resolution, resize, normalize, patchify.
+"""Images -> Qwen3-VL pixel patches: dynamic resolution, resize, patchify, normalize.
 
 Matches transformers' Qwen2VLImageProcessorPil as configured by Qwen3-VL (patch 16, merge 2, temporal
 patch 2, mean = std = 0.5) value for value: RGB conversion (alpha composited on white), PIL bicubic resize
 of the uint8 image, x/255 in float64 then float32, (x - mean) / std, and the patch order of its patchify.
 Videos use the same resize rule per frame (data.video) and the same patch order over temporal patches.
+
+Compact pixels: by default (`pixel_dtype: uint8`) patches leave the worker as the resized uint8 values
+(1 byte a value instead of 4, so a visual token costs 6 KiB instead of 24 KiB in the packing buffer, the
+DataLoader queues and the host-to-device copy) and the model's first op, the vision patch embedding,
+normalises them on the device with `normalize_pixels`, the same arithmetic the worker runs for
+`pixel_dtype: float32`, so both give bit-identical fp32 inputs to the tower.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from data.errors import BadSample, DataError
 # we do not want to decode in the loader either.
 MAX_DECODE_PIXELS = 64 * 1024 * 1024
 MAX_ASPECT_RATIO = 200
+PIXEL_DTYPES = ("uint8", "float32")
 
 
 @dataclass
@@ -35,6 +42,9 @@ class ImageConfig:
     max_pixels: int = 16384 * 32 * 32  # 16,777,216: at most 16,384 LLM tokens per image
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    # What the workers emit: "uint8" (resized values; the model normalises on the device with
+    # model.vision.image_mean/std) or "float32" (normalised in the worker, 4x the bytes).
+    pixel_dtype: str = "uint8"
 
     @property
     def factor(self) -> int:
@@ -50,6 +60,8 @@ class ImageConfig:
         for key in ("image_mean", "image_std"):
             if len(getattr(self, key)) != 3:
                 raise DataError(f"{prefix}.{key}={getattr(self, key)} must have 3 values (RGB)")
+        if self.pixel_dtype not in PIXEL_DTYPES:
+            raise DataError(f"{prefix}.pixel_dtype={self.pixel_dtype!r} is not one of {PIXEL_DTYPES}")
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -99,14 +111,35 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def resize_rgb(img: Image.Image, height: int, width: int) -> np.ndarray:
+    """[C, height, width] uint8: bicubic resize of the RGB uint8 image."""
+    resized = np.asarray(to_rgb(img).resize((width, height), resample=Image.Resampling.BICUBIC))
+    return np.ascontiguousarray(resized.transpose(2, 0, 1))
+
+
+def normalize_pixels(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 values whose last dim is channel-major ([..., C * k]: a patch row, or a flattened [C, H, W])
+    -> float32 (x / 255 - mean) / std, on pixels' device.
+
+    float64 rescale then float32, mean/std in float32: the exact arithmetic of transformers' numpy path, so
+    the worker (pixel_dtype float32) and the model's first op (uint8 input) give the same bits."""
+    channels = len(mean)
+    x = (pixels.to(torch.float64) * (1 / 255)).to(torch.float32)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device)[:, None]
+    s = torch.tensor(std, dtype=torch.float32, device=x.device)[:, None]
+    return ((x.reshape(*x.shape[:-1], channels, -1) - m) / s).reshape(x.shape)
+
+
 def resize_normalize(img: Image.Image, height: int, width: int, cfg: ImageConfig) -> np.ndarray:
     """[C, height, width] float32: bicubic resize of the RGB uint8 image, rescale, normalize."""
-    resized = np.asarray(to_rgb(img).resize((width, height), resample=Image.Resampling.BICUBIC))
-    # float64 rescale then float32, mean/std in float32: the exact arithmetic of transformers' numpy path.
-    x = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
-    mean = np.asarray(cfg.image_mean, dtype=np.float32)
-    std = np.asarray(cfg.image_std, dtype=np.float32)
-    return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))
+    resized = resize_rgb(img, height, width)
+    return normalize_pixels(torch.from_numpy(resized).reshape(-1), cfg.image_mean,
+                            cfg.image_std).reshape(resized.shape).numpy()
+
+
+def finish_pixels(pixels: torch.Tensor, cfg: ImageConfig) -> torch.Tensor:
+    """uint8 patches as the workers emit them: kept (uint8) or normalised here (float32), per cfg."""
+    return pixels if cfg.pixel_dtype == "uint8" else normalize_pixels(pixels, cfg.image_mean, cfg.image_std)
 
 
 def patchify(frames: np.ndarray, cfg: ImageConfig) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -127,7 +160,8 @@ def patchify(frames: np.ndarray, cfg: ImageConfig) -> tuple[torch.Tensor, tuple[
 
 def process_image(img: Image.Image, cfg: ImageConfig | None = None,
                   max_pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image -> (pixel_values [gh*gw, C*tps*ps*ps] float32, grid_thw [1, 3] int64 = (1, gh, gw)).
+    """One image -> (pixel_values [gh*gw, C*tps*ps*ps] uint8 or float32 per cfg.pixel_dtype,
+    grid_thw [1, 3] int64 = (1, gh, gw)).
 
     `max_pixels` lowers cfg.max_pixels for this image (a document's budget shared by several images).
     """
@@ -137,11 +171,11 @@ def process_image(img: Image.Image, cfg: ImageConfig | None = None,
         height, width = smart_resize(img.height, img.width, cfg.factor, cfg.min_pixels, limit)
     except ValueError as e:
         raise BadSample(str(e)) from e
-    frame = resize_normalize(img, height, width, cfg)
+    frame = resize_rgb(img, height, width)
     # An image is one temporal patch: the frame repeated temporal_patch_size times.
     frames = np.broadcast_to(frame, (cfg.temporal_patch_size, *frame.shape))
     pixels, grid = patchify(frames, cfg)
-    return pixels, torch.tensor([grid], dtype=torch.long)
+    return finish_pixels(pixels, cfg), torch.tensor([grid], dtype=torch.long)
 
 
 def image_tokens(grid_thw: torch.Tensor, merge_size: int) -> int:

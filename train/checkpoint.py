@@ -62,8 +62,10 @@ def model_fingerprint(cfg: ModelConfig) -> dict[str, Any]:
 
 def check_fingerprint(saved: dict[str, Any], cfg: ModelConfig, source: str) -> None:
     """One-line refusal naming the first model key whose value differs from the checkpoint's."""
-    current = model_fingerprint(cfg)
+    current, defaults = model_fingerprint(cfg), model_fingerprint(ModelConfig())
     for key in sorted(set(saved) | set(current)):
+        if key not in saved and current.get(key) == defaults.get(key):
+            continue  # a key added to the schema after the checkpoint was written, left at its default
         if saved.get(key) != current.get(key):
             raise CheckpointError(f"{source} was written for another model shape: {key}={saved.get(key)!r} "
                                   f"there, {current.get(key)!r} in this run")

@@ -38,6 +38,16 @@ def check_seq_len(cfg: TrainConfig) -> None:
                              f"2 x parallel.cp = {2 * cp} (context parallel splits each sequence in 2*cp chunks)")
 
 
+def check_pixel_normalisation(cfg: TrainConfig) -> None:
+    """uint8 pixels are normalised by the model with model.vision's mean/std: they must be the data's."""
+    image, vision = cfg.data.encode.image, cfg.model.vision
+    for key in ("image_mean", "image_std"):
+        if image.pixel_dtype == "uint8" and list(getattr(image, key)) != list(getattr(vision, key)):
+            raise PreflightError(f"stage {cfg.stage.name}: data.encode.image.{key}={list(getattr(image, key))} "
+                                 f"differs from model.vision.{key}={list(getattr(vision, key))} (uint8 pixels are "
+                                 f"normalised by the model with the latter)")
+
+
 def check_shards(cfg: TrainConfig) -> None:
     """Every shard pattern of the stage's mix matches at least one file."""
     from data.errors import DataError
@@ -134,6 +144,7 @@ def preflight(configs: Sequence[TrainConfig], world_size: int) -> None:
     for i, cfg in enumerate(configs):
         check_layout(cfg, world_size)
         check_seq_len(cfg)
+        check_pixel_normalisation(cfg)
         if i > 0:
             try:
                 check_fingerprint(model_fingerprint(configs[i - 1].model), cfg.model,

@@ -57,17 +57,35 @@ def test_resume_after_any_stop_is_bitwise_identical(corpus):
             assert_same(got, want)
 
 
-def test_resume_twice_and_after_an_epoch_boundary(corpus):
-    reference = take(StreamingLoader(mix(corpus, num_workers=0), byte_encode, SEQ), 24)
-    loader = StreamingLoader(mix(corpus, num_workers=0), byte_encode, SEQ)
+@pytest.mark.parametrize("buffer_bytes", [None, 12_000])
+def test_resume_twice_and_after_an_epoch_boundary(corpus, buffer_bytes):
+    """Also with a packing buffer bounded in bytes (~33 bytes a text token: a few documents)."""
+    reference = take(StreamingLoader(mix(corpus, num_workers=0, buffer_bytes=buffer_bytes), byte_encode, SEQ), 24)
+    loader = StreamingLoader(mix(corpus, num_workers=0, buffer_bytes=buffer_bytes), byte_encode, SEQ)
     got = take(loader, 5)
     for chunk in (9, 10):
-        resumed = StreamingLoader(mix(corpus, num_workers=0), byte_encode, SEQ)
+        resumed = StreamingLoader(mix(corpus, num_workers=0, buffer_bytes=buffer_bytes), byte_encode, SEQ)
         resumed.load_state_dict(loader.state_dict())
+        if buffer_bytes is not None:  # the bytes bound, not packing_buffer=8, limits the buffer
+            assert 1 <= len(loader.state_dict()["workers"][0]["buffer"]) < 8
         got += take(resumed, chunk)
         loader = resumed
     for a, b in zip(got, reference, strict=True):
         assert_same(a, b)
+
+
+def test_packing_buffer_stops_filling_at_buffer_bytes():
+    from data.batch import Document
+    from data.packing import BestFitPacker, BufferEntry
+
+    docs = iter(Document(key=str(i), source=0, input_ids=torch.zeros(n, dtype=torch.long),
+                         position_ids=torch.zeros(3, n, dtype=torch.long), target_mask=torch.ones(n, dtype=torch.bool),
+                         pixel_values=torch.zeros(n * 4, 1536, dtype=torch.uint8))
+                for i, n in enumerate([100, 50, 200, 30, 80, 60] * 4))
+    packer = BestFitPacker(512, 64, "sqrt", buffer_bytes=400_000)
+    packer.next_sequence(lambda: next((BufferEntry(d, None) for d in docs), None))
+    held = sum(e.doc.nbytes for e in packer.buffer)
+    assert 1 <= len(packer.buffer) < 64 and held - max(e.doc.nbytes for e in packer.buffer) < 400_000
 
 
 @pytest.mark.parametrize("change,named", [

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from data.errors import BadSample
-from data.vision import ImageConfig, decode_image, image_tokens, process_image, smart_resize
+from data.video import VideoConfig, encode_mp4, process_video
+from data.vision import ImageConfig, decode_image, image_tokens, normalize_pixels, process_image, smart_resize
 
 CFG = ImageConfig(min_pixels=4 * 32 * 32, max_pixels=64 * 32 * 32)
 
@@ -33,8 +34,44 @@ def test_equals_transformers_pil_processor(h, w, mode):
     pixels, grid = process_image(img, CFG)
     assert torch.equal(grid, want["image_grid_thw"])
     assert pixels.shape == want["pixel_values"].shape
-    assert pixels.dtype == torch.float32
-    assert (pixels - want["pixel_values"]).abs().max().item() < 1e-6
+    assert pixels.dtype == torch.uint8  # compact; normalised by the model's first op
+    normalised = normalize_pixels(pixels, CFG.image_mean, CFG.image_std)
+    assert (normalised - want["pixel_values"]).abs().max().item() < 1e-6
+
+
+def _todays_fp32_normalisation(pixels: torch.Tensor, cfg: ImageConfig) -> torch.Tensor:
+    """The worker-side arithmetic before compact pixels (numpy, as transformers' processor): x/255 in
+    float64, then float32, then (x - mean) / std in float32, per channel of the (C, T, ps, ps) patch rows."""
+    x = (pixels.numpy().astype(np.float64) * (1 / 255)).astype(np.float32).reshape(len(pixels), 3, -1)
+    mean = np.asarray(cfg.image_mean, dtype=np.float32)[:, None]
+    std = np.asarray(cfg.image_std, dtype=np.float32)[:, None]
+    return torch.from_numpy(((x - mean) / std).reshape(len(pixels), -1))
+
+
+def test_uint8_pixels_normalised_by_the_model_equal_todays_fp32_pipeline_bitwise():
+    """Images and video: the patch embedding's first op on uint8 = worker-side fp32 normalisation, max diff
+    0.0, and the embedding output is the same for either input (non-default mean/std: channels matter)."""
+    from train.config.model import VisionConfig
+    from train.models.qwen3vl.vision import PatchEmbed
+
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    cfg = ImageConfig(min_pixels=4 * 32 * 32, max_pixels=64 * 32 * 32, image_mean=mean, image_std=std)
+    fp32 = ImageConfig(**{**cfg.__dict__, "pixel_dtype": "float32"})
+    torch.manual_seed(0)
+    embed = PatchEmbed(VisionConfig(hidden_size=32, image_mean=mean, image_std=std))
+    img = _random_image(np.random.default_rng(7), 300, 200, "RGBA")
+    frames = np.random.default_rng(8).integers(0, 256, (8, 64, 96, 3), dtype=np.uint8)
+    video = encode_mp4(frames, fps=4)
+    vcfg = VideoConfig(min_pixels=2 * 32 * 32, max_pixels=8 * 32 * 32)
+    for compact, full in ((process_image(img, cfg)[0], process_image(img, fp32)[0]),
+                          (process_video(video, vcfg, cfg, 64).pixel_values,
+                           process_video(video, vcfg, fp32, 64).pixel_values)):
+        assert compact.dtype == torch.uint8 and full.dtype == torch.float32
+        assert compact.nbytes * 4 == full.nbytes
+        on_device = embed.normalize(compact)
+        assert (on_device - _todays_fp32_normalisation(compact, cfg)).abs().max().item() == 0.0
+        assert torch.equal(on_device, full)
+        assert torch.equal(embed(compact), embed(full))
 
 
 def test_smart_resize_rules():
@@ -60,7 +97,8 @@ def test_patch_layout_is_channel_temporal_row_col():
     # A constant image with a distinct value per channel: each patch vector is (C, T, ps, ps).
     a = np.zeros((64, 64, 3), dtype=np.uint8)
     a[..., 0], a[..., 1], a[..., 2] = 0, 255, 51
-    pixels, grid = process_image(Image.fromarray(a), ImageConfig(min_pixels=64 * 64, max_pixels=64 * 64))
+    pixels, grid = process_image(Image.fromarray(a), ImageConfig(min_pixels=64 * 64, max_pixels=64 * 64,
+                                                                  pixel_dtype="float32"))
     assert grid.tolist() == [[1, 4, 4]]
     per_channel = pixels.reshape(16, 3, 2 * 16 * 16)
     assert torch.allclose(per_channel[:, 0], torch.tensor(-1.0))

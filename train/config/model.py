@@ -28,6 +28,10 @@ class VisionConfig:
     deepstack_visual_indexes: list[int] = field(default_factory=lambda: [8, 16, 24])
     hidden_act: str = "gelu_pytorch_tanh"
     layer_norm_eps: float = 1e-6
+    # Input normalisation the tower was trained with (HF preprocessor_config.json); the patch embedding
+    # applies it to uint8 pixels (data.encode.image.pixel_dtype=uint8) and must match data.encode.image.
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
     def validate(self, prefix: str = "model.vision") -> None:
         _positive(self, prefix, "depth", "hidden_size", "intermediate_size", "num_heads", "patch_size",
@@ -42,6 +46,12 @@ class VisionConfig:
             if not 0 <= idx < self.depth:
                 raise ConfigError(f"{prefix}.deepstack_visual_indexes[{i}]={idx} is outside the ViT depth "
                                   f"{prefix}.depth={self.depth}")
+        for key in ("image_mean", "image_std"):
+            if len(getattr(self, key)) != self.in_channels:
+                raise ConfigError(f"{prefix}.{key}={getattr(self, key)} must have {prefix}.in_channels="
+                                  f"{self.in_channels} values")
+        if not all(v > 0 for v in self.image_std):
+            raise ConfigError(f"{prefix}.image_std={self.image_std} must be > 0")
 
 
 @dataclass

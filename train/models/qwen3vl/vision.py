@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.vision import normalize_pixels
 from train.config.model import VisionConfig
 from train.models.qwen3vl.attention import PackedAttention
 from train.models.qwen3vl.common import activation, maybe_checkpoint
@@ -74,8 +75,18 @@ class PatchEmbed(nn.Module):
         super().__init__()
         kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
         self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=kernel, stride=kernel, bias=True)
+        self.image_mean, self.image_std = list(cfg.image_mean), list(cfg.image_std)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The tower's first op: uint8 pixels (the compact form the data workers send) are normalised here, on
+        the device, by the data pipeline's own function (bit-identical fp32 to normalising in the worker);
+        floating-point pixels are already normalised (fp32 data path, HF processor output)."""
+        if pixels.is_floating_point():
+            return pixels
+        return normalize_pixels(pixels, self.image_mean, self.image_std)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = self.normalize(pixels)
         # A Conv3d whose kernel covers the whole patch is a matmul with the flattened kernel; F.linear skips
         # the conv machinery (and its im2col copy) and gives the same result.
         weight = self.proj.weight.flatten(1)
