@@ -34,9 +34,8 @@ from launch.signals import any_rank_flag
 from train.checkpoint_files import Manifest, all_files, check_manifests, digest_files, my_share
 from train.config.model import ModelConfig
 from train.models.hf import HF_CONFIG_FILE, load_hf_checkpoint
-from train.models.native_io import (
-    NATIVE_CONFIG_FILE, CheckpointError, load_native_checkpoint, save_native_checkpoint,
-)
+from train.export import HANDOFF_DTYPE, write_model_dir
+from train.models.native_io import NATIVE_CONFIG_FILE, CheckpointError, load_native_checkpoint
 
 LATEST = "latest"
 META = "meta.json"
@@ -335,10 +334,12 @@ def load_checkpoint(stage_dir: StageDir, ckpt: Path, backend: Any, model_cfg: Mo
 # ---- stage handoff: layout-independent full weights ----------------------------------------------------
 
 def save_final(stage_dir: StageDir, backend: Any, model_cfg: ModelConfig) -> Path:
-    """Gather the full model (every rank must call) and write `final/` as a native model dir on rank 0."""
-    state_dict = backend.state_dict_for_export()
-    if rank() == 0:
-        save_native_checkpoint(stage_dir.final, model_cfg, state_dict, force=True)
+    """Write `final/`, the stage handoff, as a native model dir (every rank must call): the backend's tensors
+    stream one at a time into rank 0's writer, in fp32 (HANDOFF_DTYPE: what the next stage loads without
+    loss whether it trains in fp32 or bf16), so no rank holds the model and no rank idles in a collective
+    for longer than one tensor's gather + write."""
+    write_model_dir(stage_dir.final, model_cfg, backend.export_tensors(), fmt="native", dtype=HANDOFF_DTYPE,
+                    writer=rank() == 0, force=True)
     barrier()
     return stage_dir.final
 

@@ -81,10 +81,11 @@ def test_demo_pipeline_runs_on_megatron(megatron_demo: tuple[Path, Path]) -> Non
     assert_bitwise_equal(frozen, {k: init[k] for k in frozen}, "s0 frozen tensors")
     assert all(not torch.equal(s0[k], init[k]) for k in s0 if k.startswith("visual.merger."))
 
-    # hf/ is a transformers model holding exactly s3's final weights.
+    # hf/ is a transformers model holding exactly s3's final weights, in bf16 (pipeline.hf_dtype's default).
     model_cfg, s3 = load_native_checkpoint(run_dir / "s3" / "final")
-    hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(run_dir / "hf")
-    assert_bitwise_equal(hf_to_native_state_dict(model_cfg, hf.state_dict()), s3, "hf/ vs s3/final")
+    hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(run_dir / "hf", dtype="auto")
+    s3_bf16 = {k: v.to(torch.bfloat16) for k, v in s3.items()}
+    assert_bitwise_equal(hf_to_native_state_dict(model_cfg, hf.state_dict()), s3_bf16, "hf/ vs s3/final")
 
 
 def test_handoff_between_deepspeed_and_megatron(megatron_demo: tuple[Path, Path], demo_corpus: Path,

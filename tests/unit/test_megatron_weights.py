@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from model_fixtures import tiny_moe_config
-from train.backends.megatron.weights import (Rule, ShardCoords, fuse_qkv, local_state, merge_expert_rows,
-                                             native_pieces, rule_for, shard, split_qkv, unshard)
+from train.backends.megatron.weights import (Rule, ShardCoords, fuse_qkv, local_state, add_native,
+                                             rule_for, shard, split_qkv, unshard)
 from train.models.qwen3vl import Qwen3VLModel
 
 
@@ -72,7 +72,7 @@ def test_tp2_ep2_shards_round_trip_to_the_native_state_dict():
     cfg = tiny_moe_config()
     torch.manual_seed(0)
     state = {k: v for k, v in Qwen3VLModel(cfg).state_dict().items() if k.startswith("language_model.")}
-    merged = {}
+    back = {}
     for ep_rank in range(2):
         per_tp = []
         for tp_rank in range(2):
@@ -81,7 +81,7 @@ def test_tp2_ep2_shards_round_trip_to_the_native_state_dict():
             names = _megatron_names(cfg, coords, range(cfg.text.num_hidden_layers), experts_per_rank=2)
             per_tp.append(local_state(names, state, cfg, coords))
         full = {name: unshard(rule_for(name, cfg, 0, 2 * ep_rank), [p[name] for p in per_tp]) for name in per_tp[0]}
-        merged.update(native_pieces(full, cfg, ShardCoords(expert_offset=2 * ep_rank)))
-    back = merge_expert_rows(merged)
+        for name, tensor in full.items():
+            add_native(back, rule_for(name, cfg, 0, 2 * ep_rank), tensor, cfg)
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], state[k]) for k in state)

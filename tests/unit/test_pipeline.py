@@ -12,7 +12,7 @@ import torch
 
 from data.batch import PackedBatch
 from data.errors import DataError
-from train.backends.base import ParallelInfo, StepMetrics
+from train.backends.base import ParallelInfo, StepMetrics, gathered_state_dict
 from train.config.compose import stage_configs
 from train.config.schema import TrainConfig
 from train.models.qwen3vl.model import Qwen3VLModel
@@ -55,8 +55,8 @@ class StandInBackend:
         self.model.load_state_dict(state["model"])
         self.steps = state["steps"]
 
-    def state_dict_for_export(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self.model.state_dict().items()}
+    def export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self.model.named_parameters()
 
     def load_model_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.loaded = {k: v.clone() for k, v in state_dict.items()}
@@ -118,7 +118,7 @@ def test_stages_run_in_order_and_hand_over_final_weights(data_root: Path, tmp_pa
     assert [b.cfg.stage.name for b in log] == ["s0", "s1", "s2", "s3"]  # a fresh backend (optimizer) per stage
     assert log[0].loaded is None
     for previous, current in zip(log, log[1:]):
-        exported = previous.state_dict_for_export()
+        exported = gathered_state_dict(previous)
         assert current.loaded is not None and exported.keys() == current.loaded.keys()
         assert all(torch.equal(exported[k], current.loaded[k]) for k in exported)
         assert current.cfg.stage.init_from == str(tmp_path / previous.cfg.stage.name / "final")

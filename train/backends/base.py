@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 
@@ -59,10 +59,23 @@ class Backend(Protocol):
     def load(self, directory: Path) -> None:
         """Restore exactly what `save` wrote (same parallel layout)."""
 
-    def state_dict_for_export(self) -> dict[str, torch.Tensor]:
-        """The full model in native parameter names and fp32, independent of the parallel layout (gathered
-        from all shards). Collective: every rank calls it; only the logging rank's return value is complete."""
+    def export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The full model, one (native name, full tensor) at a time, independent of the parallel layout, in
+        the module's dtype; a tied `lm_head.weight` comes once, as the embedding. Collective: every rank
+        iterates to the end; the pairs come out on global rank 0 only (nothing elsewhere). A yielded tensor
+        is valid until the next step of the iteration (the caller writes or copies it). No rank waits longer
+        than one tensor's gather + write (train/export.py writes them; exports never hold the model)."""
 
     def load_model_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Initialise the model from a full native state dict (stage handoff, HF import). Every rank calls it
         with the same dict; each keeps its own shard."""
+
+
+def gathered_state_dict(backend: Backend) -> dict[str, torch.Tensor]:
+    """The whole model as an fp32 native state dict on rank 0 ({} elsewhere; collective), a tied head under
+    both names like model.state_dict(). Tests and small models only: exports stream `export_tensors`."""
+    state = {name: tensor.float().clone() for name, tensor in backend.export_tensors()}
+    embed, head = "language_model.embed_tokens.weight", "lm_head.weight"
+    if embed in state and head not in state:  # an untied model always yields its head
+        state[head] = state[embed]
+    return state

@@ -72,6 +72,9 @@ class PipelineStage:
     overrides: list[str] = field(default_factory=list)  # extra Hydra overrides for this stage only
 
 
+HF_DTYPES = ("bf16", "fp32", "fp16")
+
+
 @dataclass
 class PipelineConfig:
     """An ordered list of stages; stage k+1 starts from stage k's final weights with a fresh optimizer."""
@@ -81,6 +84,7 @@ class PipelineConfig:
     # Run just this stage of the pipeline (one job of slurm/submit_pipeline.sh's chain): composed exactly as
     # in the whole pipeline, starting from the previous stage's final/ in the same run dir. "" runs them all.
     only: str = ""
+    hf_dtype: str = "bf16"  # dtype of the run's hf/ export, one of HF_DTYPES (final/ handoffs are always fp32)
 
 
 @dataclass
@@ -202,6 +206,8 @@ class TrainConfig:
         self.parallel.validate("parallel")
         self.logging.validate("logging")
         self.data.validate("data")
+        if self.pipeline.hf_dtype not in HF_DTYPES:
+            raise ConfigError(f"pipeline.hf_dtype={self.pipeline.hf_dtype!r} is not one of {list(HF_DTYPES)}")
         if self.stage.seq_len % (2 * self.parallel.cp):
             raise ConfigError(f"stage.seq_len={self.stage.seq_len} is not divisible by 2 x parallel.cp="
                               f"{2 * self.parallel.cp}")

@@ -18,7 +18,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -325,6 +325,15 @@ def native_to_hf_state_dict(cfg: ModelConfig, state_dict: StateDict) -> StateDic
 
 def load_hf_checkpoint(directory: str | Path) -> tuple[ModelConfig, StateDict]:
     """(ModelConfig, native state dict) from a transformers Qwen3-VL(-MoE) directory."""
+    cfg, config = read_hf_config(directory)
+    state_dict = hf_to_native_state_dict(cfg, read_safetensors_dir(directory), str(directory),
+                                         legacy_expert_layout=written_by_transformers_4(config))
+    check_state_dict_fits(cfg, state_dict, source=str(directory))
+    return cfg, state_dict
+
+
+def read_hf_config(directory: str | Path) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, the raw config.json dict) of a transformers Qwen3-VL(-MoE) directory."""
     directory = Path(directory)
     config_path = directory / HF_CONFIG_FILE
     if not config_path.is_file():
@@ -333,14 +342,11 @@ def load_hf_checkpoint(directory: str | Path) -> tuple[ModelConfig, StateDict]:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{config_path}: invalid JSON ({exc})") from None
-    cfg = model_config_from_hf(config, name=directory.resolve().name, source=str(config_path))
-    state_dict = hf_to_native_state_dict(cfg, read_safetensors_dir(directory), str(directory),
-                                         legacy_expert_layout=_written_by_transformers_4(config))
-    check_state_dict_fits(cfg, state_dict, source=str(directory))
-    return cfg, state_dict
+    return model_config_from_hf(config, name=directory.resolve().name, source=str(config_path)), config
 
 
-def _written_by_transformers_4(config: dict) -> bool:
+def written_by_transformers_4(config: dict) -> bool:
+    """Whether config.json says transformers 4.x wrote the directory (its fused experts are transposed)."""
     major = re.match(r"\d+", str(config.get("transformers_version", "")))
     return major is not None and int(major.group()) < 5
 
@@ -348,17 +354,19 @@ def _written_by_transformers_4(config: dict) -> bool:
 def save_hf_checkpoint(directory: str | Path, cfg: ModelConfig, state_dict: StateDict, *, force: bool = False,
                        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write a transformers-loadable directory atomically (config.json + safetensors, sharded if large)."""
-    config = model_config_to_hf(cfg)
+    model_config_to_hf(cfg)  # refuse what transformers cannot represent before any work
     check_state_dict_fits(cfg, state_dict, source="state dict to export")
-    config["dtype"] = _dominant_dtype(state_dict)
     hf_state_dict = native_to_hf_state_dict(cfg, state_dict)
     with atomic_directory(directory, force=force) as tmp:
-        (tmp / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        write_hf_config(tmp, cfg, [t.dtype for t in hf_state_dict.values()])
         write_safetensors_dir(tmp, hf_state_dict, max_shard_size)
     return Path(directory)
 
 
-def _dominant_dtype(state_dict: StateDict) -> str:
-    floats = [t.dtype for t in state_dict.values() if t.is_floating_point()]
+def write_hf_config(directory: Path, cfg: ModelConfig, dtypes: Iterable[torch.dtype]) -> None:
+    """config.json for `cfg`; its `dtype` is the most common floating dtype of the weights."""
+    config = model_config_to_hf(cfg)
+    floats = [dtype for dtype in dtypes if dtype.is_floating_point]
     dtype = max(set(floats), key=floats.count) if floats else torch.float32
-    return str(dtype).removeprefix("torch.")
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (directory / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

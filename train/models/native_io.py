@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from train.config.model import ConfigError, ModelConfig
@@ -89,32 +89,39 @@ def parse_size(size: int | str) -> int:
 
 def read_safetensors_dir(directory: str | Path) -> StateDict:
     """All tensors of `model.safetensors`, or of the shards named by `model.safetensors.index.json`."""
+    files = safetensors_files(directory)
+    state_dict: StateDict = {}
+    for path in sorted(set(files.values())):
+        tensors = _read_shard(path)
+        for key in [k for k, file in files.items() if file == path and k not in tensors]:
+            raise CheckpointError(f"{Path(directory) / INDEX_FILE}: maps {key!r} to {path.name!r}, which does "
+                                  "not contain it")
+        state_dict.update(tensors)
+    return state_dict
+
+
+def safetensors_files(directory: str | Path) -> dict[str, Path]:
+    """Tensor name -> the file holding it, from the index (every shard it names must exist) or the header of
+    the single `model.safetensors`. Reads no tensor data."""
     directory = Path(directory)
     index_path, single_path = directory / INDEX_FILE, directory / SINGLE_FILE
     if index_path.is_file():
-        return _read_sharded(index_path)
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index_path}: not a safetensors index with a 'weight_map' ({exc})") from None
+        for shard in sorted(set(weight_map.values())):
+            if not (directory / shard).is_file():
+                key = next(k for k, v in weight_map.items() if v == shard)
+                raise CheckpointError(f"{index_path}: shard {shard!r} (holding {key!r}) does not exist")
+        return {key: directory / shard for key, shard in weight_map.items()}
     if single_path.is_file():
-        return _read_shard(single_path)
+        try:
+            with safe_open(single_path, framework="pt") as f:
+                return {key: single_path for key in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{single_path}: unreadable safetensors file ({exc})") from None
     raise CheckpointError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-
-
-def _read_sharded(index_path: Path) -> StateDict:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path}: not a safetensors index with a 'weight_map' ({exc})") from None
-    state_dict: StateDict = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = index_path.parent / shard
-        if not shard_path.is_file():
-            key = next(k for k, v in weight_map.items() if v == shard)
-            raise CheckpointError(f"{index_path}: shard {shard!r} (holding {key!r}) does not exist")
-        tensors = _read_shard(shard_path)
-        for key, file in weight_map.items():
-            if file == shard and key not in tensors:
-                raise CheckpointError(f"{index_path}: maps {key!r} to {shard!r}, which does not contain it")
-        state_dict.update(tensors)
-    return state_dict
 
 
 def _read_shard(path: Path) -> StateDict:
@@ -154,7 +161,7 @@ def atomic_directory(destination: str | Path, force: bool = False) -> Iterator[P
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)  # the data is on disk before the rename makes it visible
+        fsync_tree(tmp)  # the data is on disk before the rename makes it visible
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -162,18 +169,19 @@ def atomic_directory(destination: str | Path, force: bool = False) -> Iterator[P
     if destination.exists():
         destination.rename(old)  # a directory cannot be os.replace'd onto a non-empty one
     tmp.rename(destination)
-    _fsync(destination.parent)
+    fsync_path(destination.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            _fsync(path)
-    _fsync(directory)
+def fsync_tree(directory: Path) -> None:
+    """fsync every file and directory under `directory`, then `directory` itself."""
+    paths = sorted(directory.rglob("*"))
+    for path in [p for p in paths if p.is_file()] + [p for p in paths if p.is_dir()] + [directory]:
+        fsync_path(path)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync one file or directory (a directory's fsync makes its entries' renames durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -20,6 +20,7 @@ import torch
 from deepspeed_common import (compare_losses, compare_states, global_batch, initial_state, make_config,
                               reference_per_source, reference_training)
 from rank_harness import finish, start
+from train.backends.base import gathered_state_dict
 from train.backends import build_backend
 
 MODES = {
@@ -43,23 +44,23 @@ def _resume_check(backend, ckpt: Path, batches, want_loss: float, want_state: di
     again = _train(backend, batches).loss
     if abs(again - want_loss) > 1e-6 * abs(want_loss):
         failures.append(f"resumed step loss {again} != {want_loss}")
-    compare_states(backend.state_dict_for_export(), want_state, 1e-6, failures, "resumed step")
+    compare_states(gathered_state_dict(backend), want_state, 1e-6, failures, "resumed step")
 
 
 def _nan_skip_check(backend, cfg, init, steps, failures: list[str]) -> None:
-    before = backend.state_dict_for_export()
+    before = gathered_state_dict(backend)
     poisoned = [b.to("cpu") for b in global_batch(cfg.model, 3)]
     poisoned[0].loss_weights = poisoned[0].loss_weights.clone()
     poisoned[0].loss_weights[5] = float("nan")  # only rank 0's micro-batch
     metrics = _train(backend, poisoned)
     if not metrics.skipped:
         failures.append(f"NaN step not reported as skipped: {metrics}")
-    compare_states(backend.state_dict_for_export(), before, 0.0, failures, "skipped step changed weights")
+    compare_states(gathered_state_dict(backend), before, 0.0, failures, "skipped step changed weights")
     # Steps 0-2 were applied, step 3 (index 3 of the schedule) was skipped, step 4 trains on batch 3.
     ref_losses, ref_state = reference_training(cfg, init, steps + [global_batch(cfg.model, 3)], [0, 1, 2, 4])
     after = _train(backend, global_batch(cfg.model, 3))
     compare_losses([after.loss], ref_losses[3:], 1e-5, failures, "step after the skipped one")
-    compare_states(backend.state_dict_for_export(), ref_state, 1e-5, failures, "after the skipped step")
+    compare_states(gathered_state_dict(backend), ref_state, 1e-5, failures, "after the skipped step")
 
 
 def _metrics_check(backend, cfg, init, batches, first, failures: list[str]) -> None:
@@ -89,7 +90,7 @@ def main(mode: str, ckpt: str) -> None:
     losses = [m.loss for m in metrics]
     tol = TOLERANCE.get(mode, 1e-5)
     loss_diff = compare_losses(losses, ref_losses, tol, failures, mode)
-    exported = backend.state_dict_for_export()
+    exported = gathered_state_dict(backend)
     param_diff = compare_states(exported, ref_state, tol, failures, mode)
     if any(m.skipped for m in metrics):
         failures.append(f"unexpected skip: {metrics}")

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from deepspeed_common import (compare_losses, compare_states, global_batch, initial_state, make_config,
                               reference_training)
 from rank_harness import finish, start
+from train.backends.base import gathered_state_dict
 from train.backends.megatron.backend import MegatronBackend
 
 MODES = {
@@ -58,21 +59,21 @@ def resume_check(backend, ckpt: Path, batches, want_loss: float, want_state: dic
     got = train(backend, batches).loss
     if got != want_loss:
         failures.append(f"resumed step loss {got!r} != uninterrupted {want_loss!r}")
-    exported = backend.state_dict_for_export()
+    exported = gathered_state_dict(backend)
     if dist.get_rank() == 0:
         compare_states(exported, want_state, 0.0, failures, "resumed step")
         print(f"[dp] resume: loss {got!r} vs uninterrupted {want_loss!r}", flush=True)
 
 
 def nan_skip_check(backend, cfg, failures: list[str]) -> None:
-    before = backend.state_dict_for_export()
+    before = gathered_state_dict(backend)
     poisoned = global_batch(cfg.model, 3)
     poisoned[0].loss_weights = poisoned[0].loss_weights.clone()
     poisoned[0].loss_weights[5] = float("nan")  # only rank 0's micro-batch
     metrics = train(backend, poisoned)
     if not metrics.skipped:
         failures.append(f"NaN step not reported as skipped: {metrics}")
-    after = backend.state_dict_for_export()
+    after = gathered_state_dict(backend)
     if dist.get_rank() == 0:
         compare_states(after, before, 0.0, failures, "skipped step changed weights")
         print(f"[dp] NaN step skipped={metrics.skipped} grad_norm={metrics.grad_norm}", flush=True)
@@ -91,7 +92,7 @@ def run_mode(mode: str, ckpt: Path, failures: list[str]) -> None:
     if mode == "dp":
         backend.save(ckpt)
     metrics.append(train(backend, steps[2]))
-    exported = backend.state_dict_for_export()
+    exported = gathered_state_dict(backend)
     losses = [m.loss for m in metrics]
     loss_diff = compare_losses(losses, ref_losses, 1e-5, failures, mode)
     compare_losses([m.grad_norm for m in metrics], ref_norms, 1e-5, failures, f"{mode} grad norms")

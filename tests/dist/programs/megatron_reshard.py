@@ -26,6 +26,7 @@ import torch.distributed as dist
 from deepspeed_common import compare_states, global_batch
 from megatron_backend import mode_config, train
 from rank_harness import finish, start
+from train.backends.base import gathered_state_dict
 from train.backends.megatron.backend import MegatronBackend
 from train.models.native_io import CheckpointError
 
@@ -102,18 +103,18 @@ def check_layout(name: str, ckpt: Path, want_state: dict, want_logits: torch.Ten
         failures.append(f"{name}: fresh model already gives the saved logits (diff {before}): vacuous")
     refusal = full_load_is_refused(backend, ckpt, failures, name)
     backend.load_model_weights_from_checkpoint(ckpt)
-    state_diff = compare_exports(backend.state_dict_for_export(), want_state, failures, f"{name} weights")
+    state_diff = compare_exports(gathered_state_dict(backend), want_state, failures, f"{name} weights")
     logits = full_logits(backend, probe)
     saved_diff = compare_logits(logits, want_logits, failures, f"{name} vs tp2 logits", CROSS_LAYOUT_LOGITS)
     stepped = train(backend, step_batches)
-    after_step = backend.state_dict_for_export()
+    after_step = gathered_state_dict(backend)
     backend.close()
 
     native = MegatronBackend(layout_config(name, seed=2000))
     native.load_model_weights(want_state)
     native_diff = compare_logits(logits, full_logits(native, probe), failures, f"{name} vs native-load logits")
     reference = train(native, step_batches)
-    step_diff = compare_exports(after_step, native.state_dict_for_export(), failures, f"{name} step after load")
+    step_diff = compare_exports(after_step, gathered_state_dict(native), failures, f"{name} step after load")
     native.close()
     if stepped.loss != reference.loss:
         failures.append(f"{name}: step after weights-only load: loss {stepped.loss!r} vs {reference.loss!r}")
@@ -140,7 +141,7 @@ def main(ckpt: Path) -> None:
     saved = MegatronBackend(cfg)
     train(saved, global_batch(cfg.model, 0))
     saved.save(ckpt)
-    want_state = _broadcast_state(saved.state_dict_for_export())
+    want_state = _broadcast_state(gathered_state_dict(saved))
     want_logits = full_logits(saved, probe)
     saved.close()
     if dist.get_rank() == 0:

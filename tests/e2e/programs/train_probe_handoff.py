@@ -3,7 +3,7 @@ previous stage's final/ inside a pipeline), what the backend holds right after l
 
     python train_probe_handoff.py HYDRA_OVERRIDES...
 
-Right after `Backend.load_model_weights` returns, every rank calls `state_dict_for_export()` (collective: it
+Right after `Backend.load_model_weights` returns, every rank calls `gathered_state_dict(backend)` (collective: it
 gathers TP/PP/DP shards) and rank 0 writes it as a native model dir <run_dir>/<stage>/loaded/, in the same
 format as final/. A test compares loaded/ with the directory the stage was initialised from: equal bitwise
 means the handoff (native -> this backend's layout -> native) lost nothing, whichever backend wrote the dir.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from train.backends.base import gathered_state_dict
 from train.checkpoint import barrier, rank
 from train.config.compose import stage_configs
 from train.models.native_io import save_native_checkpoint
@@ -33,7 +34,7 @@ def main() -> int:
 
         def load_then_export(state_dict):
             load(state_dict)
-            exported = built.state_dict_for_export()  # every rank: the gather is collective
+            exported = gathered_state_dict(built)  # every rank: the gather is collective
             if rank() == 0:
                 save_native_checkpoint(Path(cfg.run_dir) / cfg.stage.name / LOADED, cfg.model, exported,
                                        force=True)

@@ -13,7 +13,7 @@ import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,7 @@ from train.backends.deepspeed.checkpoint_io import RecordingEngine
 from train.backends.deepspeed.config import check_layout, deepspeed_config
 from train.backends.deepspeed.experts import ExpertParallelism
 from train.backends.deepspeed.module import LossModule
-from train.backends.deepspeed.weights import export_state_dict, import_state_dict
+from train.backends.deepspeed.weights import import_state_dict, iter_native
 from train.config.schema import TrainConfig
 from train.device import move_batch
 from train.loss import MicroBatchLoss, global_weight_sum, reduce_step_metrics
@@ -205,8 +205,8 @@ class DeepSpeedBackend:
             self.experts.load(Path(directory), self.engine.optimizer)
         self.step = int(client["step"])
 
-    def state_dict_for_export(self) -> dict[str, torch.Tensor]:
-        return export_state_dict(self.model, self.cfg.backend.zero_stage == 3, self.experts)
+    def export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter_native(self.model, self.cfg.backend.zero_stage == 3, self.experts)
 
     def load_model_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         import_state_dict(self.model, state_dict, self.cfg.backend.zero_stage == 3, self.experts)

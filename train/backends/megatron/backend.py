@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -229,10 +229,10 @@ class MegatronBackend:
         return {**dataclasses.asdict(self.sizes), "distributed_optimizer": self.cfg.backend.distributed_optimizer,
                 "precision": self.cfg.backend.precision}
 
-    def state_dict_for_export(self) -> dict[str, torch.Tensor]:
-        from train.backends.megatron.weights import export_native
+    def export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        from train.backends.megatron.weights import iter_native
 
-        return export_native(self.model, self.cfg.model)
+        return iter_native(self.model, self.cfg.model)
 
     def load_model_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         from train.backends.megatron.weights import load_native, shard_coords

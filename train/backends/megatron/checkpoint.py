@@ -8,7 +8,7 @@ same layout, which is what resuming a stage needs, and does not survive a TP cha
 its layout (parallel sizes, distributed optimizer, precision) and a full load in another layout is refused
 with one line; across layouts only the model loads (load_model_state: weights resharded by
 dist_checkpointing, the optimizer starts fresh), as does the layout-independent native handoff
-(Backend.state_dict_for_export / load_model_weights).
+(Backend.export_tensors / load_model_weights).
 
 Saving starts dist_checkpointing's writer (a spawn Manager that re-imports __main__): scripts that save
 need an `if __name__ == "__main__"` guard; every save stops the writer's Manager again.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -146,7 +147,7 @@ def unshard(rule: Rule, pieces: list[torch.Tensor]) -> torch.Tensor:
 
 def native_tensors(rule: Rule, full: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Native name -> tensor for an unsharded megatron tensor (expert kinds: that expert's row, under the
-    stacked tensor's name; `merge_expert_rows` stacks them)."""
+    stacked tensor's name; `add_native` stacks them)."""
     if rule.kind == "qkv":
         return dict(zip(rule.natives, split_qkv(full, cfg)))
     if rule.kind == "glu":
@@ -192,33 +193,6 @@ def load_native(model: nn.Module, state: dict[str, torch.Tensor], cfg: ModelConf
         param.copy_(value.to(dtype=param.dtype, device=param.device))
 
 
-def merge_expert_rows(pieces: dict[tuple[str, int | None], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{(native name, expert index or None): tensor} from all ranks -> native state dict (experts stacked)."""
-    out: dict[str, torch.Tensor] = {}
-    rows: dict[str, dict[int, torch.Tensor]] = {}
-    for (name, expert), tensor in pieces.items():
-        if expert is None:
-            out[name] = tensor
-        else:
-            rows.setdefault(name, {})[expert] = tensor
-    for name, by_index in rows.items():
-        if sorted(by_index) != list(range(len(by_index))):
-            raise ValueError(f"{name}: experts {sorted(by_index)} gathered, not 0..{len(by_index) - 1}")
-        out[name] = torch.stack([by_index[i] for i in range(len(by_index))])
-    return out
-
-
-def native_pieces(named_full: dict[str, torch.Tensor], cfg: ModelConfig,
-                  coords: ShardCoords) -> dict[tuple[str, int | None], torch.Tensor]:
-    """Unsharded megatron tensors of one rank (by megatron name) -> native pieces for merge_expert_rows."""
-    out = {}
-    for name, full in named_full.items():
-        rule = rule_for(name, cfg, coords.layer_offset, coords.expert_offset)
-        for native, tensor in native_tensors(rule, full, cfg).items():
-            out[(native, rule.expert)] = tensor.float().cpu().clone()
-    return out
-
-
 def gather_tp(tensor: torch.Tensor, rule: Rule, size: int, group: dist.ProcessGroup | None) -> torch.Tensor:
     """All-gather one parameter's TP slices and unshard them (collective over `group`)."""
     if rule.tp_dim is None or size == 1:
@@ -251,32 +225,97 @@ def shard_coords(model: nn.Module) -> ShardCoords:
         expert_tp_size=mpu.get_expert_tensor_parallel_world_size())
 
 
+@dataclass(frozen=True)
+class _Offer:
+    """A megatron parameter (after the TP gather) that `rank` sends to the writer: its rule and full shape."""
+
+    rank: int
+    name: str
+    rule: Rule
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _full_shape(param: torch.Tensor, rule: Rule, tp_size: int) -> tuple[int, ...]:
+    shape = list(param.shape)
+    if rule.tp_dim is not None:
+        shape[rule.tp_dim] *= tp_size
+    return tuple(shape)
+
+
+def _units(offers: list[_Offer], cfg: ModelConfig) -> list[list[_Offer]]:
+    """Offers grouped by the native tensors they make (all experts of a stacked tensor in one unit), in a
+    deterministic order every rank computes alike. A tied `lm_head.weight` is not exported (not stored)."""
+    units: dict[tuple[str, ...], dict[int | None, _Offer]] = {}
+    for offer in offers:
+        if cfg.text.tie_word_embeddings and offer.rule.natives == ("lm_head.weight",):
+            continue
+        units.setdefault(offer.rule.natives, {}).setdefault(offer.rule.expert, offer)
+    return [list(by_expert.values()) for by_expert in units.values()]
+
+
 @torch.no_grad()
-def export_native(model: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The full native state dict (fp32, CPU) of a TP/PP/EP-sharded megatron model. Collective over the
-    world; the complete dict is returned on global rank 0, {} elsewhere. Each tensor is taken from one
-    replica only: data/context-parallel rank 0 (expert-data-parallel rank 0 for experts), TP rank 0
-    after the TP all-gather."""
+def iter_native(model: nn.Module, cfg: ModelConfig, writer_rank: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """(native name, full tensor) pairs of a TP/PP/EP-sharded megatron model, one native tensor at a time,
+    on `writer_rank` (nothing elsewhere). Collective over the world: every rank iterates to the end.
+
+    Each unit (the native tensors one megatron parameter makes; for experts, all of a layer's experts) is
+    TP-gathered by the replica that owns it (data/context-parallel rank 0, expert-data-parallel rank 0 for
+    experts), sent point to point by its TP rank 0, converted on the writer, yielded, and followed by a
+    world barrier: no rank ever waits longer than one unit's gather + write, so long exports stay within
+    the process-group timeout. The writer holds at most one unit (experts: one stacked tensor) at a time.
+    """
     from megatron.core import parallel_state as mpu
 
-    coords = shard_coords(model)
-    dense_owner = mpu.get_data_parallel_rank(with_context_parallel=True) == 0 and coords.tp_rank == 0
-    expert_owner = mpu.get_expert_data_parallel_rank() == 0 and coords.expert_tp_rank == 0
-    mine: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters():
+    coords, rank = shard_coords(model), dist.get_rank()
+    owner = {False: mpu.get_data_parallel_rank(with_context_parallel=True) == 0,
+             True: mpu.get_expert_data_parallel_rank() == 0}
+    groups = {False: (coords.tp_size, mpu.get_tensor_model_parallel_group()),
+              True: (coords.expert_tp_size, mpu.get_expert_tensor_parallel_group())}
+    params = dict(model.named_parameters())
+    mine: list[_Offer] = []
+    for name, param in params.items():
         rule = rule_for(name, cfg, coords.layer_offset, coords.expert_offset)
-        if rule.is_expert:
-            full = gather_tp(param.detach(), rule, coords.expert_tp_size, mpu.get_expert_tensor_parallel_group())
-        else:
-            full = gather_tp(param.detach(), rule, coords.tp_size, mpu.get_tensor_model_parallel_group())
-        if (expert_owner if rule.is_expert else dense_owner):
-            mine[name] = full
-    pieces = native_pieces(mine, cfg, coords)
-    everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(pieces, everyone, dst=0)
-    if dist.get_rank() != 0:
-        return {}
-    merged: dict[tuple[str, int | None], torch.Tensor] = {}
-    for rank_pieces in everyone:
-        merged.update(rank_pieces)
-    return add_tied_head(merge_expert_rows(merged), cfg)
+        if owner[rule.is_expert] and coords.tp(rule)[0] == 0:
+            mine.append(_Offer(rank, name, rule, _full_shape(param, rule, coords.tp(rule)[1]), param.dtype))
+    everyone: list[list[_Offer]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, mine)
+    by_key = {(rule_for(n, cfg, coords.layer_offset, coords.expert_offset).natives,
+               rule_for(n, cfg, coords.layer_offset, coords.expert_offset).expert): n for n in params}
+    device = next(iter(params.values())).device
+    for unit in _units([offer for offers in everyone for offer in offers], cfg):
+        natives: dict[str, torch.Tensor] = {}
+        for offer in unit:
+            full = None
+            local = by_key.get((offer.rule.natives, offer.rule.expert))
+            if local is not None and owner[offer.rule.is_expert]:  # this rank's TP group holds the piece
+                size, group = groups[offer.rule.is_expert]
+                full = gather_tp(params[local].detach(), offer.rule, size, group)
+            if offer.rank != writer_rank and rank == offer.rank:
+                dist.send(full.contiguous(), dst=writer_rank)
+            elif offer.rank != writer_rank and rank == writer_rank:
+                full = torch.empty(offer.shape, dtype=offer.dtype, device=device)
+                dist.recv(full, src=offer.rank)
+            if rank == writer_rank:
+                add_native(natives, offer.rule, full, cfg)
+        yield from natives.items()
+        dist.barrier()
+
+
+def add_native(natives: dict[str, torch.Tensor], rule: Rule, full: torch.Tensor, cfg: ModelConfig) -> None:
+    """Convert one full megatron tensor; expert rows go into their stacked native tensor (allocated once)."""
+    for name, tensor in native_tensors(rule, full, cfg).items():
+        tensor = tensor.cpu()
+        if rule.expert is None:
+            natives[name] = tensor
+            continue
+        if name not in natives:
+            natives[name] = torch.empty((cfg.text.num_experts, *tensor.shape), dtype=tensor.dtype)
+        natives[name][rule.expert] = tensor
+
+
+def export_native(model: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The full native state dict (fp32, CPU) on global rank 0, {} elsewhere (collective). Small models
+    and tests only: it holds everything; exports stream `iter_native` instead."""
+    state = {name: tensor.float().clone() for name, tensor in iter_native(model, cfg)}
+    return add_tied_head(state, cfg) if state else state
