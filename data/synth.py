@@ -18,6 +18,7 @@ index), images are rendered without randomness outside that RNG, mp4s are writte
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import math
@@ -33,14 +34,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data.shard_format import ShardWriter
 from data.tokenizer import train_sentencepiece
-from data.video import encode_mp4, format_timestamp
+from data.video import VideoConfig, encode_mp4, format_timestamp, frame_indices, num_sampled_frames
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
           "purple": (140, 60, 180), "orange": (240, 130, 30), "black": (20, 20, 20), "white": (250, 250, 250)}
 SHAPES = ("circle", "square", "triangle")
+NEEDLE_COLORS = tuple(c for c in COLORS if c != "black")  # black is too close to the haystack
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 DIRECTIONS = {"left to right": (1, 0), "right to left": (-1, 0), "top to bottom": (0, 1), "bottom to top": (0, -1)}
-# Samples per data set at --scale 1 (about 4 MB in total).
 BASE_COUNTS = {"text": 1000, "caption": 400, "ocr": 120, "video": 60, "needle": 60}
 
 
@@ -153,32 +154,64 @@ def video_sample(rng: random.Random, size: int = 64, fps: int = 8) -> tuple[dict
     return {"mp4": encode_mp4(frames, fps), "json": json.dumps(meta).encode()}, caption
 
 
-def needle_sample(rng: random.Random, size: int = 64, fps: int = 4) -> tuple[dict[str, bytes], str]:
-    seconds = rng.randint(6, 12)
-    n = fps * seconds
-    np_rng = np.random.default_rng(rng.getrandbits(32))
-    # Haystack: slowly drifting gray texture; the needle lasts one second so 2-fps sampling always sees it.
-    base = np_rng.integers(60, 120, (size // 8, size // 8), dtype=np.uint8)
-    frames = np.empty((n, size, size, 3), dtype=np.uint8)
-    for i in range(n):
-        tile = np.roll(base, i // fps, axis=1).repeat(8, 0).repeat(8, 1)
-        frames[i] = tile[..., None]
-    start = rng.randrange(0, n - fps + 1, fps)
-    color, shape = rng.choice([c for c in COLORS if c != "black"]), rng.choice(SHAPES)
-    for i in range(start, start + fps):
-        img = Image.fromarray(frames[i])
-        draw_shape(ImageDraw.Draw(img), shape, (8, 8, size - 8, size - 8), COLORS[color])
-        frames[i] = np.asarray(img)
-    middle = (start + (fps - 1) / 2) / fps
-    qa = {"question": NEEDLE_QUESTION, "answer": f"A {color} {shape}.",
-          "time": round(middle, 1)}
+def haystack_frames(base: np.ndarray, indices: list[int] | range, fps: float) -> np.ndarray:
+    """The needle haystack at frames `indices`: a gray texture (`base`, one value per 8x8 tile) that shifts by
+    one tile per second. uint8 [len(indices), 8 * rows, 8 * cols, 3]."""
+    out = np.empty((len(indices), base.shape[0] * 8, base.shape[1] * 8, 3), dtype=np.uint8)
+    for k, i in enumerate(indices):
+        out[k] = np.roll(base, int(i // fps), axis=1).repeat(8, 0).repeat(8, 1)[..., None]
+    return out
+
+
+def draw_needle(frame: np.ndarray, color: str, shape: str) -> np.ndarray:
+    """The needle over the frame's centre square with a 1/8 margin (8 px on 64 px frames)."""
+    h, w = frame.shape[:2]
+    side = min(h, w)
+    margin = side // 8
+    x0, y0 = (w - side) // 2 + margin, (h - side) // 2 + margin
+    img = Image.fromarray(np.ascontiguousarray(frame))
+    draw_shape(ImageDraw.Draw(img), shape, (x0, y0, x0 + side - 2 * margin, y0 + side - 2 * margin), COLORS[color])
+    return np.asarray(img)
+
+
+def needle_span(total: int, fps: float, depth: float, indices: list[int], needle_seconds: float) -> tuple[int, int]:
+    """(first frame, frame count) of a needle at `depth` (0 start .. 1 end) of a `total`-frame video. It lasts
+    needle_seconds, or as long as the largest gap between the sampled `indices` when sampling is sparser, so
+    a sampled frame always shows it."""
+    gap = max((b - a for a, b in zip(indices, indices[1:])), default=1)
+    count = min(total, max(round(needle_seconds * fps), gap, 1))
+    return round(depth * (total - count)), count
+
+
+def needle_sample(rng: random.Random, size: int = 64, fps: int = 4, seconds: tuple[int, int] = (6, 12),
+                  sample_fps: float = 2.0, needle_seconds: float = 1.0) -> tuple[dict[str, bytes], str]:
+    """A haystack of `seconds` (inclusive range) with a needle at a uniform depth, placed as train.eval vniah
+    places it for sampling at `sample_fps` (the encoder's video.fps), answered at the needle's middle."""
+    n = fps * rng.randint(*seconds)
+    base = np.random.default_rng(rng.getrandbits(32)).integers(60, 120, (size // 8, size // 8), dtype=np.uint8)
+    frames = haystack_frames(base, range(n), fps)
+    sampled = frame_indices(n, num_sampled_frames(n, fps, VideoConfig(fps=sample_fps, max_frames=1 << 20)))
+    start, count = needle_span(n, fps, rng.random(), sampled, needle_seconds)
+    color, shape = rng.choice(NEEDLE_COLORS), rng.choice(SHAPES)
+    for i in range(start, start + count):
+        frames[i] = draw_needle(frames[i], color, shape)
+    middle = (start + (count - 1) / 2) / fps
+    qa = {"question": NEEDLE_QUESTION, "answer": f"A {color} {shape}.", "time": round(middle, 1)}
     meta = {"type": "video", "qa": [qa]}
     return {"mp4": encode_mp4(frames, fps), "json": json.dumps(meta).encode()}, qa["answer"]
 
 
+# The needle pipeline's haystacks (configs/pipeline/needle.yaml), sampled at train.eval vniah's 1 fps: short
+# ones for the short stages, long ones up to what the last stage's sequence holds.
+NEEDLE_SECONDS = {"needle_short": (4, 30), "needle_mid": (30, 70), "needle_long": (70, 144)}
+
 GENERATORS: dict[str, tuple[str, Callable[[random.Random], tuple[dict[str, bytes], str]]]] = {
     "text": ("text", text_sample), "caption": ("caption", caption_sample), "ocr": ("interleaved", ocr_sample),
-    "video": ("video", video_sample), "needle": ("video", needle_sample)}
+    "video": ("video", video_sample), "needle": ("video", needle_sample),
+    **{name: ("video", functools.partial(needle_sample, seconds=seconds, sample_fps=1.0))
+       for name, seconds in NEEDLE_SECONDS.items()}}
+# Samples per data set at --scale 1: the demo corpus (about 4 MB) and the needle-heavy one.
+PRESETS = {"demo": BASE_COUNTS, "needle": {"caption": 400, "needle_short": 800, "needle_mid": 400, "needle_long": 400}}
 
 
 def _samples(name: str, count: int, seed: int) -> Iterator[tuple[str, dict[str, bytes], str]]:
@@ -190,21 +223,25 @@ def _samples(name: str, count: int, seed: int) -> Iterator[tuple[str, dict[str, 
 
 def _timestamp_texts() -> list[str]:
     """Timestamps as the encoder writes them, so the tokenizer learns their pieces."""
-    return [format_timestamp(t / 10, style) for t in range(0, 1200, 7) for style in ("seconds", "hms")]
+    return [format_timestamp(t / 10, style) for t in range(0, 4000, 7) for style in ("seconds", "hms")]
 
 
 def make_corpus(out: str | os.PathLike, seed: int = 0, scale: float = 1.0, shards_per_set: int = 4,
-                vocab_size: int = 2048) -> dict:
-    """Write the corpus under `out` and return its manifest (also written to out/manifest.json)."""
+                vocab_size: int = 2048, preset: str = "demo") -> dict:
+    """Write the corpus `preset` under `out` and return its manifest (also written to out/manifest.json)."""
     if scale <= 0:
         raise ValueError(f"--scale {scale} must be > 0")
+    if preset not in PRESETS:
+        raise ValueError(f"--preset {preset!r} is not one of {sorted(PRESETS)}")
     out = Path(out)
     texts: list[str] = _timestamp_texts()
-    manifest: dict = {"seed": seed, "scale": scale, "tokenizer": "tokenizer.model", "datasets": {}}
-    for name, (kind, _) in GENERATORS.items():
+    manifest: dict = {"seed": seed, "scale": scale, "preset": preset, "tokenizer": "tokenizer.model",
+                      "datasets": {}}
+    for name, base_count in PRESETS[preset].items():
+        kind = GENERATORS[name][0]
         # A whole number of samples per shard, so every data set has exactly shards_per_set shards (the
         # loader splits shards over ranks x workers).
-        per_shard = max(1, round(BASE_COUNTS[name] * scale / shards_per_set))
+        per_shard = max(1, round(base_count * scale / shards_per_set))
         count = per_shard * shards_per_set
         with ShardWriter(out / name, max_samples=per_shard) as writer:
             for key, members, text in _samples(name, count, seed):
@@ -225,13 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every data set's sample count")
     parser.add_argument("--shards-per-set", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo",
+                        help="demo: every data set; needle: captions + short and long needle haystacks")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    manifest = make_corpus(args.out, args.seed, args.scale, args.shards_per_set, args.vocab_size)
+    manifest = make_corpus(args.out, args.seed, args.scale, args.shards_per_set, args.vocab_size, args.preset)
     total = sum(os.path.getsize(os.path.join(args.out, s)) for d in manifest["datasets"].values()
                 for s in d["shards"])
     for name, d in manifest["datasets"].items():
-        print(f"{name:8s} {d['type']:12s} {d['samples']:6d} samples in {len(d['shards'])} shards")
+        print(f"{name:12s} {d['type']:12s} {d['samples']:6d} samples in {len(d['shards'])} shards")
     print(f"wrote {args.out}: {total / 1e6:.1f} MB of shards + tokenizer.model in "
           f"{time.perf_counter() - start:.1f} s")
     return 0

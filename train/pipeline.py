@@ -94,6 +94,10 @@ def _run_initialised(configs: list[TrainConfig], runtime: StageRuntime | None, w
         # One job of a chain (slurm/submit_pipeline.sh): the HF export belongs to the pipeline's last stage.
         _say(f"stage {last.stage.name} done; its weights: {StageDir(last.run_dir, last.stage.name).final}")
         return 0
+    if not last.model.text.mrope:
+        _say(f"no HF export (model.text.mrope=false has no transformers equivalent); native weights: "
+             f"{StageDir(last.run_dir, last.stage.name).final}")
+        return 0
     export = export_hf(last)
     _say(f"final model (HF format): {export}")
     return 0

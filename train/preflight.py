@@ -36,6 +36,10 @@ def check_seq_len(cfg: TrainConfig) -> None:
     if cfg.stage.seq_len % (2 * cp):
         raise PreflightError(f"stage.seq_len={cfg.stage.seq_len} ({cfg.stage.name}) is not divisible by "
                              f"2 x parallel.cp = {2 * cp} (context parallel splits each sequence in 2*cp chunks)")
+    if not cfg.model.text.mrope and (cp > 1 or cfg.backend.name != "deepspeed"):
+        # The 1-D ablation numbers tokens inside Qwen3VLModel.decode, which sees whole documents only there.
+        raise PreflightError(f"model.text.mrope=false (an ablation) runs with backend=deepspeed and parallel.cp=1 "
+                             f"only, not backend={cfg.backend.name} parallel.cp={cp}")
 
 
 def check_pixel_normalisation(cfg: TrainConfig) -> None:

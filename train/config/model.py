@@ -67,6 +67,9 @@ class TextConfig:
     rope_theta: float = 5_000_000.0
     # Rotary frequency pairs given to the t/h/w axes; interleaved T,H,W,T,H,W,... (Qwen3-VL), not contiguous.
     mrope_section: list[int] = field(default_factory=lambda: [24, 20, 20])
+    # False: an ablation of Qwen3-VL's positions (docs/eval.md): plain 1-D RoPE, every token (text or vision)
+    # rotated by its index in its document, on all three MRoPE axes. Reference model / DeepSpeed CP=1 only.
+    mrope: bool = True
     max_position_embeddings: int = 262144
     tie_word_embeddings: bool = False
     attention_bias: bool = False

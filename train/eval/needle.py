@@ -18,14 +18,13 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from data.synth import COLORS, NEEDLE_QUESTION, SHAPES, draw_shape
+from data.synth import NEEDLE_COLORS, NEEDLE_QUESTION, SHAPES, draw_needle, haystack_frames, needle_span
 from data.tokenizer import Tokenizer
 from data.video import VideoClip, VideoConfig, format_timestamp, frame_indices, patch_timestamps, plan_frames
 from data.vision import ImageConfig, patchify, resize_normalize
 
-NEEDLE_COLORS = tuple(c for c in COLORS if c != "black")  # the needle palette of data/synth.py
 NUM_CHOICES = len(NEEDLE_COLORS) * len(SHAPES)
 
 
@@ -48,11 +47,7 @@ class SyntheticHaystack:
         self._base = rng.integers(60, 120, (size // 8, size // 8), dtype=np.uint8)
 
     def frames(self, indices: list[int]) -> np.ndarray:
-        out = np.empty((len(indices), self.height, self.width, 3), dtype=np.uint8)
-        for k, i in enumerate(indices):
-            tile = np.roll(self._base, int(i // self.fps), axis=1).repeat(8, 0).repeat(8, 1)
-            out[k] = tile[..., None]
-        return out
+        return haystack_frames(self._base, indices, self.fps)
 
 
 class VideoFileHaystack:
@@ -102,20 +97,8 @@ class NeedleVideo:
         lo, hi = self.needle.start, self.needle.start + self.needle.count
         for k, i in enumerate(indices):
             if lo <= i < hi:
-                out[k] = draw_needle(out[k], self.needle)
+                out[k] = draw_needle(out[k], self.needle.color, self.needle.shape)
         return out
-
-
-def draw_needle(frame: np.ndarray, needle: Needle) -> np.ndarray:
-    """The shape over the frame's centre square with a 1/8 margin (8 px on the demo corpus' 64 px frames)."""
-    h, w = frame.shape[:2]
-    side = min(h, w)
-    margin = side // 8
-    x0, y0 = (w - side) // 2 + margin, (h - side) // 2 + margin
-    img = Image.fromarray(np.ascontiguousarray(frame))
-    draw_shape(ImageDraw.Draw(img), needle.shape, (x0, y0, x0 + side - 2 * margin, y0 + side - 2 * margin),
-                COLORS[needle.color])
-    return np.asarray(img)
 
 
 def sampling_plan(video: Haystack, vcfg: VideoConfig, icfg: ImageConfig, budget: int) -> tuple[list[int], int, int]:
@@ -127,11 +110,9 @@ def sampling_plan(video: Haystack, vcfg: VideoConfig, icfg: ImageConfig, budget:
 
 def place_needle(total: int, fps: float, depth: float, indices: list[int], needle_seconds: float,
                  rng: random.Random) -> Needle:
-    """A random needle at `depth` of the video. It lasts needle_seconds, or longer when the sampled frames
-    are further apart: a window as long as the largest gap between sampled indices always holds one."""
-    gap = max((b - a for a, b in zip(indices, indices[1:])), default=1)
-    count = min(total, max(round(needle_seconds * fps), gap, 1))
-    start = round(depth * (total - count))
+    """A random needle at `depth` of the video, placed as the needle corpus places it (data.synth.needle_span):
+    needle_seconds long, or longer when sampled frames are further apart, so a sampled frame shows it."""
+    start, count = needle_span(total, fps, depth, indices, needle_seconds)
     return Needle(rng.choice(NEEDLE_COLORS), rng.choice(SHAPES), start, count)
 
 

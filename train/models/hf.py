@@ -132,6 +132,9 @@ def model_config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.vision.layer_norm_eps != HF_VISION_LAYER_NORM_EPS:
         raise ConfigError(f"model.vision.layer_norm_eps={cfg.vision.layer_norm_eps} cannot be exported: "
                           f"transformers' Qwen3-VL vision tower fixes it to {HF_VISION_LAYER_NORM_EPS}")
+    if not cfg.text.mrope:
+        raise ConfigError("model.text.mrope=false (1-D positions, an ablation) cannot be exported: transformers' "
+                          "Qwen3-VL always uses MRoPE")
     is_moe = cfg.text.is_moe
     out: dict[str, Any] = {
         "architectures": [ARCHITECTURES[is_moe]],

@@ -13,6 +13,9 @@ memory linear in L (SDPA's fused CPU/CUDA kernels never materialise the scores o
 `attention_kernel` is the one decision, used by the forward and reported at start-up (train/fast_path.py).
 The segment bookkeeping (int32 cu_seqlens on the device, max length, lengths) is computed once per
 cu_seqlens tensor and reused by every layer: reading it on the host is a device sync.
+
+`KVCache` is for decoding only (train.eval): one sequence, the keys and values of every token so far per
+layer, so each new token costs one token's projections and one row of attention scores.
 """
 from __future__ import annotations
 
@@ -112,3 +115,40 @@ def _sdpa_per_segment(q, k, v, lengths: list[int], causal) -> torch.Tensor:
                                              is_causal=causal, enable_gqa=gqa)
         outputs.append(out[0].transpose(0, 1))
     return torch.cat(outputs, dim=0) if len(outputs) != 1 else outputs[0]
+
+
+class LayerKV:
+    """One decoder layer's cached keys and values [past, Hkv, D] (rotated, normed: as attention uses them)."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[0]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Append the new tokens' k/v, then causal attention of their queries over every cached token."""
+        past = self.length
+        self.keys = k if self.keys is None else torch.cat([self.keys, k])
+        self.values = v if self.values is None else torch.cat([self.values, v])
+        n, total = q.shape[0], self.keys.shape[0]
+        # New token i sits at position past + i and sees keys 0 .. past + i.
+        mask = None if n == 1 else (torch.arange(total, device=q.device)[None, :]
+                                    <= past + torch.arange(n, device=q.device)[:, None])
+        out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, self.keys, self.values)),
+                                             attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        return out[0].transpose(0, 1)
+
+
+class KVCache:
+    """Per-layer key/value caches of one sequence being decoded (`Qwen3VLModel.decode(..., cache=)`)."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers = [LayerKV() for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        """Tokens cached so far (the position index of the next token in a one-document sequence)."""
+        return self.layers[0].length

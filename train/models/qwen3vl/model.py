@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from train.config.model import ModelConfig
-from train.models.qwen3vl.attention import full_cu_seqlens
+from train.models.qwen3vl.attention import KVCache, full_cu_seqlens, segments_of
 from train.models.qwen3vl.common import RMSNorm, maybe_checkpoint
 from train.models.qwen3vl.moe import Experts, TopKRouter, load_balancing_loss
 from data.positions import packed_position_ids
@@ -35,6 +35,13 @@ class Qwen3VLOutput:
     logits: torch.Tensor | None  # [L, V] (or [1, L, V] for batched input), None when compute_logits=False
     hidden_states: torch.Tensor  # [L, H] after the final norm
     aux_loss: torch.Tensor  # scalar fp32 load-balancing loss, not yet scaled by router_aux_loss_coef; 0 if dense
+
+
+def sequential_positions(cu_seqlens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """1-D positions [3, L] (the `model.text.mrope=false` ablation): each token's index in its document
+    (segment of cu_seqlens) plus `offset` (tokens already decoded), the same on every MRoPE axis."""
+    index = torch.cat([torch.arange(n, device=cu_seqlens.device) for n in segments_of(cu_seqlens, cu_seqlens.device).lengths])
+    return (index + offset).expand(3, -1)
 
 
 class Qwen3VLModel(nn.Module):
@@ -137,21 +144,32 @@ class Qwen3VLModel(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         visual_mask: torch.Tensor | None = None,
         deepstack_features: list[torch.Tensor] | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder layers + final norm -> (hidden [L, H], aux loss). DeepStack features are added at the
-        visual positions after decoder layers 0, 1, ... (one feature tensor per layer)."""
+        visual positions after decoder layers 0, 1, ... (one feature tensor per layer).
+
+        With `cache` (decoding one sequence): the inputs are the tokens after the cached ones, their keys and
+        values are appended to it, and they attend to every cached token; cu_seqlens must be None."""
         text = self.cfg.text
         x = inputs_embeds
         if tuple(position_ids.shape) != (3, x.shape[0]):
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected (3, {x.shape[0]}): "
                              f"one (t, h, w) row each for the {x.shape[0]} tokens")
-        rope = mrope_cos_sin(position_ids, text.head_dim, text.rope_theta, text.mrope_section, x.dtype)
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError("decode with a KV cache takes one sequence: cu_seqlens must be None")
         cu = full_cu_seqlens(x.shape[0], x.device) if cu_seqlens is None else cu_seqlens
+        if not text.mrope:
+            position_ids = sequential_positions(cu, 0 if cache is None else cache.length)
+        rope = mrope_cos_sin(position_ids, text.head_dim, text.rope_theta, text.mrope_section, x.dtype)
         deepstack = deepstack_features or []
         visual_index = visual_mask.nonzero().squeeze(1) if deepstack else None
         router_logits = []
         for i, layer in enumerate(self.language_model.layers):
-            x, logits = maybe_checkpoint(layer, self.checkpoint_decoder, x, rope, cu)
+            if cache is None:
+                x, logits = maybe_checkpoint(layer, self.checkpoint_decoder, x, rope, cu)
+            else:
+                x, logits = layer(x, rope, cu, cache.layers[i])
             if logits is not None:
                 router_logits.append(logits)
             if i < len(deepstack):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from train.config.model import TextConfig
-from train.models.qwen3vl.attention import PackedAttention
+from train.models.qwen3vl.attention import LayerKV, PackedAttention
 from train.models.qwen3vl.common import RMSNorm, activation
 from train.models.qwen3vl.moe import SparseMoeBlock
 from train.models.qwen3vl.rope import apply_rotary
@@ -30,14 +30,15 @@ class TextAttention(nn.Module):
         self.core_attention: nn.Module = PackedAttention()
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cu_seqlens: torch.Tensor) -> torch.Tensor:
+                cu_seqlens: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+        """`cache` (decoding only): x are the tokens after the cached ones, cu_seqlens is ignored."""
         n = x.shape[0]
         q = self.q_norm(self.q_proj(x).view(n, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.core_attention(q, k, v, cu_seqlens, True)
+        out = self.core_attention(q, k, v, cu_seqlens, True) if cache is None else cache.attend(q, k, v)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
@@ -67,9 +68,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cu_seqlens)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cu_seqlens: torch.Tensor,
+                cache: LayerKV | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cu_seqlens, cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             out, router_logits = self.mlp(h)
