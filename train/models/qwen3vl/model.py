@@ -40,7 +40,8 @@ class Qwen3VLOutput:
 def sequential_positions(cu_seqlens: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """1-D positions [3, L] (the `model.text.mrope=false` ablation): each token's index in its document
     (segment of cu_seqlens) plus `offset` (tokens already decoded), the same on every MRoPE axis."""
-    index = torch.cat([torch.arange(n, device=cu_seqlens.device) for n in segments_of(cu_seqlens, cu_seqlens.device).lengths])
+    lengths = segments_of(cu_seqlens, cu_seqlens.device).lengths
+    index = torch.cat([torch.arange(n, device=cu_seqlens.device) for n in lengths])
     return (index + offset).expand(3, -1)
 
 
