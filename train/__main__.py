@@ -1,6 +1,7 @@
-"""`python -m train [hydra overrides...]`: run one stage or a pipeline of stages.
+"""`python -m train [--config-dir DIR] [hydra overrides...]`: run one stage or a pipeline of stages.
 
-`python -m train --cfg job` prints the composed config and exits; `--help` lists the config groups.
+`python -m train --cfg job` prints the composed config and exits; `--help` lists the config groups (with the
+options of every `--config-dir`). `--config-dir DIR` adds the user's own options (train/config/compose.py).
 """
 from __future__ import annotations
 
@@ -9,22 +10,28 @@ from typing import Sequence
 
 from omegaconf import OmegaConf
 
-from train.config.compose import CONFIG_DIR, compose_config, stage_configs
+from train.config.compose import CONFIG_DIR, compose_config, split_config_dirs, stage_configs
 from train.config.model import ConfigError
 
 
-def _print_help() -> None:
+def _print_help(args: list[str]) -> None:
+    try:
+        dirs = [CONFIG_DIR, *split_config_dirs(args)[1]]
+    except ConfigError as err:
+        print(f"longvl: config error: {err}", file=sys.stderr)
+        dirs = [CONFIG_DIR]
     groups = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
-    print("usage: python -m train [GROUP=OPTION ...] [KEY=VALUE ...] [--cfg job]\n\nconfig groups:")
+    print("usage: python -m train [--config-dir DIR] [GROUP=OPTION ...] [KEY=VALUE ...] [--cfg job]\n\n"
+          "config groups:")
     for group in groups:
-        options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        options = sorted({p.stem for d in dirs for p in (d / group).glob("*.yaml")})
         print(f"  {group}: {', '.join(options)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--help" in args or "-h" in args:
-        _print_help()
+        _print_help(args)
         return 0
     show_cfg = False
     if "--cfg" in args:

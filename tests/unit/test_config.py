@@ -100,3 +100,58 @@ def test_expert_parallel_spans_the_non_pipeline_ranks() -> None:
         ParallelConfig(tp=2, pp=8, ep=3).data_parallel_size(256)
     with pytest.raises(ConfigError, match="world size 6 is not divisible"):
         ParallelConfig(tp=4).data_parallel_size(6)
+
+
+def _user_configs(root: Path) -> Path:
+    """A user's own config dir: a model, a data mix, a stage and a pipeline, none of them packaged."""
+    files = {
+        "model/my_model.yaml": "# @package model\ndefaults: [tiny]\nname: my_model\ntext: {num_hidden_layers: 4}\n",
+        "data/my_mix.yaml": "# @package data\ndatasets:\n"
+                            "  - {name: mine, shards: ['@${data_root}/mine.txt'], weight: 2.0}\n"
+                            "  - {name: web, shards: ['pipe:cat ${data_root}/web/shard-{0..3}.tar']}\n",
+        "stage/my_s1.yaml": "# @package _global_\nstage: {name: my_s1, seq_len: 1024, max_steps: 10}\n",
+        "stage/my_s2.yaml": "# @package _global_\nstage: {name: my_s2, seq_len: 2048, max_steps: 5}\n",
+        "pipeline/my_recipe.yaml": "# @package _global_\npipeline:\n  name: my_recipe\n"
+                                   "  stages: [{stage: my_s1}, {stage: my_s2, overrides: [stage.max_steps=7]}]\n",
+    }
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_user_config_dir_options_resolve_with_the_same_checks(tmp_path: Path) -> None:
+    user = _user_configs(tmp_path / "my_configs")
+    cfg = load_config(["--config-dir", str(user), "stage=my_s1", "data=my_mix", "model=my_model"])
+    assert (cfg.stage.name, cfg.stage.seq_len, cfg.model.text.num_hidden_layers) == ("my_s1", 1024, 4)
+    assert cfg.model.text.hidden_size == 64  # the rest comes from the packaged tiny model it extends
+    assert [(d.name, d.weight) for d in cfg.data.datasets] == [("mine", 2.0), ("web", 1.0)]
+    stages = stage_configs([f"--config-dir={user}", "pipeline=my_recipe", "data=my_mix"])
+    assert [(c.stage.name, c.stage.max_steps) for c in stages] == [("my_s1", 10), ("my_s2", 7)]
+    assert all(c.data.datasets[0].name == "mine" for c in stages)
+
+    (user / "stage" / "my_bad.yaml").write_text("# @package _global_\nstage: {name: b, seq_len: 100}\n")
+    (user / "data" / "my_typo.yaml").write_text("# @package data\ndatasets: []\nmax_bad_fraktion: 0.1\n")
+    for overrides, key in ((["stage=my_bad"], "stage.seq_len=100"), (["data=my_typo"], "max_bad_fraktion"),
+                           (["stage=my_s9"], "my_s9")):
+        with pytest.raises(ConfigError) as err:
+            load_config(["--config-dir", str(user), *overrides])
+        assert key in str(err.value) and "\n" not in str(err.value), err.value
+
+
+def test_user_config_dir_mistakes_are_one_line(tmp_path: Path, capsys) -> None:
+    from train.__main__ import main
+
+    assert main(["--config-dir", str(tmp_path / "nope"), "stage=s1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"longvl: config error: --config-dir {tmp_path / 'nope'}: no such directory"
+    user = _user_configs(tmp_path / "mine")
+    (user / "stage" / "s1.yaml").write_text("# @package _global_\nstage: {seq_len: 64}\n")
+    assert main(["--config-dir", str(user), "--cfg", "job"]) == 2
+    assert "stage=s1 is a packaged option" in capsys.readouterr().err
+    (user / "stage" / "s1.yaml").unlink()
+    assert main(["--config-dir", str(user), "--help"]) == 0
+    assert "my_s1" in capsys.readouterr().out
+    assert main(["--config-dir", str(user), "stage=my_s2", "data=my_mix", "--cfg", "job"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["stage"]["name"] == "my_s2" and printed["data"]["datasets"][0]["name"] == "mine"

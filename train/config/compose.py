@@ -3,6 +3,12 @@
 We call `compose` ourselves instead of decorating a main with `@hydra.main`: every torchrun/srun rank must
 build the same config without Hydra creating time-stamped output dirs or changing the working directory,
 and every mistake must come out as one line naming the key (`ConfigError`), not a stack trace.
+
+A user keeps their own options outside the package with `--config-dir DIR` (any number of times, anywhere in
+the override list: `compose_config` takes it out): DIR holds group folders like configs/ (`DIR/stage/my_s1.yaml`,
+`DIR/data/my_mix.yaml`, `DIR/model/...`, `DIR/pipeline/...`) and is added to Hydra's search path after the
+packaged configs, so `stage=my_s1` resolves there with the same schema and checks. A file of DIR with the
+name of a packaged option would never be read (the packaged one wins): that is refused, as is a missing DIR.
 """
 from __future__ import annotations
 
@@ -22,14 +28,53 @@ from train.config.schema import PipelineConfig, TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 SCHEMA_NAME = "train_schema"
+CONFIG_DIR_FLAG = "--config-dir"
 
 
 def register_schemas() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
 
 
+def split_config_dirs(args: Sequence[str]) -> tuple[list[str], list[Path]]:
+    """(Hydra overrides, user config dirs) of a command line with `--config-dir DIR` / `--config-dir=DIR`."""
+    overrides, dirs = [], []
+    items = iter(args)
+    for arg in items:
+        if arg == CONFIG_DIR_FLAG:
+            value = next(items, None)
+            if value is None:
+                raise ConfigError(f"{CONFIG_DIR_FLAG} needs a directory")
+            dirs.append(_user_config_dir(value))
+        elif arg.startswith(CONFIG_DIR_FLAG + "="):
+            dirs.append(_user_config_dir(arg.split("=", 1)[1]))
+        else:
+            overrides.append(arg)
+    return overrides, dirs
+
+
+def _user_config_dir(value: str) -> Path:
+    path = Path(value).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(f"{CONFIG_DIR_FLAG} {value}: no such directory")
+    if "'" in str(path):
+        raise ConfigError(f"{CONFIG_DIR_FLAG} {value}: a path with a quote (') cannot go on Hydra's search path")
+    for group in sorted(p for p in CONFIG_DIR.iterdir() if p.is_dir()):
+        for option in sorted((path / group.name).glob("*.yaml")):
+            if (group / option.name).is_file():
+                raise ConfigError(f"{option}: {group.name}={option.stem} is a packaged option, which would be "
+                                  f"read instead; rename the file")
+    if (path / "train.yaml").is_file():
+        raise ConfigError(f"{path / 'train.yaml'}: the packaged train.yaml is the primary config; put options in "
+                          f"group folders (stage/, data/, model/, pipeline/, ...)")
+    return path
+
+
 def compose_config(overrides: Sequence[str] = (), config_dir: Path = CONFIG_DIR) -> DictConfig:
-    """The composed (typed) DictConfig for `overrides`; raises ConfigError with a one-line message."""
+    """The composed (typed) DictConfig for `overrides` (which may hold `--config-dir DIR`); raises ConfigError
+    with a one-line message."""
+    overrides, user_dirs = split_config_dirs(overrides)
+    if user_dirs:
+        overrides.append("hydra.searchpath=[" + ",".join(f"'file://{d}'" for d in user_dirs) + "]")
     register_schemas()
     GlobalHydra.instance().clear()
     try:
@@ -110,10 +155,13 @@ def _only_stage(pipeline: PipelineConfig, configs: list[TrainConfig]) -> TrainCo
 def _one_line(err: BaseException) -> str:
     """Hydra/OmegaConf errors span several lines (value, type, full_key, object_type); keep what names the
     key and the problem."""
-    full_key = getattr(err, "full_key", None)
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    message = next((ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "reference_type="))),
-                   type(err).__name__)
+    kept = [ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "reference_type="))]
+    message = kept[0] if kept else type(err).__name__
+    if message.endswith(":") and len(kept) > 1:  # "In 'data/x': ConfigKeyError raised while composing config:"
+        message = f"{message} {kept[1]}"
+    full_key = getattr(err, "full_key", None) or next(
+        (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
     if full_key and full_key not in message:
         message = f"{full_key}: {message}"
     cause = err.__cause__
