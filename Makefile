@@ -5,14 +5,15 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.longvl-setup
-export DS_ACCELERATOR ?= cpu
+# DeepSpeed's accelerator: cuda where an NVIDIA driver is present, cpu elsewhere (an explicit value wins).
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export WANDB_MODE ?= offline
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # The venv first on PATH for every command and subprocess: DeepSpeed JIT-builds its CPU comm extension with
 # whichever ninja comes first, and a system ninja next to the venv's one makes it rebuild (~1 min) each time.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup train test test-fast bench clean
+.PHONY: setup train test test-fast bench doctor clean
 
 setup: $(STAMP)
 
@@ -33,6 +34,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not dist and not slurm" $(PYTEST_ARGS)
+
+# Devices, GPU stack versions, what a run will use here, and checks on the local devices (train/doctor.py).
+doctor: setup
+	$(PY) -m train.doctor $(DOCTOR_ARGS)
 
 bench: setup
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

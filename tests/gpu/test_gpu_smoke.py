@@ -1,0 +1,71 @@
+"""GPU smoke tests, for a machine with CUDA GPUs (skipped without them): per backend on 1 and 2 GPUs, the real
+`python -m train` takes one step, checkpoints it (preempted by SIGUSR1 as SLURM does), resumes with the same
+command, takes the second step and writes final/; and `python -m train.doctor` passes every check there.
+Run them with `python -m pytest -q -m gpu tests/gpu`."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+FAULTS = str(REPO / "tests" / "e2e" / "programs" / "train_with_faults.py")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(WANDB_MODE="offline", PYTHONPATH=str(REPO), DS_ACCELERATOR="cuda")
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def _run(args: list[str], gpus: int) -> subprocess.CompletedProcess:
+    target = args if args[0].endswith(".py") else ["-m", "train", *args]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+    result = subprocess.run([*launcher, *target], cwd=REPO, env=_env(), capture_output=True, text=True,
+                            timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from data.synth import make_corpus
+
+    root = tmp_path_factory.mktemp("corpus") / "demo_data"
+    make_corpus(root, scale=0.3, shards_per_set=2)
+    return root
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+@pytest.mark.parametrize("backend", ["deepspeed", "megatron"])
+def test_step_checkpoint_resume_final(backend: str, gpus: int, corpus: Path, tmp_path: Path) -> None:
+    if torch.cuda.device_count() < gpus:
+        pytest.skip(f"needs {gpus} GPUs, found {torch.cuda.device_count()}")
+    common = ["stage=s1", f"backend={backend}", "model=tiny", f"data_root={corpus}", "stage.seq_len=512",
+              "stage.global_batch_size=2", "backend.precision=bf16", "logging=quiet", "data.num_workers=0",
+              "stage.max_steps=2", "stage.save_every=1", f"run_dir={tmp_path}"]
+    first = _run([FAULTS, "--signal-after", "1", *common], gpus)
+    assert "run path on cuda:0" in first.stderr
+    stage = tmp_path / "s1"
+    assert (stage / "checkpoints" / "latest").read_text().strip() == "step_000001"
+    assert not (stage / "final").exists()
+    _run(common, gpus)  # the same command resumes from step 1
+    assert (stage / "final" / "model.safetensors").is_file()
+    summary = json.loads((stage / "summary.json").read_text())
+    assert summary["resumed_from"] == 1 and math.isfinite(summary["eval_end"])
+
+
+def test_doctor_passes_every_check_here() -> None:
+    result = subprocess.run([sys.executable, "-m", "train.doctor"], cwd=REPO, env=_env(), capture_output=True,
+                            text=True, timeout=1800)
+    assert result.returncode == 0 and "[FAIL]" not in result.stdout, result.stdout + result.stderr[-4000:]
+    assert "flash-attn varlen" in result.stdout and "cuda:0" in result.stdout
