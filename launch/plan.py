@@ -14,13 +14,16 @@ without a backend override, Megatron (distributed optimizer) and DeepSpeed ZeRO-
 
 Memory per GPU (worst pipeline stage), P = parameters this GPU holds, T = its trainable part:
   placement  ViT, mergers and token embedding on the first stage; LM head and final norm on the last
-             (a tied head is copied there when pp > 1); decoder layers split evenly, remainder to middle
-             stages. Matrices / tp; norms, biases, routers replicated; routed experts / ep (expert-TP 1).
+             (a tied head is copied there when pp > 1); decoder layers as megatron-core places them
+             (train/backends/megatron/layout.py: even, or parallel.first/last_stage_layers; the search
+             gives the first and last stage fewer layers when pp does not divide them, 94/8 -> 11,12x6,11).
+             LLM matrices / tp; ViT, mergers, norms, biases, routers replicated (the megatron backend runs
+             the reference ViT unsplit); routed experts / (ep x expert_tp).
   weights    2 B x P (bf16); DeepSpeed ZeRO-3: / shard
   grads      Megatron 4 B x T (fp32 main_grad buffer); DeepSpeed 2 B x T (bf16), ZeRO-2/3: / shard
   optimizer  12 B x T (fp32 master copy + Adam m + v); distributed optimizer or ZeRO >= 1: / shard
-  shard      dense parameters: dp*cp ranks; experts: the expert-data-parallel ranks, tp*cp*dp/ep (Megatron)
-             or world/ep (DeepSpeed)
+  shard      dense parameters: dp*cp ranks; experts: the expert-data-parallel ranks,
+             tp*cp*dp/(ep*expert_tp) (Megatron) or world/ep (DeepSpeed)
   activations  one micro-batch = one packed sequence; per rank s = seq_len/cp tokens, everything / tp
              (sequence parallel). Per decoder layer and token, bf16 (flash attention, no s^2 scores):
                dense: 4h + 3q + 3kv + 4f          MoE: 4h + 3q + 3kv + k(2h + 4f_e) + 2E
@@ -55,6 +58,7 @@ from launch.planner.estimate import (DEFAULT_MFU, GIB, GPUS, GPUS_PER_NODE, USAB
                                      Memory, check_layout, memory)
 from launch.planner.flops import StepCost, step_cost
 from launch.planner.model_stats import ModelStats, model_stats
+from train.backends.megatron.layout import suggest_stage_split
 from train.config.compose import load_config
 from train.config.model import ConfigError
 from train.config.schema import TrainConfig
@@ -126,7 +130,8 @@ def configured_layout(cfg: TrainConfig, world: int) -> Layout:
     par, backend = cfg.parallel, cfg.backend
     zero = backend.zero_stage if backend.name == "deepspeed" else int(backend.distributed_optimizer)
     dp = max(1, world // (par.tp * par.pp * par.cp))
-    return Layout(backend.name, par.tp, par.pp, par.cp, par.ep, dp, zero, backend.activation_checkpointing)
+    return Layout(backend.name, par.tp, par.pp, par.cp, par.ep, dp, zero, backend.activation_checkpointing,
+                  par.expert_tp, par.first_stage_layers, par.last_stage_layers)
 
 
 def _divisors(n: int, limit: int) -> list[int]:
@@ -142,9 +147,11 @@ def candidates(cfg: TrainConfig, world: int, backends: Sequence[tuple[str, int]]
             for pp in _divisors(world // tp, text.num_hidden_layers) if model_parallel else [1]:
                 for cp in _divisors(world // (tp * pp), 64):
                     dp = world // (tp * pp * cp)
+                    split = suggest_stage_split(text.num_hidden_layers, pp) or [0]
+                    first, last = (None, None) if len(set(split)) == 1 else (split[0], split[-1])
                     for ep in eps:
                         for recompute in (False, True):
-                            yield Layout(name, tp, pp, cp, ep, dp, zero, recompute)
+                            yield Layout(name, tp, pp, cp, ep, dp, zero, recompute, 1, first, last)
 
 
 def search_backends(cfg: TrainConfig, overrides: Sequence[str]) -> list[tuple[str, int]]:
@@ -168,6 +175,36 @@ def propose(cfg: TrainConfig, stats: ModelStats, args: PlanArgs, backends: Seque
         if best is None or key < best[0]:
             best = (key, plan)
     return None if best is None else best[1]
+
+
+def auto_backends(cfg: TrainConfig) -> list[tuple[str, int]]:
+    """What `parallel=auto` searches: the configured backend (a deliberate choice), with the distributed
+    optimizer on Megatron and ZeRO-1/2/3 on DeepSpeed."""
+    if cfg.backend.name == "megatron":
+        return [("megatron", 1)]
+    return [("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
+
+
+def choose_layout(cfg: TrainConfig, gpus: int, gpu: GPU, mfu: float = DEFAULT_MFU) -> tuple[TrainConfig, Plan]:
+    """`parallel=auto`: `cfg` with the planner's layout for `gpus` x `gpu` (ConfigError when none fits)."""
+    best = propose(cfg, model_stats(cfg.model), PlanArgs(gpus, gpu, mfu, []), auto_backends(cfg))
+    if best is None:
+        raise ConfigError(f"parallel=auto: no {cfg.backend.name} layout of stage {cfg.stage.name} "
+                          f"(seq_len {cfg.stage.seq_len}) fits on {gpus} x {gpu.name}; `python -m launch.plan "
+                          f"gpus={gpus} ...` shows why")
+    return best.layout.apply(cfg), best
+
+
+def auto_gpu(cfg: TrainConfig, local: GPU | None) -> GPU:
+    """The GPU `parallel=auto` plans for: parallel.auto_gpu when set, else the local CUDA device."""
+    name = cfg.parallel.auto_gpu.lower()
+    if name:
+        if name not in GPUS:
+            raise ConfigError(f"parallel.auto_gpu={name!r} is not one of {sorted(GPUS)}")
+        return GPUS[name]
+    if local is None:
+        raise ConfigError("parallel=auto needs a CUDA device to plan for, or parallel.auto_gpu=h100|h200")
+    return local
 
 
 def format_plan(plan: Plan, gpu: GPU, mfu: float) -> str:

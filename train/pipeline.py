@@ -10,6 +10,7 @@ an interrupted stage resumes from its latest checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -20,6 +21,7 @@ import torch.distributed as dist
 
 from train.backends.base import Backend
 from train.checkpoint import StageDir, barrier, latest_kept, rank
+from train.config.model import ConfigError
 from train.config.schema import TrainConfig
 from train.trainer import (
     Preempted, StageResult, StageRuntime, TrainingStopped, build_stage_loader, train_stage,
@@ -27,7 +29,8 @@ from train.trainer import (
 
 HF_EXPORT_DIR = "hf"
 EXIT_CONFIG = 2  # bad input, found before training
-EXIT_STOPPED = 3  # training stopped early (divergence, data ran out, disk full); checkpoints kept
+EXIT_STOPPED = 3
+LAYOUT_FILE = "layout.yaml"  # per stage: the layout it runs (the planner's choice with parallel=auto)  # training stopped early (divergence, data ran out, disk full); checkpoints kept
 
 
 def default_runtime() -> StageRuntime:
@@ -47,6 +50,14 @@ def run_pipeline(configs: Sequence[TrainConfig], runtime: StageRuntime | None = 
     from launch.env import detect_env, init_distributed
 
     env = detect_env()
+    from train.preflight import PreflightError
+
+    try:  # before any process group: a layout no backend can run costs nothing but one line
+        configs = start_up_layouts(configs, env)
+    except (ConfigError, PreflightError) as err:
+        if env.rank == 0:
+            print(f"longvl: {err}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     if env.rank == 0:
         ensure_demo_corpus(configs)
     started_group = not dist.is_initialized()
@@ -55,6 +66,39 @@ def run_pipeline(configs: Sequence[TrainConfig], runtime: StageRuntime | None = 
     with _launcher_variables(env):
         code = _run_initialised(list(configs), runtime, env.world_size)
     return _finish(code, started_group, env.world_size)
+
+
+def start_up_layouts(configs: Sequence[TrainConfig], env: Any) -> list[TrainConfig]:
+    """Each stage's layout: the planner's choice for `parallel=auto` stages (for this job's world size and
+    GPU; printed), then the layout checks preflight runs (the backends' own rules, package versions, the
+    memory estimate on the local GPU). ConfigError or PreflightError with one line."""
+    from train.preflight import check_layouts, local_gpu
+
+    gpu = local_gpu(env.local_rank)
+    chosen = []
+    for cfg in configs:
+        if cfg.parallel.auto:
+            from launch.plan import auto_gpu, choose_layout
+
+            target = auto_gpu(cfg, gpu)
+            cfg, plan = choose_layout(cfg, env.world_size, target)
+            if env.rank == 0:
+                print(f"longvl: stage {cfg.stage.name}: parallel=auto chose {plan.layout.describe()} for "
+                      f"{env.world_size} x {target.name} ({plan.memory.total / 2 ** 30:.1f} GiB per GPU)", flush=True)
+        chosen.append(cfg)
+    check_layouts(chosen, env.world_size, gpu)
+    return chosen
+
+
+def record_layout(cfg: TrainConfig) -> Path:
+    """<run_dir>/<stage>/layout.yaml: the backend and parallel keys this start of the stage runs with."""
+    from omegaconf import OmegaConf
+
+    path = StageDir(cfg.run_dir, cfg.stage.name).root / LAYOUT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"backend": dataclasses.asdict(cfg.backend), "parallel": dataclasses.asdict(cfg.parallel)}
+    path.write_text(OmegaConf.to_yaml(record))
+    return path
 
 
 def _run_initialised(configs: list[TrainConfig], runtime: StageRuntime | None, world_size: int) -> int:
@@ -68,6 +112,9 @@ def _run_initialised(configs: list[TrainConfig], runtime: StageRuntime | None, w
     except PreflightError as err:
         _say(f"longvl: {err}", error=True)
         return EXIT_CONFIG
+    if rank() == 0:
+        for cfg in configs:
+            record_layout(cfg)
     runtime = runtime or default_runtime()
     results: list[StageResult] = []
     try:

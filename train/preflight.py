@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from train.checkpoint import StageDir, check_fingerprint, model_fingerprint
 from train.config.model import ConfigError, ModelConfig
@@ -20,15 +20,30 @@ class PreflightError(ValueError):
 
 
 def check_layout(cfg: TrainConfig, world_size: int) -> int:
-    """The data-parallel size; refuses a world size the parallel sizes do not divide."""
+    """The data-parallel size; refuses a world size the parallel sizes do not divide and every layout the
+    configured backend cannot run, by calling that backend's own rules (the ones it runs itself, and the
+    planner runs for every layout it considers)."""
     try:
         dp = cfg.parallel.data_parallel_size(world_size)
+        backend_layout_rules(cfg.backend.name)(cfg, world_size)
     except ConfigError as err:
         raise PreflightError(str(err)) from None
     if cfg.stage.global_batch_size % dp:
         raise PreflightError(f"stage.global_batch_size={cfg.stage.global_batch_size} is not divisible by the "
                              f"data-parallel size {dp} (world size {world_size})")
     return dp
+
+
+def backend_layout_rules(name: str) -> Callable[[TrainConfig, int], Any]:
+    """`rules(cfg, world_size)` of backend `name`: raises ConfigError (one line) for a layout it refuses.
+    Imports nothing heavy (no deepspeed, no megatron)."""
+    if name == "deepspeed":
+        from train.backends.deepspeed.config import check_layout as deepspeed_rules
+
+        return deepspeed_rules
+    from train.backends.megatron.layout import check_config as megatron_rules
+
+    return megatron_rules
 
 
 def check_seq_len(cfg: TrainConfig) -> None:
@@ -140,6 +155,81 @@ def check_tokenizer_file(cfg: TrainConfig) -> None:
 def tokenizer_path(cfg: TrainConfig) -> str:
     """data.tokenizer when the data config names one, else the corpus' own `<data_root>/tokenizer.model`."""
     return cfg.data.tokenizer or str(Path(cfg.data_root) / "tokenizer.model")
+
+
+# GPU-path packages the code was written and checked against: (minimum, first unsupported).
+SUPPORTED_PACKAGES = {
+    "megatron-core": ("0.16.1", "0.17"),
+    "deepspeed": ("0.16", "0.20"),
+    "transformer-engine": ("2.0", "3.0"),
+    "flash-attn": ("2.6", "3.0"),
+}
+# The packages a backend imports itself; the optional GPU ones are checked whenever they are installed.
+BACKEND_PACKAGES = {"megatron": ("megatron-core",), "deepspeed": ("deepspeed",)}
+OPTIONAL_PACKAGES = ("transformer-engine", "flash-attn")
+
+
+def installed_version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_packages(cfg: TrainConfig, version_of: Callable[[str], str | None] = installed_version) -> None:
+    """The backend's package and any installed GPU package are within the versions the code supports."""
+    from packaging.version import Version
+
+    for package in (*BACKEND_PACKAGES.get(cfg.backend.name, ()), *OPTIONAL_PACKAGES):
+        version = version_of(package)
+        low, high = SUPPORTED_PACKAGES[package]
+        if version is None:
+            if package in OPTIONAL_PACKAGES:
+                continue
+            raise PreflightError(f"backend={cfg.backend.name} needs {package} (pip install '{package}>={low},<{high}')")
+        if not Version(low) <= Version(version) < Version(high):
+            raise PreflightError(f"{package} {version} is installed; longvl supports {package}>={low},<{high} "
+                                 f"(pip install '{package}>={low},<{high}')")
+
+
+def check_memory(cfg: TrainConfig, world_size: int, gpu: Any) -> None:
+    """The configured layout fits in `gpu`'s memory by the planner's estimate (launch/plan.py)."""
+    from launch.plan import configured_layout, evaluate, usable_bytes
+    from launch.planner.estimate import GIB
+    from launch.planner.model_stats import model_stats
+
+    plan = evaluate(cfg, model_stats(cfg.model), configured_layout(cfg, world_size), gpu, 0.4)
+    if plan.memory is not None and not plan.fits:
+        raise PreflightError(
+            f"stage {cfg.stage.name}: {plan.layout.describe()} needs {plan.memory.total / GIB:.1f} GiB per GPU "
+            f"(pipeline stage {plan.memory.stage}), {gpu.name} has {usable_bytes(gpu) / GIB:.1f} GiB usable: "
+            f"raise parallel.tp/pp/cp, set backend.activation_checkpointing=true, or use parallel=auto")
+
+
+def local_gpu(local_rank: int = 0) -> Any:
+    """This rank's CUDA device as the planner's GPU (memory as CUDA reports it), or None without CUDA."""
+    import torch
+
+    from launch.planner.estimate import GPUS, GPU
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(local_rank % torch.cuda.device_count())
+    peak = GPUS["h100"].peak_bf16_flops  # step-time estimates only; memory is what is checked
+    return GPU(props.name, props.total_memory, peak)
+
+
+def check_layouts(configs: Sequence[TrainConfig], world_size: int, gpu: Any = None) -> None:
+    """The layout checks of every stage: what runs before any process group exists. With `gpu` (the
+    local CUDA device) the planner's memory estimate of each stage's layout must fit it."""
+    for cfg in configs:
+        check_packages(cfg)
+        check_layout(cfg, world_size)
+        check_seq_len(cfg)
+        if gpu is not None:
+            check_memory(cfg, world_size, gpu)
 
 
 def preflight(configs: Sequence[TrainConfig], world_size: int) -> None:

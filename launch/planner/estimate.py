@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from launch.planner.model_stats import ModelStats
+from train.backends.megatron.layout import stage_layer_counts
 from train.config.model import ConfigError
 from train.config.schema import TrainConfig
 
@@ -34,6 +35,9 @@ class Layout:
     dp: int
     zero: int  # deepspeed: ZeRO stage; megatron: 1 with the distributed optimizer, else 0
     recompute: bool  # full activation checkpointing (every decoder layer and ViT block)
+    etp: int = 1  # megatron expert tensor-parallel size
+    first: int | None = None  # megatron: decoder layers of the first / last pipeline stage (None: even)
+    last: int | None = None
 
     @property
     def world(self) -> int:
@@ -41,8 +45,22 @@ class Layout:
 
     def describe(self) -> str:
         opt = f"zero{self.zero}" if self.backend == "deepspeed" else ("distopt" if self.zero else "no-distopt")
-        return (f"{self.backend} {opt} tp={self.tp} pp={self.pp} cp={self.cp} ep={self.ep} dp={self.dp} "
-                f"recompute={'on' if self.recompute else 'off'}")
+        split = "" if self.first is None and self.last is None else f" stage layers {self.first}/../{self.last}"
+        etp = f" expert_tp={self.etp}" if self.etp != 1 else ""
+        return (f"{self.backend} {opt} tp={self.tp} pp={self.pp} cp={self.cp} ep={self.ep}{etp} dp={self.dp}"
+                f"{split} recompute={'on' if self.recompute else 'off'}")
+
+    def apply(self, cfg: TrainConfig) -> TrainConfig:
+        """`cfg` with this layout's backend and parallel keys (what the trainer would run)."""
+        backend = replace(cfg.backend, name=self.backend, activation_checkpointing=self.recompute)
+        if self.backend == "deepspeed":
+            backend = replace(backend, zero_stage=self.zero)
+        else:
+            backend = replace(backend, distributed_optimizer=bool(self.zero))
+        parallel = replace(cfg.parallel, tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep, expert_tp=self.etp,
+                           first_stage_layers=self.first, last_stage_layers=self.last, auto=False,
+                           sequence_parallel=self.tp > 1 if self.backend == "megatron" else False)
+        return replace(cfg, backend=backend, parallel=parallel)
 
 
 @dataclass
@@ -65,48 +83,17 @@ class Memory:
 
 
 def check_layout(layout: Layout, cfg: TrainConfig, world: int) -> None:
-    """ConfigError (one line) naming what makes `layout` impossible for this model and stage."""
-    text, par = cfg.model.text, layout
-    if world % (par.tp * par.pp * par.cp):
-        raise ConfigError(f"world size {world} is not divisible by tp*pp*cp={par.tp}*{par.pp}*{par.cp}")
-    if par.tp > GPUS_PER_NODE or par.tp not in (1, 2, 4, 8):
-        raise ConfigError(f"parallel.tp={par.tp} must be 1, 2, 4 or 8 (within one {GPUS_PER_NODE}-GPU node)")
-    for key, heads in (("model.text.num_attention_heads", text.num_attention_heads),
-                       ("model.text.num_key_value_heads", text.num_key_value_heads),
-                       ("model.vision.num_heads", cfg.model.vision.num_heads)):
-        if heads % par.tp:
-            raise ConfigError(f"parallel.tp={par.tp} does not divide {key}={heads}")
-    if text.is_moe and text.num_experts % par.ep:
-        raise ConfigError(f"parallel.ep={par.ep} does not divide model.text.num_experts={text.num_experts}")
-    if par.ep > 1 and not text.is_moe:
-        raise ConfigError(f"parallel.ep={par.ep} but model {cfg.model.name} is dense")
-    if par.pp > text.num_hidden_layers:
-        raise ConfigError(f"parallel.pp={par.pp} exceeds model.text.num_hidden_layers={text.num_hidden_layers}")
-    if cfg.stage.seq_len % (2 * par.cp):
-        raise ConfigError(f"stage.seq_len={cfg.stage.seq_len} is not divisible by 2 x parallel.cp={2 * par.cp}")
-    if cfg.stage.global_batch_size % par.dp:
-        raise ConfigError(f"stage.global_batch_size={cfg.stage.global_batch_size} is not divisible by "
-                          f"dp={par.dp}")
-    if layout.backend == "deepspeed":
-        from train.backends.deepspeed.config import check_layout as deepspeed_check
+    """ConfigError (one line) naming what makes `layout` impossible: the planner's own limit (TP inside one
+    node), then exactly the rules preflight and the backend run (train/preflight.py check_layout)."""
+    from train.preflight import PreflightError
+    from train.preflight import check_layout as preflight_layout
 
-        trial = replace(cfg, parallel=replace(cfg.parallel, tp=par.tp, pp=par.pp, cp=par.cp, ep=par.ep),
-                        backend=replace(cfg.backend, zero_stage=par.zero))
-        deepspeed_check(trial, world)
-    elif (par.tp * par.cp * par.dp) % par.ep:
-        # Megatron-core with expert-tensor-parallel 1: expert ranks span the TP x CP x DP ranks of a stage.
-        raise ConfigError(f"parallel.ep={par.ep} does not divide tp*cp*dp={par.tp * par.cp * par.dp}")
-
-
-def stage_layers(num_layers: int, pp: int) -> list[int]:
-    """Decoder layers per pipeline stage: an even split, the remainder to the middle stages first (the
-    first stage also runs the ViT and the embedding, the last the LM head)."""
-    base, extra = divmod(num_layers, pp)
-    order = list(range(1, pp - 1)) + [pp - 1, 0] if pp > 2 else list(range(pp))[::-1]
-    counts = [base] * pp
-    for s in order[:extra]:
-        counts[s] += 1
-    return counts
+    if layout.tp > GPUS_PER_NODE or layout.tp not in (1, 2, 4, 8):
+        raise ConfigError(f"parallel.tp={layout.tp} must be 1, 2, 4 or 8 (within one {GPUS_PER_NODE}-GPU node)")
+    try:
+        preflight_layout(layout.apply(cfg), world)
+    except PreflightError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _stage_params(stats: ModelStats, layout: Layout, stage: int, first_layer: int, n_layers: int,
@@ -125,7 +112,7 @@ def _stage_params(stats: ModelStats, layout: Layout, stage: int, first_layer: in
     llm = "llm" in trainable
     for layer in stats.layers[first_layer:first_layer + n_layers]:
         out[("dense", llm)] += layer.get("tp", 0) / layout.tp + layer.get("rep", 0)
-        out[("expert", llm)] += layer.get("expert", 0) / layout.ep
+        out[("expert", llm)] += layer.get("expert", 0) / (layout.ep * layout.etp)
     return out
 
 
@@ -138,7 +125,7 @@ def _state_bytes(params: dict[tuple[str, bool], float], layout: Layout) -> tuple
     DeepSpeed, which has no TP).
     """
     shard = {"dense": layout.dp * layout.cp,
-             "expert": max(1, layout.tp * layout.cp * layout.dp // layout.ep)}
+             "expert": max(1, layout.tp * layout.cp * layout.dp // (layout.ep * layout.etp))}
     weights = grads = optimizer = 0.0
     for (kind, trains), count in params.items():
         d = shard[kind]
@@ -213,7 +200,7 @@ def _activation_bytes(cfg: TrainConfig, layout: Layout, stage: int, first_layer:
 def memory(cfg: TrainConfig, stats: ModelStats, layout: Layout) -> Memory:
     """Per-GPU memory of the worst pipeline stage under `layout`."""
     trainable = set(cfg.stage.trainable)
-    counts = stage_layers(cfg.model.text.num_hidden_layers, layout.pp)
+    counts = stage_layer_counts(cfg.model.text.num_hidden_layers, layout.pp, layout.first, layout.last)
     worst: Memory | None = None
     for stage in range(layout.pp):
         first = sum(counts[:stage])

@@ -7,8 +7,9 @@ parallelism:
 
   place  "vision" (ViT + mergers: first pipeline stage), "embed" (first stage), "head" (last stage),
          "layer" (decoder layer i), "final_norm" (last stage)
-  split  "tp" (matrices: column/row split over tensor parallel ranks), "rep" (norm weights, biases, routers:
-         replicated over TP), "expert" (routed experts: split over expert parallel ranks, expert-TP 1)
+  split  "tp" (LLM matrices: column/row split over tensor parallel ranks), "rep" (the vision tower and
+         mergers, which the megatron backend runs unsplit; norm weights, biases, routers: replicated over
+         TP), "expert" (routed experts: split over the expert parallel x expert tensor parallel ranks)
   group  the stage-freezing group of train/freeze.py (vision / merger / llm)
 """
 from __future__ import annotations
@@ -69,8 +70,9 @@ def _place(name: str) -> str:
 def _split(name: str, shape: tuple[int, ...]) -> str:
     if ".mlp.experts." in name:
         return "expert"
-    # Routers (mlp.gate) are replicated in Megatron; so are all 1-D tensors (norms, biases).
-    if len(shape) == 1 or name.endswith(".mlp.gate.weight"):
+    # Routers (mlp.gate) are replicated in Megatron; so are all 1-D tensors (norms, biases) and the vision
+    # tower (the reference module, reused unsplit on the first stage).
+    if len(shape) == 1 or name.endswith(".mlp.gate.weight") or name.startswith("visual."):
         return "rep"
     return "tp"
 

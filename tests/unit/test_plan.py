@@ -7,8 +7,9 @@ import functools
 import pytest
 
 from launch.plan import PlanArgs, candidates, evaluate, main, propose
-from launch.planner.estimate import GIB, GPUS, Layout, check_layout, memory, stage_layers
+from launch.planner.estimate import GIB, GPUS, Layout, check_layout, memory
 from launch.planner.model_stats import model_stats
+from train.backends.megatron.layout import stage_layer_counts, suggest_stage_split
 from train.config.compose import load_config
 from train.config.model import ConfigError
 
@@ -21,8 +22,10 @@ def _setup(stage: str, model: str = "qwen3vl_235b_a22b"):
     return cfg, model_stats(cfg.model)
 
 
-def _megatron(tp, pp, cp, ep, world, recompute=True) -> Layout:
-    return Layout("megatron", tp, pp, cp, ep, world // (tp * pp * cp), 1, recompute)
+def _megatron(tp, pp, cp, ep, world, recompute=True, layers=94) -> Layout:
+    split = suggest_stage_split(layers, pp)
+    first, last = (None, None) if len(set(split)) == 1 else (split[0], split[-1])  # 94 / 8: 11, 12 x 6, 11
+    return Layout("megatron", tp, pp, cp, ep, world // (tp * pp * cp), 1, recompute, 1, first, last)
 
 
 def test_published_235b_layout_fits_on_256_h100():
@@ -62,8 +65,9 @@ def test_s3_at_262k_needs_context_parallelism():
 
 
 @pytest.mark.parametrize("layout, reason", [
-    (Layout("megatron", 8, 1, 1, 1, 32, 1, True), "does not divide model.text.num_key_value_heads=4"),
-    (Layout("megatron", 2, 1, 1, 3, 128, 1, True), "ep=3 does not divide model.text.num_experts=128"),
+    (Layout("megatron", 8, 1, 1, 1, 32, 1, True), "parallel.tp=8 must divide model.text.num_attention_heads=64 "
+                                                  "and num_key_value_heads=4"),
+    (Layout("megatron", 2, 1, 1, 3, 128, 1, True), "parallel.expert_tp*ep=1*3 must divide the tp*cp*dp=2*1*128"),
     (Layout("deepspeed", 2, 1, 1, 1, 128, 1, True), "no tensor/pipeline"),
 ])
 def test_invalid_layouts_are_refused_with_one_line_reason(layout, reason):
@@ -74,7 +78,7 @@ def test_invalid_layouts_are_refused_with_one_line_reason(layout, reason):
 
 def test_world_not_divisible_by_model_parallel_is_refused():
     cfg, _ = _setup("s1")
-    with pytest.raises(ConfigError, match="world size 256 is not divisible by tp\\*pp\\*cp=2\\*3\\*1"):
+    with pytest.raises(ConfigError, match="world size 256 is not divisible by parallel.tp \\* parallel.pp \\* parallel.cp = 2\\*3\\*1"):
         check_layout(Layout("megatron", 2, 3, 1, 1, 42, 1, True), cfg, 256)
 
 
@@ -83,7 +87,7 @@ def test_tp_must_divide_attention_heads():
     cfg = copy.deepcopy(cfg)
     cfg.model.text.num_attention_heads, cfg.model.text.num_key_value_heads = 12, 4
     plan = evaluate(cfg, stats, _megatron(8, 1, 1, 1, 8), H100, 0.4)
-    assert "does not divide model.text.num_attention_heads=12" in plan.reason
+    assert "parallel.tp=8 must divide model.text.num_attention_heads=12" in plan.reason
 
 
 def test_zero_stages_shard_what_they_promise():
@@ -104,8 +108,9 @@ def test_frozen_stage_keeps_no_optimizer_state_for_frozen_groups():
 
 
 def test_stage_layers_split_every_layer_once():
-    assert stage_layers(94, 8) == [11, 12, 12, 12, 12, 12, 12, 11]
-    assert sum(stage_layers(94, 16)) == 94 and stage_layers(4, 1) == [4]
+    assert suggest_stage_split(94, 8) == [11, 12, 12, 12, 12, 12, 12, 11]
+    assert stage_layer_counts(94, 8, 11, 11) == [11, 12, 12, 12, 12, 12, 12, 11]
+    assert sum(suggest_stage_split(94, 16)) == 94 and stage_layer_counts(4, 1) == [4]
 
 
 def test_cli_prints_requested_and_proposed_layouts(capsys):

@@ -18,6 +18,7 @@ TRAINABLE_GROUPS = ("vision", "merger", "llm")
 BACKENDS = ("deepspeed", "megatron")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
+MOE_AUX_LOSS = ("auto", "pooled", "per_layer")
 
 
 @dataclass
@@ -122,6 +123,10 @@ class BackendConfig:
     zero_stage: int = 1  # DeepSpeed ZeRO stage; megatron uses distributed_optimizer instead
     distributed_optimizer: bool = True  # megatron only (ZeRO-1 equivalent)
     activation_checkpointing: bool = False
+    # MoE load-balancing loss: "pooled" (transformers' formula over all layers' tokens at once), "per_layer"
+    # (megatron's: each layer's own tokens, averaged over layers; a pipeline stage adds its layers' share) or
+    # "auto" (pooled with pp=1, where it equals HF; per_layer with pp>1). train/backends/megatron/layout.py.
+    moe_aux_loss: str = "auto"
 
     def validate(self, prefix: str = "backend") -> None:
         if self.name not in BACKENDS:
@@ -130,36 +135,50 @@ class BackendConfig:
             raise ConfigError(f"{prefix}.precision={self.precision!r} is not one of {list(PRECISIONS)}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{prefix}.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.moe_aux_loss not in MOE_AUX_LOSS:
+            raise ConfigError(f"{prefix}.moe_aux_loss={self.moe_aux_loss!r} is not one of {list(MOE_AUX_LOSS)}")
 
 
 @dataclass
 class ParallelConfig:
-    """Model-parallel sizes; data parallelism takes the remaining ranks (world / (tp * pp * cp))."""
+    """Model-parallel sizes; data parallelism takes the remaining ranks (world / (tp * pp * cp)).
+    The backends' own rules (train/backends/*/config.py, train/backends/megatron/layout.py) are run by
+    preflight before any process group exists, and by the planner for every layout it considers."""
 
     tp: int = 1
     pp: int = 1
     cp: int = 1
     ep: int = 1
     sequence_parallel: bool = False
+    # Megatron: tensor-parallel size of the experts (1, as megatron-core's MoE recipes and the published
+    # 235B layout use): expert_tp * ep * expert-data-parallel = tp * cp * dp ranks of a pipeline stage.
+    expert_tp: int = 1
+    # Megatron: decoder layers of the first / last pipeline stage (null: an even split); the middle
+    # stages split the rest evenly (megatron-core's num_layers_in_first/last_pipeline_stage).
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
+    # true: at start-up the planner (launch/plan.py) chooses backend and layout for the job's GPUs, per
+    # stage; the sizes above are then ignored. The choice is printed and written to <run_dir>/<stage>/.
+    auto: bool = False
+    # with auto: "" plans for the local CUDA device's memory; "h100" / "h200" plans for that GPU (a CPU
+    # machine preparing a cluster run, tests)
+    auto_gpu: str = ""
 
     def validate(self, prefix: str = "parallel") -> None:
-        for key in ("tp", "pp", "cp", "ep"):
+        for key in ("tp", "pp", "cp", "ep", "expert_tp"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}.{key}={getattr(self, key)} must be >= 1")
+        for key in ("first_stage_layers", "last_stage_layers"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{prefix}.{key}={value} must be >= 1 (or null: an even split)")
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.tp * self.pp * self.cp
         if world_size % model_parallel:
             raise ConfigError(f"world size {world_size} is not divisible by parallel.tp * parallel.pp * "
                               f"parallel.cp = {self.tp}*{self.pp}*{self.cp} = {model_parallel}")
-        dp = world_size // model_parallel
-        # Experts are spread over the non-pipeline ranks (tp x cp x dp, expert tensor parallel 1), as in
-        # megatron-core; e.g. Qwen3-VL-235B's TP2 PP8 EP32 on 256 GPUs. Backends with a stricter rule (DeepSpeed
-        # has no TP) check it themselves.
-        if (self.tp * self.cp * dp) % self.ep:
-            raise ConfigError(f"parallel.ep={self.ep} does not divide parallel.tp * parallel.cp * data-parallel "
-                              f"= {self.tp}*{self.cp}*{dp} (world size {world_size})")
-        return dp
+        return world_size // model_parallel
 
 
 @dataclass
@@ -197,6 +216,14 @@ class TrainConfig:
     # Root of the data sets; data YAMLs refer to it as ${data_root}/<data set>/shard-*.tar.
     data_root: str = "demo_data"
     seed: int = 1234
+
+    def moe_aux_loss_form(self) -> str:
+        """The MoE load-balancing loss form of this run (train/models/qwen3vl/moe.py load_balancing_loss):
+        backend.moe_aux_loss, where "auto" is the pooled HF form with pp=1 (identical to transformers') and
+        megatron's per-layer form with pp>1 (a pipeline stage only sees its own layers' routers)."""
+        if self.backend.moe_aux_loss != "auto":
+            return self.backend.moe_aux_loss
+        return "per_layer" if self.parallel.pp > 1 else "pooled"
 
     def validate(self) -> None:
         self.model.validate("model")

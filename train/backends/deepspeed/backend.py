@@ -74,6 +74,7 @@ class DeepSpeedBackend:
             model = Qwen3VLModel(cfg.model)
         if prepare is not None:
             prepare(model)
+        model.aux_loss_form = cfg.moe_aux_loss_form()
         cp_group = _consecutive_groups(cp)
         if cp_group is not None:
             model.set_core_attention(lambda: UlyssesAttention(cp_group))

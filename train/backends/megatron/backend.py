@@ -20,14 +20,13 @@ import torch.distributed as dist
 
 from data.batch import PackedBatch
 from train.backends.base import ParallelInfo, StepMetrics
-from train.backends.megatron.layout import check_layout
-from train.backends.megatron.parallel_state import (ParallelSizes, destroy_parallel_groups, init_parallel_groups,
-                                                   resolve_sizes)
+from train.backends.megatron.layout import check_config
+from train.backends.megatron.parallel_state import ParallelSizes, destroy_parallel_groups, init_parallel_groups
 from train.config.schema import TrainConfig
 from train.device import comm_tensor, compute_device, move_batch
 from train.loss import MicroBatchLoss, global_weight_sum, micro_batch_loss, reduce_step_metrics
 from train.models.qwen3vl import Qwen3VLModel
-from train.models.qwen3vl.moe import load_balancing_loss
+from train.models.qwen3vl.moe import attach_loss, load_balancing_loss, moe_layer_count
 from train.optim import learning_rate, param_groups, set_learning_rate
 from train.parallel.context import split_tokens
 
@@ -43,9 +42,7 @@ class MegatronBackend:
                  prepare: Callable[[Qwen3VLModel], None] | None = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed must be initialised before building the megatron backend")
-        par = cfg.parallel
-        sizes = resolve_sizes(par, dist.get_world_size())
-        check_layout(cfg.model, sizes, cfg.backend.precision, cfg.stage.seq_len, par.sequence_parallel)
+        sizes = check_config(cfg, dist.get_world_size())  # the rules preflight ran before any process group
         self.cfg, self.sizes = cfg, sizes
         self.total_steps = cfg.stage.num_steps()
         self.step = 0
@@ -133,16 +130,26 @@ class MegatronBackend:
                                          group=mpu.get_data_parallel_group(with_context_parallel=True))
         aux_count = len(micro_batches) * self.info.dp_size * self.sizes.cp
         parts: list[MicroBatchLoss] = []
+        stage_aux: list[torch.Tensor] = []  # per-layer form: this stage's share, per micro-batch
         model = self.model
+        per_layer = self.cfg.moe_aux_loss_form() == "per_layer"
+        moe_layers = moe_layer_count(text)
 
         def forward_step(data_iterator, ddp):
             batch, (labels, weights, _) = next(data_iterator)
             router_logits: list[torch.Tensor] | None = [] if text.is_moe else None
             output = ddp(batch, router_logits)
+            if per_layer and router_logits:
+                # megatron's form: every stage adds its own layers' share through the activations it sends on
+                share = load_balancing_loss(router_logits, text.num_experts, text.num_experts_per_tok,
+                                            "per_layer", moe_layers)
+                stage_aux.append(share.detach())
+                if not forward_only and text.router_aux_loss_coef:
+                    output = attach_loss(output, text.router_aux_loss_coef * share / aux_count)
 
             def loss_func(hidden: torch.Tensor):
                 aux = load_balancing_loss(router_logits, text.num_experts, text.num_experts_per_tok) \
-                    if router_logits else None
+                    if router_logits and not per_layer else None
                 out = micro_batch_loss(model.gather_sequence_parallel(hidden), model.lm_head_weight(), labels,
                                        weights, global_weight=total_weight, aux_loss=aux,
                                        aux_coef=text.router_aux_loss_coef, aux_count=aux_count)
@@ -155,9 +162,20 @@ class MegatronBackend:
             forward_step_func=forward_step, data_iterator=iter(list(zip(micro_batches, shares))), model=[self.ddp],
             num_microbatches=len(micro_batches), seq_length=micro_batches[0].seq_len, micro_batch_size=1,
             forward_only=forward_only)
+        if per_layer and text.is_moe:
+            parts = self._pipeline_aux(parts, stage_aux, len(micro_batches))
         # Every (DP, CP) replica's last stage holds the losses once (TP ranks duplicate them): others add 0.
         counted = mpu.is_pipeline_last_stage() and mpu.get_tensor_model_parallel_rank() == 0
         return reduce_step_metrics(parts if counted else [], shares if counted else [], total_weight, aux_count)
+
+    def _pipeline_aux(self, parts: list[MicroBatchLoss], stage_aux: list[torch.Tensor],
+                      count: int) -> list[MicroBatchLoss]:
+        """The per-layer aux loss of each micro-batch summed over the pipeline stages (each holds its own
+        layers' share), put into the last stage's parts for the step metrics."""
+        shares = torch.stack(stage_aux) if stage_aux else torch.zeros(count)
+        if self.sizes.pp > 1:
+            dist.all_reduce(shares, group=self.mpu.get_pipeline_model_parallel_group())
+        return [dataclasses.replace(part, aux_loss=shares[i]) for i, part in enumerate(parts)]
 
     def train_step(self, micro_batches: list[PackedBatch]) -> StepMetrics:
         if not micro_batches:

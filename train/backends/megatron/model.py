@@ -35,7 +35,8 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import ModelType
-from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
+                                                         get_num_layers_to_build)
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -87,7 +88,7 @@ def layer_specs(config: TransformerConfig, model_cfg: ModelConfig) -> Transforme
     offset = get_transformer_layer_offset(config)
     norm = SequenceParallelTorchNorm if config.sequence_parallel else None
     specs = []
-    for i in range(offset, offset + text.num_hidden_layers // config.pipeline_model_parallel_size):
+    for i in range(offset, offset + get_num_layers_to_build(config)):
         spec = get_gpt_layer_local_spec(num_experts=text.num_experts if text.is_moe_layer(i) else None,
                                         moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm")
         spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention

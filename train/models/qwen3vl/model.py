@@ -54,6 +54,9 @@ class Qwen3VLModel(nn.Module):
         self.language_model = TextModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.checkpoint_decoder = False
+        # MoE load-balancing loss form (moe.load_balancing_loss): "pooled" is transformers'; the backends set
+        # the run's choice (train/backends/megatron/layout.py aux_loss_form).
+        self.aux_loss_form = "pooled"
         self.tie_weights()
         if self.lm_head.weight.device.type != "meta":
             self.init_weights()
@@ -177,7 +180,8 @@ class Qwen3VLModel(nn.Module):
                 x = x.index_add(0, visual_index, deepstack[i])
         x = self.language_model.norm(x)
         if router_logits:
-            aux = load_balancing_loss(router_logits, text.num_experts, text.num_experts_per_tok)
+            aux = load_balancing_loss(router_logits, text.num_experts, text.num_experts_per_tok,
+                                      self.aux_loss_form)
         else:
             aux = torch.zeros((), dtype=torch.float32, device=x.device)
         return x, aux

@@ -77,11 +77,25 @@ class SparseMoeBlock(nn.Module):
         return self.experts(x, top_idx, top_w), logits
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
-    """Switch-Transformer load-balancing loss over all MoE layers, the formula of transformers'
-    load_balancing_loss_func: the layers' tokens are pooled (not averaged per layer), then
-    E * sum_e (top-k assignments to e / rows) * (mean router probability of e). Unscaled: the trainer
-    multiplies by router_aux_loss_coef."""
+def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int,
+                        form: str = "pooled", num_layers: int | None = None) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss, E * sum_e (top-k assignments to e / rows) * (mean router
+    probability of e), unscaled (the trainer multiplies by router_aux_loss_coef). Two forms:
+      "pooled"     transformers' load_balancing_loss_func: all layers' rows pooled into one loss.
+      "per_layer"  megatron-core's: one loss per layer over that layer's rows only, here summed over the
+                   given layers and divided by `num_layers` (the model's MoE layer count; default: the
+                   given layers), so a pipeline stage's value is its share of the mean over layers and the
+                   stages' shares add up to it. With balanced routing both forms equal top_k.
+    """
+    if form == "per_layer":
+        total = sum(_switch_loss([logits], num_experts, top_k) for logits in router_logits)
+        return total / (num_layers or len(router_logits))
+    if form != "pooled":
+        raise ValueError(f"load-balancing loss form {form!r} is not 'pooled' or 'per_layer'")
+    return _switch_loss(router_logits, num_experts, top_k)
+
+
+def _switch_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
     device = router_logits[0].device
     assigned = torch.zeros(num_experts, dtype=torch.float32, device=device)
     prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
@@ -94,3 +108,29 @@ def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top
         prob_sum = prob_sum + probs.sum(dim=0)
         rows += probs.shape[0]
     return num_experts * torch.sum((assigned / rows) * (prob_sum / rows))
+
+
+def moe_layer_count(cfg: TextConfig) -> int:
+    """MoE layers of the model (the per-layer loss's divisor)."""
+    return sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+
+
+class _AddLossGradient(torch.autograd.Function):
+    """Identity on `hidden`; backward also gives `loss` the gradient 1, as if `loss` were added to the
+    objective. Lets a pipeline stage that never sees the objective contribute a loss term (its own MoE
+    layers' load-balancing share) through the activations it sends on."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(loss)
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (loss,) = ctx.saved_tensors
+        return grad, torch.ones_like(loss)
+
+
+def attach_loss(hidden: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """`hidden`, with `loss` added to whatever objective its backward comes from (gradient 1)."""
+    return _AddLossGradient.apply(hidden, loss)
