@@ -23,7 +23,7 @@ from train.backends.base import ParallelInfo, StepMetrics
 from train.backends.megatron.layout import check_config
 from train.backends.megatron.parallel_state import ParallelSizes, destroy_parallel_groups, init_parallel_groups
 from train.config.schema import TrainConfig
-from train.device import comm_tensor, compute_device, move_batch
+from train.device import comm_tensor, comm_zeros, compute_device, move_batch, on_group_device
 from train.loss import MicroBatchLoss, global_weight_sum, micro_batch_loss, reduce_step_metrics
 from train.models.qwen3vl import Qwen3VLModel
 from train.models.qwen3vl.moe import attach_loss, load_balancing_loss, moe_layer_count
@@ -172,9 +172,13 @@ class MegatronBackend:
                       count: int) -> list[MicroBatchLoss]:
         """The per-layer aux loss of each micro-batch summed over the pipeline stages (each holds its own
         layers' share), put into the last stage's parts for the step metrics."""
-        shares = torch.stack(stage_aux) if stage_aux else torch.zeros(count)
+        group = self.mpu.get_pipeline_model_parallel_group()
+        if stage_aux:
+            shares = on_group_device(torch.stack(stage_aux).float(), group)
+        else:  # no MoE layer on this stage
+            shares = comm_zeros(count, torch.float32, group)
         if self.sizes.pp > 1:
-            dist.all_reduce(shares, group=self.mpu.get_pipeline_model_parallel_group())
+            dist.all_reduce(shares, group=group)
         return [dataclasses.replace(part, aux_loss=shares[i]) for i, part in enumerate(parts)]
 
     def train_step(self, micro_batches: list[PackedBatch]) -> StepMetrics:
