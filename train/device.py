@@ -1,9 +1,10 @@
 """Where tensors live: the one place that knows the process group's device and this rank's compute device.
 
 Rules the rest of the code follows (tests/unit/test_device.py enforces the first one by scanning the code):
-- every tensor handed to a torch.distributed collective is built by `comm_tensor` / `comm_zeros`, or passed
-  through `on_group_device` (activations, parameters, gradients: a no-op when already there). NCCL has no
-  CPU tensors, gloo has no CUDA ones; which one a group uses is known only at run time.
+- every tensor handed to a torch.distributed collective is built by `comm_tensor` / `comm_zeros` /
+  `comm_empty`, or passed through `on_group_device` (activations, parameters, gradients: a no-op when
+  already there). NCCL has no CPU tensors, gloo has no CUDA ones; which one a group uses is known only at
+  run time.
 - a batch moves to the compute device once, right where a backend receives it (`move_batch`): pinned host
   memory and a non-blocking copy on CUDA, so the copy overlaps the previous step's kernels.
 """
@@ -56,6 +57,12 @@ def comm_zeros(shape: tuple[int, ...] | int, dtype: torch.dtype,
                group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """A zero tensor on `group`'s device, ready for a collective (or to accumulate into first)."""
     return torch.zeros(shape, dtype=dtype, device=group_device(group))
+
+
+def comm_empty(shape: tuple[int, ...] | int, dtype: torch.dtype,
+               group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """An uninitialised tensor on `group`'s device to receive into (recv, all_gather outputs)."""
+    return torch.empty(shape, dtype=dtype, device=group_device(group))
 
 
 def on_group_device(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

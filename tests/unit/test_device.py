@@ -23,7 +23,7 @@ COLLECTIVES = {"all_reduce": 1, "broadcast": 1, "reduce": 1, "send": 1, "recv": 
 TENSOR_KEYWORDS = {"tensor", "tensor_list", "output", "input", "output_tensor", "input_tensor", "output_tensor_list",
                    "input_tensor_list", "gather_list", "scatter_list"}
 # What the helper provides (the scan accepts only names imported from train.device).
-HELPERS = {"comm_tensor", "comm_zeros", "on_group_device"}
+HELPERS = {"comm_tensor", "comm_zeros", "comm_empty", "on_group_device"}
 # Methods and torch functions whose result lives on their input's device.
 SAME_DEVICE_METHODS = {"contiguous", "clone", "detach", "new_empty", "new_zeros", "new_full", "view", "reshape",
                        "chunk", "narrow", "flatten", "float", "double", "long", "int"}

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from train.config.model import ModelConfig
-from train.device import on_group_device
+from train.device import comm_empty, on_group_device
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$")
@@ -282,7 +282,6 @@ def iter_native(model: nn.Module, cfg: ModelConfig, writer_rank: int = 0) -> Ite
     dist.all_gather_object(everyone, mine)
     by_key = {(rule_for(n, cfg, coords.layer_offset, coords.expert_offset).natives,
                rule_for(n, cfg, coords.layer_offset, coords.expert_offset).expert): n for n in params}
-    device = next(iter(params.values())).device
     for unit in _units([offer for offers in everyone for offer in offers], cfg):
         natives: dict[str, torch.Tensor] = {}
         for offer in unit:
@@ -292,10 +291,11 @@ def iter_native(model: nn.Module, cfg: ModelConfig, writer_rank: int = 0) -> Ite
                 size, group = groups[offer.rule.is_expert]
                 full = gather_tp(params[local].detach(), offer.rule, size, group)
             if offer.rank != writer_rank and rank == offer.rank:
-                dist.send(full.contiguous(), dst=writer_rank)
+                dist.send(on_group_device(full), dst=writer_rank)
             elif offer.rank != writer_rank and rank == writer_rank:
-                full = torch.empty(offer.shape, dtype=offer.dtype, device=device)
-                dist.recv(full, src=offer.rank)
+                received = comm_empty(offer.shape, offer.dtype)
+                dist.recv(received, src=offer.rank)
+                full = received
             if rank == writer_rank:
                 add_native(natives, offer.rule, full, cfg)
         yield from natives.items()
