@@ -13,7 +13,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # whichever ninja comes first, and a system ninja next to the venv's one makes it rebuild (~1 min) each time.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup train test test-fast bench doctor clean
+.PHONY: setup train needle test test-fast bench doctor clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,17 @@ $(STAMP): pyproject.toml
 
 train: setup
 	$(PY) -m train pipeline=demo
+
+# The needle miniature (configs/pipeline/needle.yaml), then the video needle-in-a-haystack eval at its own
+# protocol: 1 fps, the last stage's visual-token budget (0.9 x 1024 tokens) and frame sizes, haystack
+# lengths up to what the last stage's 1024-token sequence holds (144 s) plus 2x that (288 s, never trained).
+NEEDLE_RUN ?= runs/needle
+NEEDLE_EVAL ?= lengths=[8,36,72,108,144,288] depths=[0,0.25,0.5,0.75,1] trials=4 budget=921 \
+	video.min_pixels=1024 video.max_pixels=4096
+needle: setup
+	$(PY) -m train pipeline=needle run_dir=$(NEEDLE_RUN)
+	$(PY) -m train.eval vniah checkpoint=$(NEEDLE_RUN)/needle_s3/final tokenizer=needle_data/tokenizer.model \
+		$(NEEDLE_EVAL) out=$(NEEDLE_RUN)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -126,7 +126,8 @@ class DocumentEncoder:
         b.video_grids.append(clip.grid_thw)
         per_patch = clip.grid_thw[0, 1] * clip.grid_thw[0, 2]
         for t in clip.timestamps:
-            b.add(self.tok.encode(format_timestamp(t, self.cfg.video.timestamp_format)), False)
+            if self.cfg.video.frame_timestamps:
+                b.add(self.tok.encode(format_timestamp(t, self.cfg.video.timestamp_format)), False)
             b.add(self._vision_span(self.tok.video_pad_id, per_patch), False)
 
     def _vision_span(self, pad_id: int, patches: torch.Tensor | int) -> list[int]:

@@ -37,6 +37,9 @@ class VideoConfig:
     min_pixels: int = 128 * 32 * 32  # per frame: at least 128 LLM tokens per temporal patch
     max_pixels: int = 768 * 32 * 32  # per frame: at most 768 LLM tokens per temporal patch
     timestamp_format: str = "seconds"
+    # Write `<t seconds>` before each temporal patch (Qwen3-VL). False is an ablation (docs/eval.md): frames
+    # carry no time text; answers keep theirs, so the model must tell time from the frames' order alone.
+    frame_timestamps: bool = True
 
     def validate(self, prefix: str = "data.video") -> None:
         if not self.fps > 0:

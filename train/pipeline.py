@@ -186,17 +186,23 @@ def summary_table(results: Sequence[StageResult]) -> str:
     return "\n".join(lines)
 
 
+# Pipelines that write their own synthetic corpus (data.synth preset) when <data_root> has none.
+SYNTH_CORPUS_PIPELINES = {"demo": "demo", "needle": "needle"}
+
+
 def ensure_demo_corpus(configs: Sequence[TrainConfig]) -> None:
-    """The demo pipeline writes its own corpus (data.synth) when <data_root> has none: `make train` works
-    on a fresh checkout. Other pipelines never generate data: a missing shard is a preflight error."""
+    """The demo and needle pipelines write their own corpus (data.synth) when <data_root> has none: `make
+    train` / `make needle` work on a fresh checkout. Other pipelines never generate data: a missing shard is
+    a preflight error."""
     cfg = configs[0]
     root = Path(cfg.data_root)
-    if cfg.pipeline.name != "demo" or (root / "manifest.json").is_file():
+    preset = SYNTH_CORPUS_PIPELINES.get(cfg.pipeline.name)
+    if preset is None or (root / "manifest.json").is_file():
         return
     from data.synth import make_corpus
 
-    _say(f"longvl: writing the demo corpus to {root} (python -m data.synth)")
-    make_corpus(root)
+    _say(f"longvl: writing the {preset} corpus to {root} (python -m data.synth --preset {preset})")
+    make_corpus(root, preset=preset)
 
 
 @contextlib.contextmanager

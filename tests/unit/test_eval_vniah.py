@@ -1,6 +1,7 @@
 """Video needle in a haystack: needle placement and frame timing, prompt format, scoring, end to end."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -77,6 +78,13 @@ def test_sampling_and_prompt_match_the_training_pipeline(tokenizer):
     ids = prompt_ids(tokenizer, clip, 2, VCFG.timestamp_format)
     assert doc.input_ids[:len(ids)].tolist() == ids
     assert tokenizer.decode(doc.input_ids[len(ids):].tolist()).startswith(f"<{qa['time']:.1f} seconds> A ")
+    # The timestamps-off ablation (video.frame_timestamps=false) drops them on both paths, answers keep theirs.
+    bare_cfg = dataclasses.replace(VCFG, frame_timestamps=False)
+    bare = DocumentEncoder(tokenizer, EncodeConfig(video=bare_cfg), seq_len=640).encode(sample, "k", 0)
+    bare_ids = prompt_ids(tokenizer, clip, 2, VCFG.timestamp_format, frame_timestamps=False)
+    assert bare.input_ids[:len(bare_ids)].tolist() == bare_ids and "seconds" not in tokenizer.decode(bare_ids)
+    assert len(bare_ids) < len(ids)
+    assert tokenizer.decode(bare.input_ids[len(bare_ids):].tolist()).startswith(f"<{qa['time']:.1f} seconds> A ")
 
 
 def test_needle_format_is_the_demo_corpus_one():

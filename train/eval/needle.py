@@ -126,13 +126,15 @@ def sample_clip(video: Haystack, indices: list[int], height: int, width: int, ic
                      video.total)
 
 
-def prompt_ids(tok: Tokenizer, clip: VideoClip, merge: int, timestamp_format: str) -> list[int]:
+def prompt_ids(tok: Tokenizer, clip: VideoClip, merge: int, timestamp_format: str,
+               frame_timestamps: bool = True) -> list[int]:
     """The document prefix data/encode.py writes for a needle sample, up to where the answer starts:
     per temporal patch `<t seconds>` + vision span, then the question and its newline."""
     per_patch = int(clip.grid_thw[0, 1] * clip.grid_thw[0, 2]) // merge ** 2
     ids: list[int] = []
     for t in clip.timestamps:
-        ids += tok.encode(format_timestamp(t, timestamp_format))
+        if frame_timestamps:
+            ids += tok.encode(format_timestamp(t, timestamp_format))
         ids += [tok.vision_start_id] + [tok.video_pad_id] * per_patch + [tok.vision_end_id]
     return ids + tok.encode(NEEDLE_QUESTION + "\n")
 

@@ -69,7 +69,7 @@ def run_cell(cfg: VNIAHConfig, model, tok, length: float, depth: float, trial: i
     indices, height, width = sampling_plan(haystack, cfg.video, cfg.image, cfg.budget)
     needle = place_needle(haystack.total, haystack.fps, depth, indices, cfg.needle_seconds, rng)
     clip = sample_clip(NeedleVideo(haystack, needle), indices, height, width, cfg.image)
-    ids = prompt_ids(tok, clip, cfg.image.merge_size, cfg.video.timestamp_format)
+    ids = prompt_ids(tok, clip, cfg.image.merge_size, cfg.video.timestamp_format, cfg.video.frame_timestamps)
     answer = tok.decode(greedy_answer(model, tok, ids, clip, cfg.max_new_tokens))
     truth = needle.time(haystack.fps)
     score = score_answer(answer, needle, truth)
