@@ -66,6 +66,21 @@ class PreemptionHandler:
         return self._agreed
 
 
+REQUEUE_FILE_VAR = "LONGVL_REQUEUE_FILE"
+
+
+def request_requeue(environ: Mapping[str, str] | None = None) -> None:
+    """Tell slurm/pretrain.sbatch that this run stopped early on a signal and wants to be requeued: it
+    creates the file named by $LONGVL_REQUEUE_FILE (set by the batch script; nothing without it). A run that
+    finished its last step exits 0 without it, so a signal that came too late does not requeue a done job."""
+    path = (os.environ if environ is None else environ).get(REQUEUE_FILE_VAR)
+    if path:
+        with open(path, "w") as f:
+            f.write("preempted\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def any_rank_flag(flag: bool) -> bool:
     """Logical OR of `flag` over all ranks (one 1-element all_reduce; local value without a group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import torch.distributed as dist
 
+from launch.signals import PreemptionHandler, request_requeue
 from train.backends.base import Backend
 from train.checkpoint import StageDir, barrier, latest_kept, rank
 from train.config.model import ConfigError
@@ -102,8 +103,6 @@ def record_layout(cfg: TrainConfig) -> Path:
 
 
 def _run_initialised(configs: list[TrainConfig], runtime: StageRuntime | None, world_size: int) -> int:
-    from data.errors import DataError
-    from train.models.native_io import CheckpointError
     from train.preflight import PreflightError, preflight
 
     barrier()  # rank 0 may still be writing the demo corpus
@@ -115,15 +114,34 @@ def _run_initialised(configs: list[TrainConfig], runtime: StageRuntime | None, w
     if rank() == 0:
         for cfg in configs:
             record_layout(cfg)
-    runtime = runtime or default_runtime()
+    # One signal handler for all stages and the export: a signal during a stage's last step stops the
+    # pipeline before the next stage; one during the last stage's last step or the export changes nothing.
+    preemption = PreemptionHandler().install()
+    try:
+        return _run_stages(configs, dataclasses.replace(runtime or default_runtime(), preemption=preemption))
+    finally:
+        preemption.uninstall()
+
+
+def _run_stages(configs: list[TrainConfig], runtime: StageRuntime) -> int:
+    from data.errors import DataError
+    from train.models.native_io import CheckpointError
+
     results: list[StageResult] = []
     try:
         for k, cfg in enumerate(configs):
             if k > 0:  # the handoff: layout-independent full weights of the previous stage
-                cfg.stage.init_from = str(StageDir(configs[k - 1].run_dir, configs[k - 1].stage.name).final)
+                previous = StageDir(configs[k - 1].run_dir, configs[k - 1].stage.name)
+                # A signal during the previous stage's last step stops here, before the next stage.
+                if runtime.preemption is not None and runtime.preemption.should_stop(0):
+                    raise Preempted(f"stopped by signal after stage {configs[k - 1].stage.name} finished; run "
+                                    f"the same command again to continue with {cfg.stage.name}")
+                cfg.stage.init_from = str(previous.final)
             results.append(train_stage(cfg, runtime))
-    except Preempted as err:  # exit 0: the SLURM script requeues and the rerun resumes
+    except Preempted as err:  # exit 0; the requeue file asks the SLURM script to requeue, the rerun resumes
         _say(f"longvl: {err}", error=True)
+        if rank() == 0:
+            request_requeue()
         return 0
     except (TrainingStopped, CheckpointError) as err:
         _say(f"longvl: {err}", error=True)

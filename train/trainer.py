@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from data.batch import PackedBatch
@@ -28,7 +29,7 @@ from train.checkpoint import (
 )
 from launch.signals import PreemptionHandler
 from train.config.schema import TrainConfig
-from train.device import compute_device
+from train.device import comm_tensor, compute_device
 from train.fast_path import describe as describe_run_path
 from train.metrics import MetricsLogger, StepTimer, global_data_counts, make_record, read_history
 
@@ -80,6 +81,9 @@ class StageRuntime:
     # load_state_dict() and stats() (counters per data set, see data.loader.StreamingLoader.stats)
     build_loader: Callable[[TrainConfig, Any, int], Any]
     extra_meta: dict[str, Any] = field(default_factory=dict)
+    # The pipeline's signal handler, shared by its stages so a signal during one stage's last step stops the
+    # pipeline before the next stage (None: the stage installs its own).
+    preemption: PreemptionHandler | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -111,11 +115,13 @@ def train_stage(cfg: TrainConfig, runtime: StageRuntime) -> StageResult:
         result.eval_start, result.seconds = resumed_meta["eval_start"], resumed_meta["elapsed_s"]
     else:
         result.eval_start = evaluate(backend, eval_batches)
-    preemption = PreemptionHandler().install()
+    own_handler = runtime.preemption is None
+    preemption = PreemptionHandler().install() if own_handler else runtime.preemption
     try:
         _run_steps(cfg, backend, loader, stage_dir, logger, start_step, result, runtime.extra_meta, preemption)
     finally:
-        preemption.uninstall()
+        if own_handler:
+            preemption.uninstall()
         logger.close()
     result.eval_end = evaluate(backend, eval_batches)
     _fill_from_history(result, stage_dir)
@@ -172,7 +178,7 @@ def _run_steps(cfg: TrainConfig, backend: Backend, loader: Any, stage_dir: Stage
             meta = {"stage": cfg.stage.name, "total_steps": total, "eval_start": result.eval_start,
                     "elapsed_s": result.seconds, **extra_meta}
             save_checkpoint(stage_dir, step, backend, loader.state_dict(), cfg.model, meta, cfg.stage.keep_last)
-        if stop:
+        if stop and step < total:  # after the last step the stage just finishes: nothing left to resume
             raise Preempted(f"{cfg.stage.name}: stopped by signal after step {step}; latest checkpoint "
                             f"{stage_dir.latest()}; run the same command again to resume")
 
@@ -206,9 +212,14 @@ def _as_skipped(metrics: StepMetrics, skipped: bool) -> StepMetrics:
 
 
 def packing_efficiency(micro: list[PackedBatch]) -> float:
-    """Share of the packed capacity filled with real tokens (this rank's micro-batches)."""
-    capacity = sum(b.seq_len for b in micro)
-    return sum(b.seq_len - b.num_pad for b in micro) / max(1, capacity)
+    """Share of the global batch's packed capacity filled with real tokens. Collective: summed over every
+    rank; the model-parallel peers of a data-parallel rank hold the same batches, which scales both sums
+    alike and leaves the ratio that of the data-parallel ranks."""
+    filled = comm_tensor([float(sum(b.seq_len - b.num_pad for b in micro)), float(sum(b.seq_len for b in micro))],
+                         dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(filled)
+    return float(filled[0] / filled[1].clamp(min=1))
 
 
 def _eval_batches(cfg: TrainConfig, runtime: StageRuntime, info: Any) -> list[PackedBatch]:

@@ -168,3 +168,16 @@ def test_usr1_does_not_requeue_a_failed_step_or_past_the_restart_cap(slurm_clust
     out = (tmp_path / "slurm.out").read_text()
     assert (info["JobState"], info["Restarts"]) == ("FAILED", "0"), out
     assert "not requeueing" in out and "requeueing\n" not in out.replace("not requeueing", "")
+
+
+def test_usr1_after_the_last_step_does_not_requeue(slurm_cluster: Cluster, tmp_path: Path) -> None:
+    """The trainer asks for a requeue only when it stopped with steps left: a signal while it writes its
+    final outputs ends the job COMPLETED instead of rerunning a finished run."""
+    job = slurm_cluster.sbatch("-n2", f"--output={tmp_path}/slurm.out", SBATCH, f"run_dir={tmp_path}", "steps=3",
+                               "linger_s=20", extra_env={"LONGVL_CMD": standin_cmd()})
+    wait_for(lambda: any(r.get("event") == "complete" for r in read_log(tmp_path)), 60, "the last step")
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job))
+    info = slurm_cluster.wait_job(job, timeout=60)
+    out = (tmp_path / "slurm.out").read_text()
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "0"), out
+    assert "not requeueing: the run finished" in out

@@ -4,6 +4,8 @@ HF export, the summary table, and one-line refusals before any stage starts."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Iterator
 
@@ -220,3 +222,35 @@ def test_bad_data_past_the_limit_stops_the_run_in_one_line_naming_the_data_set(d
     assert run_pipeline(_configs(data_root, tmp_path)[:1], runtime) == EXIT_CONFIG  # resumes its checkpoint
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(f"longvl: {cfg.stage.name}: data loader state does not fit")
+
+
+class SignallingBackend(StandInBackend):
+    """Sends its own process SIGUSR1 during step `at` of stage `stage`, as SLURM's warning would."""
+
+    def __init__(self, cfg: TrainConfig, log: list, stage: str, at: int) -> None:
+        super().__init__(cfg, log)
+        self.signal_at = at if cfg.stage.name == stage else 0
+
+    def train_step(self, micro: list[PackedBatch]) -> StepMetrics:
+        metrics = super().train_step(micro)
+        if self.steps == self.signal_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return metrics
+
+
+@pytest.mark.parametrize("stage, at, requeue, done", [
+    ("s1", 2, True, ["s0"]),  # steps left: checkpoint, stop, ask for the requeue
+    ("s1", 3, True, ["s0", "s1"]),  # s1's last step: s1 finishes, the pipeline stops before s2
+    ("s3", 3, False, ["s0", "s1", "s2", "s3"]),  # the run's last step: it just finishes (and exports)
+])
+def test_usr1_requeues_only_a_run_with_steps_left(data_root: Path, tmp_path: Path, monkeypatch, stage: str,
+                                                  at: int, requeue: bool, done: list[str]) -> None:
+    marker, run_dir = tmp_path / "requeue", tmp_path / "run"
+    monkeypatch.setenv("LONGVL_REQUEUE_FILE", str(marker))
+    log: list[StandInBackend] = []
+    runtime = StageRuntime(build_backend=lambda cfg: SignallingBackend(cfg, log, stage, at),
+                           build_loader=lambda cfg, info, seed: StandInLoader(cfg.stage.seq_len))
+    assert run_pipeline(_configs(data_root, run_dir), runtime) == 0
+    assert marker.exists() == requeue
+    assert [s for s in ("s0", "s1", "s2", "s3") if (run_dir / s / "summary.json").is_file()] == done
+    assert (run_dir / "hf").is_dir() == (not requeue)

@@ -56,8 +56,9 @@ def _nan_skip_check(backend, cfg, init, steps, failures: list[str]) -> None:
     if not metrics.skipped:
         failures.append(f"NaN step not reported as skipped: {metrics}")
     compare_states(gathered_state_dict(backend), before, 0.0, failures, "skipped step changed weights")
-    # Steps 0-2 were applied, step 3 (index 3 of the schedule) was skipped, step 4 trains on batch 3.
-    ref_losses, ref_state = reference_training(cfg, init, steps + [global_batch(cfg.model, 3)], [0, 1, 2, 4])
+    # Steps 0-2 were applied, the 4th was skipped and did not advance the LR schedule: the next step trains on
+    # batch 3 at schedule index 3, as if the skipped step had never happened.
+    ref_losses, ref_state = reference_training(cfg, init, steps + [global_batch(cfg.model, 3)], [0, 1, 2, 3])
     after = _train(backend, global_batch(cfg.model, 3))
     compare_losses([after.loss], ref_losses[3:], 1e-5, failures, "step after the skipped one")
     compare_states(gathered_state_dict(backend), ref_state, 1e-5, failures, "after the skipped step")

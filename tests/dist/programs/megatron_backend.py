@@ -70,9 +70,12 @@ def nan_skip_check(backend, cfg, failures: list[str]) -> None:
     poisoned = global_batch(cfg.model, 3)
     poisoned[0].loss_weights = poisoned[0].loss_weights.clone()
     poisoned[0].loss_weights[5] = float("nan")  # only rank 0's micro-batch
+    schedule_step = backend.step
     metrics = train(backend, poisoned)
     if not metrics.skipped:
         failures.append(f"NaN step not reported as skipped: {metrics}")
+    if backend.step != schedule_step:
+        failures.append(f"skipped step advanced the LR schedule: {schedule_step} -> {backend.step}")
     after = gathered_state_dict(backend)
     if dist.get_rank() == 0:
         compare_states(after, before, 0.0, failures, "skipped step changed weights")

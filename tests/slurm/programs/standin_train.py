@@ -4,8 +4,8 @@ Each step all_reduces (rank + 1 + step) over the ranks and folds the sum into on
 step n depends on every earlier step exactly once: a skipped, repeated or mis-resumed step changes it.
 Rank 0 logs one JSON line per step to <run_dir>/steps.jsonl and saves <run_dir>/ckpt/step_NNNNNN atomically
 (temp dir, fsync, rename, then the `latest` pointer by os.replace) every --save-every steps and on a stop
-signal. A start resumes from `latest`. On SIGUSR1/SIGTERM all ranks stop after the same step, save and
-exit 0 (as `python -m train` does when preempted).
+signal. A start resumes from `latest`. On SIGUSR1/SIGTERM all ranks stop after the same step, save, ask for
+the requeue (rank 0) and exit 0, as `python -m train` does when preempted.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repo root, for `launch`
 from launch.env import detect_env, init_distributed, shutdown_distributed  # noqa: E402
-from launch.signals import PreemptionHandler, slurm_job_info  # noqa: E402
+from launch.signals import PreemptionHandler, request_requeue, slurm_job_info  # noqa: E402
 
 
 def fold(value: float, reduced: float) -> float:
@@ -102,6 +102,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--stage.init-from", dest="init_from", type=Path, default=None)
     # "RANK:STEP": that rank sends itself SIGUSR1 after STEP, to test that the other ranks stop with it.
     parser.add_argument("--self-signal", default="")
+    # Seconds to stay alive after the last step (as the trainer does while it writes final/ and hf/).
+    parser.add_argument("--linger-s", type=float, default=0.0)
     return parser.parse_args(flags)
 
 
@@ -134,9 +136,10 @@ def main(argv: list[str]) -> None:
         stop = handler.should_stop(step)
         if env.is_main and (stop or step % args.save_every == 0 or step == args.steps):
             save_atomic(ckpt_dir, step, value, args.slow_save)
-        if stop:
+        if stop and step < args.steps:  # as the trainer: a signal after the last step just lets it finish
             if env.is_main:
                 log(run_dir, {"event": "stop", "step": step, "signal": handler.received, "stage": args.stage})
+                request_requeue()
             break
     (run_dir / "pids" / f"rank{env.rank}.final_step").write_text(str(step))
     if env.is_main and step == args.steps:
@@ -144,6 +147,7 @@ def main(argv: list[str]) -> None:
             shutil.copytree(ckpt_dir / f"step_{step:06d}", ckpt_dir.parent / "final.tmp", dirs_exist_ok=True)
             os.replace(ckpt_dir.parent / "final.tmp", ckpt_dir.parent / "final")
         log(run_dir, {"event": "complete", "step": step, "stage": args.stage})
+    time.sleep(args.linger_s if step == args.steps else 0.0)
     shutdown_distributed(0)  # also when stopped by a signal, as `python -m train` does
 
 

@@ -145,7 +145,7 @@ class DeepSpeedBackend:
         norm = self.engine.get_global_grad_norm()
         if norm is None or (skipped and math.isfinite(norm)):
             norm = float("nan")
-        self.step += 1
+        self.step += int(not skipped)  # the LR schedule counts applied updates (as megatron's scheduler)
         return StepMetrics(loss=metrics.loss, grad_norm=float(norm), lr=lr, tokens=metrics.tokens,
                            skipped=skipped, aux_loss=metrics.aux_loss, loss_per_source=metrics.loss_per_source)
 

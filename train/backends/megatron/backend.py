@@ -195,11 +195,11 @@ class MegatronBackend:
         self.optimizer.zero_grad()
         metrics = self._run(micro_batches, forward_only=False)
         skipped = not (math.isfinite(metrics.loss) and self._grads_finite())
-        if skipped:  # parameters and Adam moments stay untouched; the schedule step still advances
+        if skipped:  # parameters, Adam moments and the LR schedule stay where they were
             norm = float("nan")
         else:
             _, norm, _ = self.optimizer.step()
-        self.step += 1
+        self.step += int(not skipped)  # the LR schedule counts applied updates (as megatron's scheduler)
         return StepMetrics(loss=metrics.loss, grad_norm=float(norm), lr=lr, tokens=metrics.tokens, skipped=skipped,
                            aux_loss=metrics.aux_loss, loss_per_source=metrics.loss_per_source)
 
