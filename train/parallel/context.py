@@ -64,5 +64,6 @@ def split_tokens(batch: PackedBatch,
     what the global loss normaliser needs before the forward passes."""
     if index is None:
         return batch.labels, batch.loss_weights, batch.source_ids
+    index = index.to(batch.labels.device)  # shard_index builds it on the host; index_select needs one device
     return (batch.labels.index_select(0, index), batch.loss_weights.index_select(0, index),
             batch.source_ids.index_select(0, index))
