@@ -79,8 +79,11 @@ def _cfg(backend="deepspeed", zero=1, precision="bf16", hidden=None) -> TrainCon
 
 @pytest.mark.parametrize("zero", [1, 2])
 def test_deepspeed_overlaps_gradient_reduction_on_cuda_only(zero):
-    assert ds_config.deepspeed_config(_cfg(zero=zero), 1, 8, CUDA)["zero_optimization"]["overlap_comm"] is True
-    assert ds_config.deepspeed_config(_cfg(zero=zero), 1, 8, CPU)["zero_optimization"]["overlap_comm"] is False
+    cuda = ds_config.deepspeed_config(_cfg(zero=zero, hidden=4096), 1, 8, CUDA)["zero_optimization"]
+    assert cuda["overlap_comm"] is True
+    assert cuda["reduce_bucket_size"] == cuda["allgather_bucket_size"] == 4096 ** 2  # not DeepSpeed's 5e8
+    cpu = ds_config.deepspeed_config(_cfg(zero=zero), 1, 8, CPU)["zero_optimization"]
+    assert cpu["overlap_comm"] is False and "reduce_bucket_size" not in cpu
 
 
 def test_deepspeed_zero3_prefetches_and_keeps_small_params_resident_on_cuda():
@@ -118,3 +121,15 @@ def test_startup_line_reports_each_component(monkeypatch):
 def test_one_chooser_per_component():
     with pytest.raises(ValueError, match="two choosers registered for 'attention'"):
         register("attention")(lambda cfg, device: "other")
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_deepspeed_accepts_the_cuda_zero_keys(zero):
+    """DeepSpeed's own schema (it refuses unknown keys) reads every key the CUDA config sets."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    keys = ds_config.deepspeed_config(_cfg(zero=zero, hidden=1024), 1, 8, CUDA)["zero_optimization"]
+    parsed = DeepSpeedZeroConfig(**keys)
+    assert parsed.overlap_comm is True and parsed.reduce_bucket_size == 1024 ** 2
+    if zero == 3:
+        assert (parsed.prefetch_bucket_size, parsed.param_persistence_threshold) == (int(0.9 * 1024 ** 2), 10240)
