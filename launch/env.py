@@ -48,6 +48,13 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def device_local_rank(self) -> int:
+        """The LOCAL_RANK to export for libraries that take it as this rank's CUDA device index (DeepSpeed's
+        engine and ZeRO-3 do): the GPU index, which is 0 for a task bound to one GPU whatever its local rank;
+        the local rank on CPU."""
+        return int(self.device.split(":")[1]) if self.device.startswith("cuda:") else self.local_rank
+
 
 def parse_nodelist(nodelist: str) -> list[str]:
     """Expand a SLURM hostlist such as `node[01-03,07],gpu5` or `r[1-2]-n[1,3]` into host names, in order."""

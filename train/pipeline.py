@@ -229,7 +229,7 @@ def _launcher_variables(env: Any) -> Iterator[None]:
     when started as a plain `python -m train` or by srun; removed afterwards, so a later single-process
     launch from the same process is not mistaken for a half-configured torchrun."""
     added = []
-    for name, value in (("RANK", env.rank), ("LOCAL_RANK", env.local_rank), ("WORLD_SIZE", env.world_size)):
+    for name, value in (("RANK", env.rank), ("LOCAL_RANK", env.device_local_rank), ("WORLD_SIZE", env.world_size)):
         if name not in os.environ:
             os.environ[name] = str(value)
             added.append(name)

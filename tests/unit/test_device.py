@@ -57,7 +57,8 @@ class _Module:
         func = call.func
         if isinstance(func, ast.Name) and func.id in self.direct_collectives:
             return func.id
-        if isinstance(func, ast.Attribute) and func.attr in COLLECTIVES and ast.unparse(func.value) in self.dist_aliases:
+        if isinstance(func, ast.Attribute) and func.attr in COLLECTIVES \
+                and ast.unparse(func.value) in self.dist_aliases:
             return func.attr
         return None
 
@@ -79,7 +80,8 @@ def _assignments(scope: ast.AST, name: str) -> list[ast.expr]:
     return values
 
 
-def _built_by_helper(expr: ast.expr | None, module: _Module, scope: ast.AST, seen: frozenset[str] = frozenset()) -> bool:
+def _built_by_helper(expr: ast.expr | None, module: _Module, scope: ast.AST,
+                     seen: frozenset[str] = frozenset()) -> bool:
     """True when `expr` is a device-helper tensor, something derived from one on the same device, or a name
     every assignment of which (in the enclosing function) is such an expression."""
     if expr is None or (isinstance(expr, ast.Constant) and expr.value is None):

@@ -70,6 +70,9 @@ def test_a_rank_that_sees_one_gpu_uses_it() -> None:
     """SLURM --gpus-per-task=1: SLURM_LOCALID=1 but the task's only visible GPU is cuda:0."""
     env = detect_env(SLURM_STEP, cuda=True, visible_gpus=1)
     assert env.local_rank == 1 and (env.backend, env.device) == ("nccl", "cuda:0")
+    assert env.device_local_rank == 0  # what DeepSpeed, reading LOCAL_RANK as a device index, must see
+    assert detect_env(SLURM_STEP, cuda=True, visible_gpus=4).device_local_rank == 1
+    assert detect_env(SLURM_STEP, cuda=False).device_local_rank == 1
 
 
 def test_more_local_ranks_than_gpus_names_the_visible_devices() -> None:

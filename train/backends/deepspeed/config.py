@@ -135,5 +135,6 @@ def _deepspeed_choice(cfg: TrainConfig, device: torch.device) -> str | None:
     ds = deepspeed_config(cfg, 1, 1, device)
     zero = ds["zero_optimization"]
     overlap = "overlap_comm" if zero.get("overlap_comm") else "no comm overlap"
-    prefetch = f", prefetch {zero['stage3_prefetch_bucket_size']:.3g}" if zero.get("stage3_prefetch_bucket_size") else ""
+    bucket = zero.get("stage3_prefetch_bucket_size")
+    prefetch = f", prefetch {bucket:.3g}" if bucket else ""
     return f"ZeRO-{zero['stage']} {overlap}{prefetch}, {describe_adam(ds['optimizer']['params'])}"
