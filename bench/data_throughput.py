@@ -2,12 +2,16 @@
 
 Ours: StreamingLoader (shard cursors, step-indexed mixture, DocumentEncoder, best-fit packing, resumable
 state attached to every batch), 1 worker, counting the non-pad tokens of packed sequences.
-Baseline, same run: plain webdataset pipelines over the same shards (one resampled WebDataset per data set,
-taken in the order of the same source schedule, because the token rate depends mostly on how many videos a
-window holds) decoding the same number of samples with the same DocumentEncoder, 1 worker, counting
-document tokens, no packing and no state. The difference is the price of packing and exact resume.
+Ours over HTTP, same run: the same loader on the same shards served by a loopback HTTP server
+(bench/loopback_http.py, read through webdataset's gopen/curl like any http:// shard), so the batches are
+identical and the ratio is the cost of the HTTP source (`data_http_over_local`).
+Baseline, same run: plain webdataset pipelines over the same local shards, one WebDataset per data set that
+reads the shards in the loader's order (each epoch's shard order from the same `SourceStream.plan`), taken
+in the order of the same source schedule, so both sides decode the same samples in the same order with the
+same DocumentEncoder; 1 worker, counting document tokens, no packing and no state. The difference is the
+price of packing and exact resume.
 
-Prints `RESULT data_tokens_per_s_per_worker <v>` (and the baseline and ratio) and appends to
+Prints `RESULT data_tokens_per_s_per_worker <v>` (and the HTTP, baseline and ratio figures) and appends to
 bench/RESULTS.md. Usage: python bench/data_throughput.py [--batches N]
 """
 from __future__ import annotations
@@ -18,6 +22,7 @@ import itertools
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,22 +31,24 @@ sys.path.insert(0, str(ROOT))
 import webdataset as wds  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 
+from bench.loopback_http import serve_directory  # noqa: E402
 from bench.packing import MACHINE, append_results, demo_mix  # noqa: E402
+from data.config import DataConfig  # noqa: E402
 from data.encode import DocumentEncoder, EncodeConfig  # noqa: E402
 from data.errors import BadSample  # noqa: E402
 from data.loader import StreamingLoader  # noqa: E402
 from data.mixture import SourceSchedule, mixture_probabilities  # noqa: E402
-from data.shards import list_shards  # noqa: E402
+from data.shards import SourceStream, list_shards  # noqa: E402
 from data.synth import make_corpus  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 
 SEQ_LEN = 8192
 
 
-def ours(corpus: str, encoder: DocumentEncoder, batches: int) -> tuple[float, int, int]:
+def ours(cfg: DataConfig, encoder: DocumentEncoder, batches: int) -> tuple[float, int, int]:
     """(tokens/s, documents drawn before timing, documents drawn while timing). Timing starts after the
     first batch, when the worker is up and the packing buffer is full."""
-    loader = StreamingLoader(demo_mix(corpus, num_workers=1, prefetch_factor=2), encoder.encode, SEQ_LEN)
+    loader = StreamingLoader(cfg, encoder.encode, SEQ_LEN)
     it = iter(loader)
     next(it)
     drawn_before = loader.state_dict()["workers"][0]["k"]
@@ -54,14 +61,20 @@ def ours(corpus: str, encoder: DocumentEncoder, batches: int) -> tuple[float, in
 
 class _ScheduledMix(IterableDataset):
     """Plain webdataset pipelines, one per data set, taken in the order our SourceSchedule draws (stream 0 =
-    dp rank 0, worker 0), so that both sides decode the same kinds of documents in the same order."""
+    dp rank 0, worker 0), each reading its shards in the order our SourceStream plans them, so that both
+    sides decode the same samples in the same order."""
 
     def __init__(self, corpus: str, encoder: DocumentEncoder) -> None:
         self.cfg, self.encoder = demo_mix(corpus), encoder
 
+    def _in_loader_order(self, source: int, shards: list[str]):
+        plan = SourceStream(source, "", shards, 0, 1, self.cfg.seed, None, lambda *_: None)
+        for epoch in itertools.count():
+            urls = [shards[shard] for shard, _, _ in plan.plan(epoch)]
+            yield from wds.WebDataset(urls, shardshuffle=False, empty_check=False, handler=wds.warn_and_continue)
+
     def __iter__(self):
-        pipelines = [iter(wds.WebDataset(list_shards(d), resampled=True, shardshuffle=False, empty_check=False,
-                                         handler=wds.warn_and_continue)) for d in self.cfg.datasets]
+        pipelines = [self._in_loader_order(i, list_shards(d)) for i, d in enumerate(self.cfg.datasets)]
         probs = mixture_probabilities([d.weight for d in self.cfg.datasets], self.cfg.temperature)
         schedule = SourceSchedule(probs, self.cfg.seed, 0)
         for k in itertools.count():
@@ -89,25 +102,39 @@ def _passthrough(item):
     return item
 
 
+def over_http(cfg: DataConfig, corpus: str, url: str) -> DataConfig:
+    """The same mix with every shard read from `url` (the corpus served over HTTP) instead of the disk."""
+    datasets = [replace(d, shards=[p.replace(corpus, url, 1) for p in list_shards(d)]) for d in cfg.datasets]
+    return replace(cfg, datasets=datasets)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=24, help="packed sequences timed on our side")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as corpus:
+    with tempfile.TemporaryDirectory() as corpus, serve_directory(corpus) as server:
         make_corpus(corpus)
         encoder = DocumentEncoder(Tokenizer.load(Path(corpus) / "tokenizer.model"), EncodeConfig(), SEQ_LEN)
-        # A-B-B-A order: the machine is shared, so a load change hits both sides about equally.
-        first, skip, docs = ours(corpus, encoder, args.batches)
+        local = demo_mix(corpus, num_workers=1, prefetch_factor=2)
+        remote = over_http(local, corpus, server.url)
+        # A-B-C-C-B-A order: the machine is shared, so a load change hits every side about equally.
+        first, skip, docs = ours(local, encoder, args.batches)
+        http_first = ours(remote, encoder, args.batches)[0]
         baseline = sum(plain_webdataset(corpus, encoder, skip, docs) for _ in range(2)) / 2
-        measured = (first + ours(corpus, encoder, args.batches)[0]) / 2
+        http = (http_first + ours(remote, encoder, args.batches)[0]) / 2
+        measured = (first + ours(local, encoder, args.batches)[0]) / 2
     figures = {"data_tokens_per_s_per_worker": measured,
+               "data_tokens_per_s_per_worker_http": http,
                "data_tokens_per_s_per_worker_plain_webdataset": baseline,
-               "data_throughput_ratio_vs_plain_webdataset": measured / baseline}
+               "data_throughput_ratio_vs_plain_webdataset": measured / baseline,
+               "data_http_over_local": http / measured}
     lines = [f"## bench/data_throughput.py — {datetime.date.today().isoformat()}, {MACHINE}", "",
              f"Demo mix (configs/data/demo.yaml, synth corpus) at {SEQ_LEN} tokens, 1 DataLoader worker, "
-             f"{docs} documents each (the same source sequence), A-B-B-A order: StreamingLoader (packed, resumable) vs plain "
-             "webdataset + the same DocumentEncoder (documents, no packing).", ""]
-    lines += [f"- {name}: {value:.1f}" if "ratio" not in name else f"- {name}: {value:.3f}"
+             f"{docs} documents each (the same samples in the same order), A-B-C-C-B-A order: StreamingLoader "
+             "(packed, resumable) on local shards, the same on the same shards over loopback HTTP (curl via "
+             "webdataset.gopen), plain webdataset + the same DocumentEncoder on local shards in the loader's "
+             "shard order (documents, no packing).", ""]
+    lines += [f"- {name}: {value:.1f}" if "ratio" not in name and "over" not in name else f"- {name}: {value:.3f}"
               for name, value in figures.items()]
     append_results(lines)
     for name, value in figures.items():

@@ -29,6 +29,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from data.errors import DataError, FetchError, ShardError
 from data.sources import FetchRetry, SequentialSource, close_source, list_shards, open_source
@@ -74,28 +75,32 @@ def _open_tar(path: str) -> Iterator[tuple[tarfile.TarFile, Callable[[], bool]]]
     source = open_source(path)
     try:
         try:
-            if _seekable(source):
-                gzipped = source.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
-                size = source.seek(0, 2)
-                source.seek(0)
-                if not gzipped:  # random access: tarfile seeks over the members it skips
-                    tar = tarfile.open(fileobj=source, mode="r:")
-                    yield tar, lambda: size >= tar.offset + 2 * tarfile.BLOCKSIZE
-                    return
-                raw: object = source
-            else:
-                raw = SequentialSource(source, path)
-                gzipped = raw.peek(len(_GZIP_MAGIC)) == _GZIP_MAGIC
-            counted = SequentialSource(gzip.GzipFile(fileobj=raw) if gzipped else raw, path)  # type: ignore
-            tar = tarfile.open(fileobj=counted, mode="r|")  # type: ignore[call-overload]
+            opened = _tar_of(source, path)
         except ShardError:
             raise
         except (tarfile.TarError, OSError, EOFError) as e:
             raise ShardError(path, f"not a readable tar: {e}") from None
-        # The end-of-archive block was read only if the stream delivered a full block past the last member.
-        yield tar, lambda: counted.count >= tar.offset + tarfile.BLOCKSIZE
+        yield opened
     finally:
         close_source(source)
+
+
+def _tar_of(source: Any, path: str) -> tuple[tarfile.TarFile, Callable[[], bool]]:
+    if _seekable(source):
+        gzipped = source.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
+        size = source.seek(0, 2)
+        source.seek(0)
+        if not gzipped:  # random access: tarfile seeks over the members it skips
+            tar = tarfile.open(fileobj=source, mode="r:")
+            return tar, lambda: size >= tar.offset + 2 * tarfile.BLOCKSIZE
+        raw = source
+    else:
+        raw = SequentialSource(source, path)
+        gzipped = raw.peek(len(_GZIP_MAGIC)) == _GZIP_MAGIC
+    counted = SequentialSource(gzip.GzipFile(fileobj=raw) if gzipped else raw, path)
+    tar = tarfile.open(fileobj=counted, mode="r|")  # type: ignore[call-overload]
+    # The end-of-archive block was read only if the stream delivered a full block past the last member.
+    return tar, lambda: counted.count >= tar.offset + tarfile.BLOCKSIZE
 
 
 def _seekable(source: object) -> bool:
