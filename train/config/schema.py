@@ -82,6 +82,9 @@ class PipelineConfig:
 
     name: str = ""
     stages: list[PipelineStage] = field(default_factory=list)
+    # A recipe's stage layouts are planned for this many GPUs (0: the pipeline sets no layouts); tests check
+    # that launch.plan accepts every stage's layout at this size.
+    gpus: int = 0
     # Run just this stage of the pipeline (one job of slurm/submit_pipeline.sh's chain): composed exactly as
     # in the whole pipeline, starting from the previous stage's final/ in the same run dir. "" runs them all.
     only: str = ""
