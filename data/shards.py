@@ -14,11 +14,12 @@ Missing data, decided here once:
   again `data.fetch_retries` times with backoff, from the sample it stopped at.
 
 A `SourceStream` reads one data set's share for one (data-parallel rank, loader worker) "slot". Its cursor
-is three integers (epoch, position in the slot's shard list, raw sample offset in the shard) so the state
-saved with a checkpoint is tiny and exact; every sample it returns carries a restore key
-(source, shard index, raw offset) from which it can be read again. Resuming inside a shard reopens it and
-skips to the saved offset: by seeking over the skipped samples where the source can seek (local and fsspec
-files), by reading through them on a stream (pipe, HTTP, gzip).
+is a few integers (epoch, position in the slot's shard list, raw sample offset in the shard, samples
+returned this epoch, the byte offset of that sample's header) so the state saved with a checkpoint is tiny
+and exact; every sample it returns carries a restore key (source, shard index, raw offset) from which it can
+be read again. Resuming inside a shard reopens it and goes to the saved sample: by seeking to its byte offset
+where the source can seek (local and fsspec files), by reading through the samples before it on a stream
+(pipe, HTTP, gzip). A state saved without the byte offset (4 integers) resumes by sample offset.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from typing import Any
 from data.errors import DataError, FetchError, ShardError
 from data.sources import FetchRetry, SequentialSource, close_source, list_shards, open_source
 
-__all__ = ["ShardError", "FetchError", "list_shards", "iter_samples", "read_samples", "SourceStream"]
+__all__ = ["ShardError", "FetchError", "list_shards", "iter_samples", "read_shard", "read_samples", "SourceStream"]
 _NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # key, extension: the webdataset convention
 _GZIP_MAGIC = b"\x1f\x8b"
 Sample = dict[str, object]
@@ -47,20 +48,32 @@ def iter_samples(path: str, start: int = 0, stride: int = 1, phase: int = 0) -> 
     Skipped samples are not read where the source can seek (tarfile seeks over their data), so resuming deep
     into a local shard is cheap; on a stream they are read and dropped.
     """
-    with _open_tar(path) as (tar, complete):
-        index, key, sample = -1, None, {}
+    for index, sample, _ in read_shard(path, start, stride, phase):
+        yield index, sample
+
+
+def read_shard(path: str, start: int = 0, stride: int = 1, phase: int = 0,
+               at_byte: int = 0) -> Iterator[tuple[int, Sample, int]]:
+    """`iter_samples` with, for each sample, the byte offset where the next sample's first header starts.
+
+    `at_byte` > 0 is such an offset yielded earlier for the sample `start`: a source that can seek (a local
+    or fsspec file, not gzip) starts reading there, so a resume reads nothing before the saved sample; other
+    sources ignore it and read from the start.
+    """
+    with _open_tar(path, at_byte) as (tar, complete, seeked):
+        index, key, sample = (start - 1 if seeked else -1), None, {}
         for member in _members(tar, path):
             member_key, ext = _split_name(member.name)
             if member_key is None:
                 continue
             if member_key != key:
                 if key is not None and _wanted(index, start, stride, phase):
-                    yield index, sample
+                    yield index, sample, member.offset
                 index, key, sample = index + 1, member_key, {"__key__": member_key, "__url__": path}
             if _wanted(index, start, stride, phase):
                 sample[ext] = _read_member(tar, member, path)
         if key is not None and _wanted(index, start, stride, phase):
-            yield index, sample
+            yield index, sample, tar.offset
         if index < 0:
             raise ShardError(path, "empty (no samples)")
         # tarfile ends silently when a shard is cut exactly at a header; a complete tar ends with two
@@ -70,12 +83,13 @@ def iter_samples(path: str, start: int = 0, stride: int = 1, phase: int = 0) -> 
 
 
 @contextmanager
-def _open_tar(path: str) -> Iterator[tuple[tarfile.TarFile, Callable[[], bool]]]:
-    """The shard as a tarfile, and a check that the archive was read to its end-of-archive marker."""
+def _open_tar(path: str, at_byte: int = 0) -> Iterator[tuple[tarfile.TarFile, Callable[[], bool], bool]]:
+    """The shard as a tarfile, a check that the archive was read to its end-of-archive marker, and whether
+    reading starts at `at_byte` (the source can seek) rather than at the start."""
     source = open_source(path)
     try:
         try:
-            opened = _tar_of(source, path)
+            opened = _tar_of(source, path, at_byte)
         except ShardError:
             raise
         except (tarfile.TarError, OSError, EOFError) as e:
@@ -85,14 +99,15 @@ def _open_tar(path: str) -> Iterator[tuple[tarfile.TarFile, Callable[[], bool]]]
         close_source(source)
 
 
-def _tar_of(source: Any, path: str) -> tuple[tarfile.TarFile, Callable[[], bool]]:
+def _tar_of(source: Any, path: str, at_byte: int) -> tuple[tarfile.TarFile, Callable[[], bool], bool]:
     if _seekable(source):
         gzipped = source.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
         size = source.seek(0, 2)
-        source.seek(0)
-        if not gzipped:  # random access: tarfile seeks over the members it skips
+        if not gzipped:  # random access: tarfile starts where it is and seeks over the members it skips
+            source.seek(at_byte if 0 < at_byte <= size else 0)
             tar = tarfile.open(fileobj=source, mode="r:")
-            return tar, lambda: size >= tar.offset + 2 * tarfile.BLOCKSIZE
+            return tar, lambda: size >= tar.offset + 2 * tarfile.BLOCKSIZE, 0 < at_byte <= size
+        source.seek(0)
         raw = source
     else:
         raw = SequentialSource(source, path)
@@ -100,7 +115,7 @@ def _tar_of(source: Any, path: str) -> tuple[tarfile.TarFile, Callable[[], bool]
     counted = SequentialSource(gzip.GzipFile(fileobj=raw) if gzipped else raw, path)
     tar = tarfile.open(fileobj=counted, mode="r|")  # type: ignore[call-overload]
     # The end-of-archive block was read only if the stream delivered a full block past the last member.
-    return tar, lambda: counted.count >= tar.offset + tarfile.BLOCKSIZE
+    return tar, lambda: counted.count >= tar.offset + tarfile.BLOCKSIZE, False
 
 
 def _seekable(source: object) -> bool:
@@ -160,6 +175,7 @@ class Cursor:
     position: int = 0  # index into this epoch's slot plan
     offset: int = 0  # next raw sample index in that shard
     returned: int = 0  # samples returned in this epoch (0 at the end of a pass = the data set is unreadable)
+    byte: int = 0  # where sample `offset`'s first header starts in the shard (0: unknown, read from the start)
 
 
 class SourceStream:
@@ -172,7 +188,7 @@ class SourceStream:
         self.slot, self.num_slots, self.seed, self.max_epochs = slot, num_slots, seed, max_epochs
         self.on_bad_shard, self.retry = on_bad_shard, retry
         self.cursor = Cursor()
-        self._reader: Iterator[tuple[int, Sample]] | None = None
+        self._reader: Iterator[tuple[int, Sample, int]] | None = None
         self._failures = 0  # fetch failures of the current shard since it last delivered a sample
 
     @property
@@ -181,7 +197,7 @@ class SourceStream:
 
     def state(self) -> list[int]:
         c = self.cursor
-        return [c.epoch, c.position, c.offset, c.returned]
+        return [c.epoch, c.position, c.offset, c.returned, c.byte]
 
     def load_state(self, state: list[int]) -> None:
         self.cursor = Cursor(*(int(v) for v in state))
@@ -207,7 +223,7 @@ class SourceStream:
                 continue
             shard, stride, phase = plan[self.cursor.position]
             if self._reader is None:
-                self._reader = iter_samples(self.shards[shard], self.cursor.offset, stride, phase)
+                self._reader = read_shard(self.shards[shard], self.cursor.offset, stride, phase, self.cursor.byte)
             try:
                 item = next(self._reader, None)
             except FetchError as e:
@@ -223,11 +239,11 @@ class SourceStream:
                 item = None
             if item is None:
                 self._drop_reader()
-                self.cursor.position, self.cursor.offset = self.cursor.position + 1, 0
+                self.cursor.position, self.cursor.offset, self.cursor.byte = self.cursor.position + 1, 0, 0
                 continue
-            index, sample = item
+            index, sample, next_byte = item
             self._failures = 0
-            self.cursor.offset = index + 1
+            self.cursor.offset, self.cursor.byte = index + 1, next_byte
             self.cursor.returned += 1
             return (self.source, shard, index), sample
         return None

@@ -9,7 +9,7 @@ import webdataset as wds
 
 from data.config import DatasetConfig
 from data.errors import DataError
-from data.shards import SourceStream, iter_samples, list_shards, read_samples, slot_plan
+from data.shards import SourceStream, iter_samples, list_shards, read_samples, read_shard, slot_plan
 from data_stream_fixtures import write_text_shards
 
 
@@ -85,3 +85,25 @@ def test_finite_epochs_end_and_an_unreadable_data_set_is_an_error(tmp_path):
     with pytest.raises(DataError, match="'a': a full pass over its 2 shard"):
         gone.next()
     assert len(bad) == 2 and all("missing" in e.reason for e in bad)
+
+
+def test_resume_seeks_to_the_saved_byte_offset_where_the_source_can(tmp_path):
+    write_text_shards(str(tmp_path), "a", 1, 12)
+    path = str(tmp_path / "a" / "shard-000000.tar")
+    first, _ = _stream([path])
+    for _ in range(7):
+        first.next()
+    state = first.state()
+    expected = [first.next()[1]["txt"] for _ in range(5)]
+    byte = state[-1]
+    assert byte > 0 and [s["txt"] for _, s, _ in read_shard(path, 7, at_byte=byte)] == expected
+    with open(path, "r+b") as f:  # wipe everything before the saved sample: only a seek can still read on
+        f.write(b"\0" * byte)
+    resumed, bad = _stream([path])
+    resumed.load_state(state)
+    assert [resumed.next()[1]["txt"] for _ in range(5)] == expected and bad == []
+    legacy, bad = _stream([path])  # a state without the byte offset reads from the start: the wiped part
+    legacy.load_state(state[:4])
+    with pytest.raises(DataError, match="returned no readable sample"):
+        legacy.next()
+    assert bad and "empty" in bad[0].reason

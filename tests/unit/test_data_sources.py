@@ -36,6 +36,9 @@ def corpus(tmp_path_factory):
         with open(f"{root}/web/shard-{i:06d}.tar", "rb") as src, gzip.open(f"{root}/gz/shard-{i:06d}.tar.gz",
                                                                             "wb") as dst:
             shutil.copyfileobj(src, dst)
+    for i in range(SHARDS):  # fsspec's in-memory filesystem stands in for an object store (seekable files)
+        fsspec.filesystem("memory").pipe(f"/sources/shard-{i:06d}.tar",
+                                         open(f"{root}/web/shard-{i:06d}.tar", "rb").read())
     return root
 
 
@@ -53,7 +56,8 @@ def _keys(batches) -> list[list[str]]:
 def _sources(root: str, url: str) -> dict[str, list[str]]:
     brace = f"{{000000..{SHARDS - 1:06d}}}"
     return {"http": [f"{url}/web/shard-{brace}.tar"], "pipe": [f"pipe:cat {root}/web/shard-{brace}.tar"],
-            "gzip": [f"{root}/gz/shard-*.tar.gz"], "http_gzip": [f"{url}/gz/shard-{brace}.tar.gz"]}
+            "gzip": [f"{root}/gz/shard-*.tar.gz"], "http_gzip": [f"{url}/gz/shard-{brace}.tar.gz"],
+            "fsspec": ["memory://sources/shard-*.tar"]}
 
 
 def test_every_source_reads_and_resumes_like_local_files(corpus):
@@ -134,9 +138,6 @@ def test_a_failing_pipe_command_is_retried_then_counted(tmp_path):
 
 
 def test_fsspec_urls_are_listed_and_read(corpus):
-    fs = fsspec.filesystem("memory")
-    for i in range(SHARDS):
-        fs.pipe(f"/sources/shard-{i:06d}.tar", open(f"{corpus}/web/shard-{i:06d}.tar", "rb").read())
     listed = list_shards(DatasetConfig("web", ["memory://sources/shard-*.tar"]))
     assert listed == [f"memory:///sources/shard-{i:06d}.tar" for i in range(SHARDS)]
     reference = _keys(StreamingLoader(_config([f"{corpus}/web/shard-*.tar"]), byte_encode, SEQ))
