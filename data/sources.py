@@ -147,6 +147,8 @@ def open_source(url: str) -> IO[bytes]:
         if kind in ("", "file"):
             raise ShardError(url, f"cannot be opened: {e}") from None
         raise FetchError(url, f"cannot be fetched: {e}") from None
+    except ValueError as e:  # refused by the opener itself (e.g. pipe: with WDS_SECURE=1): retrying won't help
+        raise ShardError(url, f"cannot be opened: {e}") from None
 
 
 class _Closing:

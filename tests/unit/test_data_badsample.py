@@ -136,3 +136,13 @@ def test_workers_count_bad_data_and_the_limit_is_decided_on_the_sum(tmp_path, en
     counts = loader.stats()
     assert counts["mixed"]["bad_samples"] == 8 and counts["mixed"]["samples"] == 24
     assert over_limit(counts, 0.3, 0) == [] and over_limit(counts, 0.2, 0) == ["mixed 8/32 = 0.250"]
+
+
+def test_a_data_error_in_a_worker_process_is_one_line(tmp_path, encode):
+    with tarfile.open(tmp_path / "shard-000000.tar", "w"):
+        pass  # no samples: a full pass returns nothing, which the worker reports as a DataError
+    loader = StreamingLoader(_config(str(tmp_path), num_workers=1, max_epochs=None), encode, SEQ)
+    with pytest.raises(DataError) as err:
+        _keys(loader)
+    assert str(err.value).startswith("data set 'mixed': a full pass over its 1 shard(s)")
+    assert "\n" not in str(err.value)
