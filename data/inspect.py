@@ -7,14 +7,14 @@ the encoded document as text with each run of vision placeholders shown as `<|im
 from __future__ import annotations
 
 import argparse
-import glob
 import io
 import sys
 from collections import Counter
 
-from data.errors import BadSample
+from data.config import DatasetConfig
+from data.errors import BadSample, DataError
 from data.shard_format import Part, parse_sample
-from data.shards import ShardError, iter_samples
+from data.shards import ShardError, iter_samples, list_shards
 
 
 def describe_part(part: Part, sample: dict[str, bytes]) -> str:
@@ -64,7 +64,7 @@ def render_ids(ids: list[int], tok) -> str:
 def inspect(patterns: list[str], show: int = 3, tokenizer: str | None = None, seq_len: int = 8192,
             out=sys.stdout) -> Counter:
     """Print the report; returns the counts per sample type ("bad" for bad samples, "bad shard" too)."""
-    paths = sorted({p for pat in patterns for p in (glob.glob(pat) or [pat])})
+    paths = sorted({p for pat in patterns for p in _expand(pat)})
     encoder = None
     if tokenizer:
         from data.encode import DocumentEncoder
@@ -86,6 +86,15 @@ def inspect(patterns: list[str], show: int = 3, tokenizer: str | None = None, se
     for kind, n in sorted(counts.items()):
         print(f"  {kind:12s} {n:8d}", file=out)
     return counts
+
+
+def _expand(pattern: str) -> list[str]:
+    """The shard URLs of a pattern as the loader lists them (globs, brace ranges, pipe:, http(s)://, s3://,
+    @list files); one that lists nothing is kept, to be reported as a bad shard when read."""
+    try:
+        return list_shards(DatasetConfig("inspect", [pattern]))
+    except DataError:
+        return [pattern]
 
 
 def _one(sample: dict, encoder, counts: Counter, show_it: bool, out) -> str | None:
@@ -116,7 +125,8 @@ def _one(sample: dict, encoder, counts: Counter, show_it: bool, out) -> str | No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.inspect", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("shards", nargs="+", help="tar shards (globs allowed)")
+    parser.add_argument("shards", nargs="+", help="shards as data sets name them: paths, globs, brace ranges, "
+                        "pipe:CMD, http(s)://, s3://, @list.txt")
     parser.add_argument("--show", type=int, default=3, help="how many samples to print in full")
     parser.add_argument("--tokenizer", help="also encode the shown samples and print their tokens")
     parser.add_argument("--seq-len", type=int, default=8192)
