@@ -10,6 +10,7 @@ rescale).
   cp: CP=2 load-balanced split after the vision merge, ContextParallelAttention on packed documents
   ep: EP=2 MoE (megatron all-to-all dispatcher, the reference's pooled load-balancing loss)
   pp: PP=2 1F1B over 4 micro-batches (DeepStack on the first stage)
+  pp_moe: PP=2 MoE with megatron's per-layer load-balancing loss (each stage adds its layers' share)
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-MODES = ["dp", "tp", "cp", "ep", "pp"]
+MODES = ["dp", "tp", "cp", "ep", "pp", "pp_moe"]
 
 
 def run_program(name: str, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:

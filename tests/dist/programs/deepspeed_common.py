@@ -112,6 +112,7 @@ def reference_training(cfg, init_state: dict, steps: list[list[PackedBatch]],
     Returns (loss per step, final state dict)."""
     model = Qwen3VLModel(cfg.model)
     model.load_state_dict(init_state)
+    model.aux_loss_form = cfg.moe_aux_loss_form()  # the run's form, as the backends use it
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps)
     losses, norms = [], []

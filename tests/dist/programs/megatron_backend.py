@@ -30,6 +30,9 @@ MODES = {
     "cp": dict(cp=2, parallel={}),
     "ep": dict(moe=True, ep=2, parallel={}),
     "pp": dict(parallel=dict(pp=2), text=dict(num_hidden_layers=4), deepstack=[0, 1]),
+    # MoE over 2 pipeline stages: megatron's per-layer aux loss (each stage adds its own layers' share), with
+    # a coefficient large enough that a wrong aux gradient moves the compared parameters
+    "pp_moe": dict(moe=True, parallel=dict(pp=2), text=dict(router_aux_loss_coef=0.05), deepstack=[0, 1]),
 }
 
 
@@ -105,7 +108,8 @@ def run_mode(mode: str, ckpt: Path, failures: list[str]) -> None:
         nan_skip_check(backend, cfg, failures)
     if dist.get_rank() == 0:
         print(f"[{mode}] losses {losses} reference {ref_losses} max rel loss diff {loss_diff:.2e} "
-              f"max param diff {param_diff:.2e} time {time.time() - t0:.1f}s", flush=True)
+              f"max param diff {param_diff:.2e} aux {[round(m.aux_loss, 4) for m in metrics]} "
+              f"time {time.time() - t0:.1f}s", flush=True)
     backend.close()
 
 
