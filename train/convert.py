@@ -1,78 +1,111 @@
-"""Convert model directories between transformers' Qwen3-VL format and the native format.
+"""Convert model directories between transformers' Qwen3-VL format and the native format, and a megatron
+training checkpoint to either, tensor by tensor (no step holds more than one tensor, or one MoE layer's
+stacked experts).
 
-    python -m train.convert hf-to-native SRC DST [--force] [--max-shard-size 5GB]
+    python -m train.convert hf-to-native SRC DST [--force] [--max-shard-size 5GB] [--dtype keep]
     python -m train.convert native-to-hf SRC DST [--force] [--max-shard-size 5GB] [--dtype bf16]
+    python -m train.convert megatron-to-hf CKPT DST [--model-config YAML] [--force] [--dtype bf16] ...
+    python -m train.convert megatron-to-native CKPT DST [--model-config YAML] ...
 
 HF directory: config.json + model.safetensors (or sharded with model.safetensors.index.json), as written by
 `save_pretrained` (transformers 4.x or 5.x). Native directory: model_config.yaml + safetensors with native
-names (train/models/native_io.py). DST is written atomically and an existing non-empty DST is refused
-unless --force. Errors print one line and exit with status 1.
+names (train/models/native_io.py). CKPT: a megatron backend checkpoint (`<stage>/checkpoints/step_N`, whose
+meta.json names the model, or its `megatron/` dist_checkpointing dir with --model-config), in any TP/PP/EP
+layout. DST is written atomically and an existing non-empty DST is refused unless --force. Errors print
+one line and exit with status 1.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from train.config.model import ConfigError
-from train.models.hf import load_hf_checkpoint, save_hf_checkpoint
-from train.models.native_io import (DEFAULT_MAX_SHARD_SIZE, CheckpointError, StateDict, load_native_checkpoint,
-                                    parse_size, save_native_checkpoint)
+from train.config.model import ConfigError, ModelConfig
+from train.export import DTYPES, ModelDirReader, stored_name, write_model_dir
+from train.models.native_io import (DEFAULT_MAX_SHARD_SIZE, CheckpointError, load_model_config_yaml,
+                                    model_config_from_dict, parse_size)
 
-DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def hf_to_native(src: str, dst: str, force: bool = False, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                 dtype: torch.dtype | None = None) -> None:
-    cfg, state_dict = load_hf_checkpoint(src)
-    save_native_checkpoint(dst, cfg, _cast(state_dict, dtype), force=force, max_shard_size=max_shard_size)
+MEGATRON_SUBDIR, META = "megatron", "meta.json"  # train/backends/megatron/checkpoint.py, train/checkpoint.py
 
 
-def native_to_hf(src: str, dst: str, force: bool = False, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                 dtype: torch.dtype | None = None) -> None:
-    cfg, state_dict = load_native_checkpoint(src)
-    save_hf_checkpoint(dst, cfg, _cast(state_dict, dtype), force=force, max_shard_size=max_shard_size)
+def convert_dir(src: str, dst: str, fmt: str, force: bool = False,
+                max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, dtype: torch.dtype | None = None) -> None:
+    """A native or HF directory to `fmt` (dtype None: each tensor keeps its stored dtype)."""
+    reader = ModelDirReader(src)
+    names = [name for name in reader.names() if stored_name(reader.cfg, fmt, name) is not None]
+    dtypes = dtype or {name: reader.dtype(name) for name in names}
+    write_model_dir(dst, reader.cfg, ((name, reader.read(name)) for name in names), fmt=fmt, dtype=dtypes,
+                    force=force, max_shard_size=max_shard_size)
 
 
-COMMANDS = {"hf-to-native": hf_to_native, "native-to-hf": native_to_hf}
+def convert_megatron(src: str, dst: str, fmt: str, force: bool = False,
+                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, dtype: torch.dtype | None = None,
+                     model_config: str | None = None) -> None:
+    """A megatron dist checkpoint (any layout) to a `fmt` directory, on one process."""
+    from train.backends.megatron.dist_export import MegatronDistCheckpoint
+
+    source = Path(src)
+    dist_dir = source / MEGATRON_SUBDIR if (source / MEGATRON_SUBDIR).is_dir() else source
+    cfg = load_model_config_yaml(model_config) if model_config else _checkpoint_model_config(source)
+    checkpoint = MegatronDistCheckpoint(dist_dir, cfg)
+    write_model_dir(dst, cfg, checkpoint.tensors(), fmt=fmt, dtype=dtype or checkpoint.dtype(), force=force,
+                    max_shard_size=max_shard_size)
 
 
-def _cast(state_dict: StateDict, dtype: torch.dtype | None) -> StateDict:
-    """Floating tensors to `dtype`; tied tensors stay one tensor (the cast of a shared tensor is cached)."""
-    if dtype is None:
-        return state_dict
-    cast: dict[int, torch.Tensor] = {}
-    out: StateDict = {}
-    for key, tensor in state_dict.items():
-        if tensor.is_floating_point():
-            tensor = cast.setdefault(id(tensor), tensor.to(dtype))
-        out[key] = tensor
-    return out
+def _checkpoint_model_config(checkpoint: Path) -> ModelConfig:
+    """The ModelConfig a training checkpoint records in meta.json (dotted `model.*` keys)."""
+    meta_path = checkpoint / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path}: not found (pass --model-config for a bare dist checkpoint dir)")
+    try:
+        flat = json.loads(meta_path.read_text())["model"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{meta_path}: no 'model' section ({exc}); pass --model-config") from None
+    values: dict = {"name": checkpoint.resolve().parent.parent.name}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")[1:]  # drop the leading "model"
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return model_config_from_dict(values, str(meta_path))
+
+
+COMMANDS = {"hf-to-native": ("native", False), "native-to-hf": ("hf", False),
+            "megatron-to-hf": ("hf", True), "megatron-to-native": ("native", True)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train.convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, func in COMMANDS.items():
+    for name, (_, megatron) in COMMANDS.items():
         cmd = sub.add_parser(name, help=f"{name.replace('-to-', ' -> ')} model directory")
-        cmd.add_argument("src", help="source model directory")
+        cmd.add_argument("src", help="megatron checkpoint directory" if megatron else "source model directory")
         cmd.add_argument("dst", help="destination directory (must be absent or empty unless --force)")
         cmd.add_argument("--force", action="store_true", help="replace a non-empty destination")
         cmd.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                          help="split the weights into shards of at most this size (default %(default)s)")
-        cmd.add_argument("--dtype", choices=sorted(DTYPES), default="keep",
+        cmd.add_argument("--dtype", choices=["keep", *sorted(DTYPES)], default="keep",
                          help="cast floating weights (default: keep the stored dtypes)")
+        if megatron:
+            cmd.add_argument("--model-config", help="ModelConfig YAML (default: the checkpoint's meta.json)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    fmt, megatron = COMMANDS[args.command]
+    dtype = None if args.dtype == "keep" else DTYPES[args.dtype]
     try:
         parse_size(args.max_shard_size)
-        COMMANDS[args.command](args.src, args.dst, force=args.force, max_shard_size=args.max_shard_size,
-                               dtype=DTYPES[args.dtype])
+        if megatron:
+            convert_megatron(args.src, args.dst, fmt, args.force, args.max_shard_size, dtype, args.model_config)
+        else:
+            convert_dir(args.src, args.dst, fmt, args.force, args.max_shard_size, dtype)
     except (CheckpointError, ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
 from train.config.model import ConfigError, ModelConfig
-from train.models.hf import (HF_PREFIX, hf_name, hf_names_to_write, hf_read_plan, read_hf_config, write_hf_config,
+from train.models.hf import (HF_CONFIG_FILE, HF_PREFIX, hf_name, hf_names_to_write, hf_read_plan, read_hf_config, write_hf_config,
                              written_by_transformers_4)
 from train.models.native_io import (DEFAULT_MAX_SHARD_SIZE, LM_HEAD, NATIVE_CONFIG_FILE, CheckpointError,
                                     atomic_directory, check_state_dict_fits, expected_native_shapes,
@@ -104,12 +104,18 @@ class ModelDirReader:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: not a directory")
+        native = (self.directory / NATIVE_CONFIG_FILE).is_file()
+        if not native and not (self.directory / HF_CONFIG_FILE).is_file():
+            raise CheckpointError(f"{self.directory}: neither a native model dir ({NATIVE_CONFIG_FILE}) nor an HF "
+                                  f"one ({HF_CONFIG_FILE})")
         self.files = safetensors_files(self.directory)
         self._handles: dict[Path, Any] = {}
         stored = {name: self._slice(name) for name in self.files}
         shapes = {name: tuple(s.get_shape()) for name, s in stored.items()}
         self.dtypes = {name: SAFETENSORS_DTYPES[s.get_dtype()] for name, s in stored.items()}
-        if (self.directory / NATIVE_CONFIG_FILE).is_file():
+        if native:
             self.cfg = load_model_config_yaml(self.directory / NATIVE_CONFIG_FILE)
             self.plan = hf_read_plan(self.cfg, {hf_name(k): v for k, v in shapes.items()}, str(self.directory))
             self._stored_name = lambda hf_key: hf_key if hf_key == LM_HEAD else hf_key[len(HF_PREFIX):]

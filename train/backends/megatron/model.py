@@ -35,6 +35,7 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
                                                          get_num_layers_to_build)
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -82,15 +83,21 @@ def transformer_config(model_cfg: ModelConfig, sizes: ParallelSizes, precision: 
     return TransformerConfig(**kwargs)
 
 
+def decoder_layer_spec(model_cfg: ModelConfig, layer: int) -> ModuleSpec:
+    """megatron's spec of global decoder layer `layer` (dense or MoE as the reference decides); its
+    sharded_state_dict_keys_map also says how the layer's names appear in dist checkpoints."""
+    text = model_cfg.text
+    return get_gpt_layer_local_spec(num_experts=text.num_experts if text.is_moe_layer(layer) else None,
+                                    moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm")
+
+
 def layer_specs(config: TransformerConfig, model_cfg: ModelConfig) -> TransformerBlockSubmodules:
     """Specs of this pipeline stage's decoder layers (dense or MoE per layer, as the reference decides)."""
-    text = model_cfg.text
     offset = get_transformer_layer_offset(config)
     norm = SequenceParallelTorchNorm if config.sequence_parallel else None
     specs = []
     for i in range(offset, offset + get_num_layers_to_build(config)):
-        spec = get_gpt_layer_local_spec(num_experts=text.num_experts if text.is_moe_layer(i) else None,
-                                        moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm")
+        spec = decoder_layer_spec(model_cfg, i)
         spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
         if norm is not None:  # megatron's torch norm refuses sequence_parallel; per-token norms are fine
             attn = spec.submodules.self_attention.submodules
