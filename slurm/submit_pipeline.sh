@@ -8,6 +8,7 @@
 #       has in the whole pipeline (the pipeline file's per-stage overrides included; the command line's win),
 #       starting from the previous stage's final/ in RUN_DIR. The stages default to the pipeline's own list.
 #   slurm/submit_pipeline.sh RUN_DIR [overrides...]          (no pipeline=: plain stages)
+#   Either form takes --config-dir DIR (the user's own stage/data/model/pipeline options, see README).
 #       Each job runs `stage=<stage> run_dir=RUN_DIR stage.init_from=RUN_DIR/<previous stage>/final ...`.
 #
 # Prints one line per stage: "<stage> <job id>".
@@ -29,6 +30,23 @@ RUN_DIR=$(cd "$RUN_DIR" && pwd)
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 SBATCH_SCRIPT="$REPO/slurm/pretrain.sbatch"
 
+# --config-dir DIR made absolute: the stage list below is composed from $REPO, the jobs from their own cwd.
+args=()
+config_dir_next=0
+for arg in "$@"; do
+    if [ "$config_dir_next" = 1 ]; then
+        arg=$(cd "$arg" 2>/dev/null && pwd || echo "$arg")  # a missing DIR is reported by the config loader
+        config_dir_next=0
+    elif [ "$arg" = --config-dir ]; then
+        config_dir_next=1
+    elif [[ $arg == --config-dir=* ]]; then
+        dir=${arg#--config-dir=}
+        arg="--config-dir=$(cd "$dir" 2>/dev/null && pwd || echo "$dir")"
+    fi
+    args+=("$arg")
+done
+set -- ${args[@]+"${args[@]}"}
+
 PIPELINE=""
 for arg in "$@"; do
     case "$arg" in pipeline=*) PIPELINE=${arg#pipeline=} ;; esac
@@ -38,7 +56,11 @@ if [ -n "$PIPELINE" ] && [ -z "${LONGVL_STAGES:-}" ]; then
     LONGVL_STAGES=$(cd "$REPO" && PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "${LONGVL_PYTHON:-python}" -c '
 import sys
 from train.config.compose import load_config
-print(" ".join(entry.stage for entry in load_config(sys.argv[1:]).pipeline.stages))' "$@")
+from train.config.model import ConfigError
+try:
+    print(" ".join(entry.stage for entry in load_config(sys.argv[1:]).pipeline.stages))
+except ConfigError as err:
+    sys.exit(f"longvl: config error: {err}")' "$@")
 fi
 read -r -a STAGES <<< "${LONGVL_STAGES:-s0 s1 s2 s3}"
 read -r -a EXTRA <<< "${LONGVL_SBATCH_ARGS:-}"

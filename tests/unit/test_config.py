@@ -2,6 +2,7 @@
 with one line naming the key."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,22 @@ def test_user_config_dir_mistakes_are_one_line(tmp_path: Path, capsys) -> None:
     assert main(["--config-dir", str(user), "stage=my_s2", "data=my_mix", "--cfg", "job"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["stage"]["name"] == "my_s2" and printed["data"]["datasets"][0]["name"] == "mine"
+
+
+def test_submit_pipeline_passes_a_relative_config_dir_as_absolute(tmp_path: Path) -> None:
+    """slurm/submit_pipeline.sh lists the stages from the repo and the jobs start elsewhere: a relative
+    --config-dir must reach both as an absolute path (sbatch is a stand-in that records its arguments)."""
+    _user_configs(tmp_path / "mine")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/sbatch.log\necho 42\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "LONGVL_PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(ROOT / "slurm" / "submit_pipeline.sh"), str(tmp_path / "run"),
+                          "--config-dir", "mine", "pipeline=my_recipe"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["my_s1", "42", "my_s2", "42"]
+    jobs = (tmp_path / "sbatch.log").read_text().splitlines()
+    assert len(jobs) == 2 and all(f"--config-dir {tmp_path / 'mine'} " in job for job in jobs)
