@@ -36,6 +36,7 @@ from train.config.model import ModelConfig
 from train.models.hf import HF_CONFIG_FILE, load_hf_checkpoint
 from train.export import HANDOFF_DTYPE, write_model_dir
 from train.models.native_io import NATIVE_CONFIG_FILE, CheckpointError, load_native_checkpoint
+from train.models.weight_source import StateDictSource, WeightSource
 
 LATEST = "latest"
 META = "meta.json"
@@ -355,11 +356,12 @@ def load_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tenso
                           f"({HF_CONFIG_FILE})")
 
 
-def read_model_dir(path: str | Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Full native state dict of a native or HF model directory, refused if its shapes are another model's."""
+def read_model_dir(path: str | Path, model_cfg: ModelConfig) -> WeightSource:
+    """The weights of a native or HF model directory as a WeightSource, refused (one line naming the file
+    and key) if its shapes are another model's."""
     saved_cfg, state_dict = load_model_dir(path)
     check_fingerprint(model_fingerprint(saved_cfg), model_cfg, str(path))
-    return state_dict
+    return StateDictSource(state_dict)
 
 
 # ---- RNG ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ parameter never reaches the optimizer: backends call `apply_trainable` *before* 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -43,11 +43,14 @@ def param_group(name: str) -> str:
     raise ConfigError(f"parameter {name!r} belongs to none of the trainable groups {list(TRAINABLE_GROUPS)}")
 
 
-def apply_trainable(model: nn.Module, trainable: Iterable[str]) -> dict[str, int]:
+def apply_trainable(model: nn.Module, trainable: Iterable[str],
+                    native_name: Callable[[str], str] = strip_wrappers) -> dict[str, int]:
     """Set requires_grad from the stage's trainable groups; return trainable/frozen element counts per group.
 
-    Refuses an unknown group name, and a selection that leaves no parameter trainable (a tied lm_head counts
-    with the embedding it shares), both before anything is built on top of the model.
+    Decided by name only (no weights are read): `native_name` maps a parameter's name in `model` to the
+    native name whose group it belongs to (megatron passes its weight map). Refuses an unknown group name,
+    and a selection that leaves no parameter trainable (a tied lm_head counts with the embedding it
+    shares), both before anything is built on top of the model.
     """
     wanted = set(trainable)
     unknown = sorted(wanted - set(TRAINABLE_GROUPS))
@@ -55,9 +58,10 @@ def apply_trainable(model: nn.Module, trainable: Iterable[str]) -> dict[str, int
         raise ConfigError(f"stage.trainable has unknown group {unknown[0]!r} (groups: {list(TRAINABLE_GROUPS)})")
     counts: Counter[str] = Counter()
     for name, param in model.named_parameters():
-        group = param_group(name)
+        group = param_group(native_name(name))
         param.requires_grad_(group in wanted)
-        counts[f"{group}_{'trainable' if group in wanted else 'frozen'}"] += param.numel()
+        # ZeRO-3 partitioned parameters are empty placeholders: count their full size.
+        counts[f"{group}_{'trainable' if group in wanted else 'frozen'}"] += getattr(param, "ds_numel", param.numel())
     if not any(key.endswith("_trainable") for key in counts):
         raise ConfigError(f"stage.trainable={sorted(wanted)} selects no parameter of this model")
     return dict(counts)

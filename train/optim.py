@@ -12,7 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from train.config.model import ModelConfig
 from train.config.schema import OptimConfig
+from train.freeze import strip_wrappers
+
 
 def uses_weight_decay(module: nn.Module, param: torch.Tensor) -> bool:
     """Matrices get weight decay; vectors (norm gains, biases) and embedding tables do not: decaying norm
@@ -21,22 +24,47 @@ def uses_weight_decay(module: nn.Module, param: torch.Tensor) -> bool:
     return param.ndim >= 2 and not isinstance(module, nn.Embedding)
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+def weight_decay_names(model_cfg: ModelConfig) -> set[str]:
+    """Native names of the parameters that get weight decay (`uses_weight_decay` on a meta-device build of
+    the reference model: no memory). A tied lm_head is the embedding: not decayed."""
+    from train.models.qwen3vl import Qwen3VLModel
+
+    with torch.device("meta"):
+        model = Qwen3VLModel(model_cfg)
+    return {name for name, decays in _classified(model) if decays}
+
+
+def _classified(model: nn.Module) -> list[tuple[str, bool]]:
+    """(name, decays) per distinct parameter; a shared one under its first owner's name."""
+    seen: set[int] = set()
+    out = []
+    for prefix, module in model.named_modules():
+        for name, param in module.named_parameters(prefix=prefix, recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                out.append((name, uses_weight_decay(module, param)))
+    return out
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig, decayed: set[str] | None = None) -> list[dict[str, Any]]:
     """Two AdamW groups over the *trainable* parameters only (frozen ones get no optimizer state).
 
-    A parameter shared by two modules (tied embeddings) appears once, classified by its first owner (the
-    embedding). Each group carries its own weight_decay so any AdamW built from them (torch, DeepSpeed,
-    Megatron) applies the same rule.
+    `decayed`: the native names that decay (weight_decay_names), for models whose parameters no longer
+    show their shape (ZeRO-3 partitions); wrapper prefixes are stripped before the lookup. Without it the
+    rule is applied to the modules themselves. A parameter shared by two modules (tied embeddings) appears
+    once, classified by its first owner (the embedding). Each group carries its own weight_decay so any
+    AdamW built from them (torch, DeepSpeed, Megatron) applies the same rule.
     """
+    params = dict(model.named_parameters())
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
-    seen: set[int] = set()
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            (decay if uses_weight_decay(module, param) else no_decay).append(param)
+    for name, decays in _classified(model):
+        param = params[name]
+        if not param.requires_grad:
+            continue
+        if decayed is not None:
+            decays = strip_wrappers(name) in decayed
+        (decay if decays else no_decay).append(param)
     if not decay and not no_decay:
         raise ValueError("the model has no trainable parameters (stage.trainable froze everything)")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},

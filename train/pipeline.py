@@ -39,11 +39,11 @@ def default_runtime() -> StageRuntime:
 
 
 def build_stage_backend(cfg: TrainConfig) -> Backend:
-    """The configured backend, with the stage's frozen groups frozen before its optimizer exists."""
+    """The configured backend (randomly initialised; the trainer then resumes or loads stage.init_from),
+    the stage's frozen groups frozen by name before its optimizer exists."""
     from train.backends import build_backend
-    from train.freeze import apply_trainable
 
-    return build_backend(cfg, prepare=lambda model: apply_trainable(model, cfg.stage.trainable))
+    return build_backend(cfg)
 
 
 def run_pipeline(configs: Sequence[TrainConfig], runtime: StageRuntime | None = None) -> int:

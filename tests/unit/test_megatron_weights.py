@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from model_fixtures import tiny_moe_config
-from train.backends.megatron.weights import (Rule, ShardCoords, fuse_qkv, local_state, add_native,
-                                             rule_for, shard, split_qkv, unshard)
+from train.backends.megatron.weights import (Rule, ShardCoords, add_native, full_megatron_tensor, fuse_qkv,
+                                             local_state, rule_for, shard, split_qkv, unshard)
 from train.models.qwen3vl import Qwen3VLModel
+from train.models.weight_source import RandomInit, StateDictSource
 
 
 def test_fused_qkv_is_grouped_query_layout():
@@ -79,9 +80,29 @@ def test_tp2_ep2_shards_round_trip_to_the_native_state_dict():
             coords = ShardCoords(expert_offset=2 * ep_rank, tp_rank=tp_rank, tp_size=2, expert_tp_rank=tp_rank,
                                  expert_tp_size=2)
             names = _megatron_names(cfg, coords, range(cfg.text.num_hidden_layers), experts_per_rank=2)
-            per_tp.append(local_state(names, state, cfg, coords))
+            per_tp.append(local_state(names, StateDictSource(state), cfg, coords))
         full = {name: unshard(rule_for(name, cfg, 0, 2 * ep_rank), [p[name] for p in per_tp]) for name in per_tp[0]}
         for name, tensor in full.items():
             add_native(back, rule_for(name, cfg, 0, 2 * ep_rank), tensor, cfg)
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("tp, ep", [(2, 1), (2, 2), (1, 4)])
+def test_random_init_pieces_read_by_slices_equal_the_pieces_of_the_full_tensors(tp, ep):
+    """Layout independence: what a TP/EP rank reads from RandomInit slice by slice is exactly its piece of
+    the TP=1 tensors (so every layout starts from the same weights)."""
+    cfg = tiny_moe_config()
+    source = RandomInit(cfg, seed=9)
+    full_state = {name: source.read(name) for name in source.names() if name.startswith("language_model.")}
+    per_rank = cfg.text.num_experts // ep
+    for ep_rank in range(ep):
+        for tp_rank in range(tp):
+            coords = ShardCoords(expert_offset=per_rank * ep_rank, tp_rank=tp_rank, tp_size=tp,
+                                 expert_tp_rank=tp_rank, expert_tp_size=tp)
+            names = _megatron_names(cfg, coords, range(cfg.text.num_hidden_layers), experts_per_rank=per_rank)
+            got = local_state(names, source, cfg, coords)
+            for name in names:
+                rule = rule_for(name, cfg, 0, coords.expert_offset)
+                want = shard(rule, full_megatron_tensor(rule, full_state, cfg), *coords.tp(rule))
+                assert torch.equal(got[name], want), (name, tp_rank, ep_rank)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from model_fixtures import image_span, random_pixels, tiny_dense_config, tiny_moe_config, video_span
 
+from train.models.materialize import materialize
 from train.models.qwen3vl import PackedAttention, Qwen3VLModel
 from train.models.qwen3vl.moe import SparseMoeBlock
 from train.models.qwen3vl.text import TextMLP
@@ -15,10 +16,9 @@ def test_meta_construction_then_materialise():
     with torch.device("meta"):
         model = Qwen3VLModel(cfg)
     assert all(p.is_meta for p in model.parameters())
-    model.to_empty(device="cpu")
-    torch.manual_seed(0)
-    model.init_weights(std=0.02)
-    assert model.lm_head.weight is model.language_model.embed_tokens.weight  # tying survives to_empty
+    materialize(model, "cpu")
+    model.init_weights(seed=0)
+    assert model.lm_head.weight is model.language_model.embed_tokens.weight  # tying survives materialising
     experts = model.language_model.layers[1].mlp.experts.gate_up_proj
     assert abs(experts.std().item() - 0.02) < 0.002
     assert torch.equal(model.language_model.norm.weight, torch.ones(cfg.text.hidden_size))

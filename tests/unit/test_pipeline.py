@@ -17,6 +17,8 @@ from data.errors import DataError
 from train.backends.base import ParallelInfo, StepMetrics, gathered_state_dict
 from train.config.compose import stage_configs
 from train.config.schema import TrainConfig
+from train.models.materialize import fill_native
+from train.models.weight_source import WeightSource
 from train.models.qwen3vl.model import Qwen3VLModel
 from train.pipeline import EXIT_CONFIG, EXIT_STOPPED, run_pipeline, summary_table
 from train.trainer import StageResult, StageRuntime
@@ -60,9 +62,9 @@ class StandInBackend:
     def export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield from self.model.named_parameters()
 
-    def load_model_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.loaded = {k: v.clone() for k, v in state_dict.items()}
-        self.model.load_state_dict(state_dict)
+    def load_model_weights(self, weights: WeightSource) -> None:
+        fill_native(self.model, weights)
+        self.loaded = {k: v.clone() for k, v in self.model.state_dict().items()}
 
 
 class StandInLoader:

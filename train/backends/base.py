@@ -1,6 +1,7 @@
 """The backend protocol: the only thing the trainer knows about DeepSpeed or Megatron-core.
 
-A backend builds the parallel model and its optimizer from the config, runs one optimizer step over a list
+A backend builds the parallel model (each rank only its shard, filled from a WeightSource) and its
+optimizer from the config, runs one optimizer step over a list
 of micro-batches, and saves/loads its own resumable state. Everything that is not specific to one backend
 (loss, LR schedule, freezing, the loader, checkpoint directories, metrics) lives outside the backends and is
 shared, so no logic is written twice.
@@ -14,6 +15,7 @@ from typing import Iterator, Protocol, runtime_checkable
 import torch
 
 from data.batch import PackedBatch
+from train.models.weight_source import WeightSource
 
 
 @dataclass
@@ -66,9 +68,11 @@ class Backend(Protocol):
         is valid until the next step of the iteration (the caller writes or copies it). No rank waits longer
         than one tensor's gather + write (train/export.py writes them; exports never hold the model)."""
 
-    def load_model_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Initialise the model from a full native state dict (stage handoff, HF import). Every rank calls it
-        with the same dict; each keeps its own shard."""
+    def load_model_weights(self, weights: WeightSource) -> None:
+        """Initialise the model from a WeightSource in native names (stage handoff, `stage.init_from`, HF
+        import; train/models/weight_source.py). Every rank calls it with an equivalent source; each reads
+        and keeps only its own shard (TP/PP/EP slices, ZeRO-3 partitions). Names and shapes are checked
+        against the model config first (CheckpointError naming the file and tensor)."""
 
 
 def gathered_state_dict(backend: Backend) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from train.loss import micro_batch_loss, supervised_weights  # noqa: E402
 from train.models.qwen3vl import Qwen3VLModel  # noqa: E402
 from data.positions import packed_position_ids  # noqa: E402
 from train.optim import learning_rate, param_groups, set_learning_rate  # noqa: E402
+from train.models.weight_source import RandomInit  # noqa: E402
 
 SEQ = 64
 
@@ -142,6 +143,25 @@ def reference_training(cfg, init_state: dict, steps: list[list[PackedBatch]],
 def initial_state(cfg, seed: int = 7) -> dict:
     torch.manual_seed(seed)
     return {k: v.detach().clone() for k, v in Qwen3VLModel(cfg.model).state_dict().items()}
+
+
+def check_random_init(backend, cfg, failures: list[str], what: str) -> None:
+    """A freshly built backend holds exactly RandomInit(cfg.model, cfg.seed), whatever its layout (each rank
+    generated only its shard: TP pieces, ZeRO-3 partitions, experts). Collective (the export gathers)."""
+    import torch.distributed as dist
+
+    from train.backends.base import gathered_state_dict
+
+    exported = gathered_state_dict(backend)
+    if dist.get_rank() != 0:
+        return
+    source = RandomInit(cfg.model, cfg.seed)
+    if set(exported) != source.names():
+        failures.append(f"{what}: exported names differ from the random init's")
+    differing = [name for name in sorted(source.names() & set(exported))
+                 if not torch.equal(exported[name], source.read(name).to(exported[name].dtype))]
+    if differing:
+        failures.append(f"{what}: the initial weights differ from RandomInit, first {differing[0]}")
 
 
 def compare_states(got: dict, want: dict, tol: float, failures: list[str], what: str) -> float:

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from deepspeed_common import (compare_losses, compare_states, global_batch, initial_state, make_config,
-                              reference_per_source, reference_training)
+from deepspeed_common import (check_random_init, compare_losses, compare_states, global_batch, initial_state,
+                              make_config, reference_per_source, reference_training)
 from rank_harness import finish, start
 from train.backends.base import gathered_state_dict
 from train.backends import build_backend
+from train.models.weight_source import StateDictSource
 
 MODES = {
     "zero1": dict(zero_stage=1),
@@ -82,8 +83,10 @@ def main(mode: str, ckpt: str) -> None:
     ref_losses, ref_state = reference_training(cfg, init, steps)
     ref_norms = reference_training.grad_norms
     t0 = time.time()
-    backend = build_backend(cfg)  # built from cfg.seed: different weights until load_model_weights
-    backend.load_model_weights(init)
+    backend = build_backend(cfg)  # built from RandomInit(cfg.seed): other weights until load_model_weights
+    if mode in ("zero3", "ep2"):
+        check_random_init(backend, cfg, failures, f"{mode} construction")
+    backend.load_model_weights(StateDictSource(init))
     t_init = time.time() - t0
     metrics = [_train(backend, steps[0]), _train(backend, steps[1])]
     backend.save(Path(ckpt))

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from deepspeed_common import (compare_losses, compare_states, global_batch, initial_state, make_config,
-                              reference_training)
+from deepspeed_common import (check_random_init, compare_losses, compare_states, global_batch, initial_state,
+                              make_config, reference_training)
 from rank_harness import finish, start
 from train.backends.base import gathered_state_dict
 from train.backends.megatron.backend import MegatronBackend
+from train.models.weight_source import StateDictSource
 
 MODES = {
     "dp": dict(parallel={}),
@@ -92,8 +93,10 @@ def run_mode(mode: str, ckpt: Path, failures: list[str]) -> None:
     ref_losses, ref_state = reference_training(cfg, init, steps)
     ref_norms = reference_training.grad_norms
     t0 = time.time()
-    backend = MegatronBackend(cfg)  # built from cfg.seed: other weights until load_model_weights
-    backend.load_model_weights(init)
+    backend = MegatronBackend(cfg)  # built from RandomInit(cfg.seed): other weights until load_model_weights
+    if mode in ("tp", "ep", "pp"):
+        check_random_init(backend, cfg, failures, f"{mode} construction")
+    backend.load_model_weights(StateDictSource(init))
     metrics = [train(backend, steps[0]), train(backend, steps[1])]
     if mode == "dp":
         backend.save(ckpt)

@@ -47,12 +47,13 @@ def reference_logits(ref: Qwen3VLModel, batch: PackedBatch) -> torch.Tensor:
 def layout_diff(cfg, sizes: ParallelSizes, state: dict, batches: list[PackedBatch], want: list) -> tuple[float, dict]:
     """Max |megatron logits - reference| over this rank's tokens, then over all ranks; and the export."""
     from train.backends.megatron.model import MegatronQwen3VL, transformer_config
-    from train.backends.megatron.weights import export_native, load_native, shard_coords
+    from train.backends.megatron.weights import export_native, load_weights, shard_coords
+    from train.models.weight_source import StateDictSource
 
     sizes = init_parallel_groups(sizes)
     torch.manual_seed(99)  # other weights than the reference until load_native
     model = MegatronQwen3VL(transformer_config(cfg, sizes, sequence_parallel=True), cfg, Qwen3VLModel(cfg).visual)
-    load_native(model, state, cfg, shard_coords(model))
+    load_weights(model, StateDictSource(state), cfg, shard_coords(model))
     worst = 0.0
     with torch.no_grad():
         for batch, ref in zip(batches, want):

@@ -28,6 +28,7 @@ from megatron_backend import mode_config, train
 from rank_harness import finish, start
 from train.backends.base import gathered_state_dict
 from train.backends.megatron.backend import MegatronBackend
+from train.models.weight_source import StateDictSource
 from train.models.native_io import CheckpointError
 
 TOLERANCE = 1e-7  # exported weights (they come out bitwise equal)
@@ -111,7 +112,7 @@ def check_layout(name: str, ckpt: Path, want_state: dict, want_logits: torch.Ten
     backend.close()
 
     native = MegatronBackend(layout_config(name, seed=2000))
-    native.load_model_weights(want_state)
+    native.load_model_weights(StateDictSource(want_state))
     native_diff = compare_logits(logits, full_logits(native, probe), failures, f"{name} vs native-load logits")
     reference = train(native, step_batches)
     step_diff = compare_exports(after_step, gathered_state_dict(native), failures, f"{name} step after load")

@@ -30,6 +30,7 @@ from train.export import write_model_dir
 from train.models.hf import load_hf_checkpoint
 from train.models.native_io import save_model_config_yaml
 from train.models.streaming_writer import StreamingSafetensorsWriter
+from train.models.weight_source import StateDictSource
 
 TIMEOUT_S, SLOW_WRITE_S, LONG = 2.0, 0.06, timedelta(minutes=5)
 
@@ -44,7 +45,7 @@ def slowed(write):
 def export_case(name: str, cfg, out: Path, failures: list[str]) -> None:
     init = initial_state(cfg)
     backend = build_backend(cfg)
-    backend.load_model_weights(init)
+    backend.load_model_weights(StateDictSource(init))
     dist.barrier()
     _set_pg_timeout(timedelta(seconds=TIMEOUT_S))
     start_time = time.time()

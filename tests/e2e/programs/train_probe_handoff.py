@@ -32,8 +32,8 @@ def main() -> int:
         built = build_stage_backend(cfg)
         load = built.load_model_weights
 
-        def load_then_export(state_dict):
-            load(state_dict)
+        def load_then_export(weights):
+            load(weights)
             exported = gathered_state_dict(built)  # every rank: the gather is collective
             if rank() == 0:
                 save_native_checkpoint(Path(cfg.run_dir) / cfg.stage.name / LOADED, cfg.model, exported,

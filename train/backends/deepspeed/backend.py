@@ -13,7 +13,7 @@ import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -24,12 +24,15 @@ from train.backends.deepspeed.checkpoint_io import RecordingEngine
 from train.backends.deepspeed.config import check_layout, deepspeed_config
 from train.backends.deepspeed.experts import ExpertParallelism
 from train.backends.deepspeed.module import LossModule
-from train.backends.deepspeed.weights import import_state_dict, iter_native
+from train.backends.deepspeed.weights import iter_native, load_weights
 from train.config.schema import TrainConfig
 from train.device import move_batch
+from train.freeze import apply_trainable
 from train.loss import MicroBatchLoss, global_weight_sum, reduce_step_metrics
+from train.models.materialize import materialize
 from train.models.qwen3vl import Qwen3VLModel
-from train.optim import learning_rate, param_groups, set_learning_rate
+from train.models.weight_source import RandomInit, WeightSource, check_source_fits
+from train.optim import learning_rate, param_groups, set_learning_rate, weight_decay_names
 from train.parallel.context import split_tokens
 from train.parallel.ulysses import UlyssesAttention
 
@@ -50,11 +53,15 @@ def _consecutive_groups(size: int) -> dist.ProcessGroup | None:
 
 
 class DeepSpeedBackend:
-    """Backend protocol (train/backends/base.py) on a DeepSpeed engine. `prepare(model)` runs on the plain
-    model before anything is wrapped (freezing module groups for a stage, loading initial weights)."""
+    """Backend protocol (train/backends/base.py) on a DeepSpeed engine.
 
-    def __init__(self, cfg: TrainConfig, model: Qwen3VLModel | None = None,
-                 prepare: Callable[[Qwen3VLModel], None] | None = None) -> None:
+    Construction (README "Model construction"): ZeRO-3 builds the model under deepspeed.zero.Init, so every
+    parameter is partitioned as its module is created, and each rank fills only its partitions from the
+    weight source. ZeRO 0-2 replicate the parameters by design: the model is built on the meta device,
+    this rank's experts cut out (expert parallelism), then allocated and filled. `weights` defaults to the
+    random initialisation RandomInit(cfg.model, cfg.seed)."""
+
+    def __init__(self, cfg: TrainConfig, weights: WeightSource | None = None) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
         import deepspeed
 
@@ -69,29 +76,44 @@ class DeepSpeedBackend:
                                  cp_rank=rank % cp, cp_size=cp, is_logging_rank=rank == 0)
         self.total_steps = cfg.stage.num_steps()
         self.step = 0
-        if model is None:
-            torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-            model = Qwen3VLModel(cfg.model)
-        if prepare is not None:
-            prepare(model)
+        ds_config = deepspeed_config(cfg, grad_accum, world)
+        model = self._build_model(ds_config, weights or RandomInit(cfg.model, cfg.seed))
+        apply_trainable(model, cfg.stage.trainable)  # by name, before the optimizer exists
         model.aux_loss_form = cfg.moe_aux_loss_form()
         cp_group = _consecutive_groups(cp)
         if cp_group is not None:
             model.set_core_attention(lambda: UlyssesAttention(cp_group))
-        self.experts = ExpertParallelism.install(model, cfg.parallel.ep)
         if cfg.backend.activation_checkpointing:
             model.enable_activation_checkpointing()
         self.model = model
-        groups = param_groups(model, cfg.optim)
+        groups = param_groups(model, cfg.optim, decayed=weight_decay_names(cfg.model))
         if self.experts is not None:
             groups = self.experts.optimizer_groups(groups)
         module = LossModule(model, cp_group)
-        self.engine, *_ = deepspeed.initialize(model=module, model_parameters=groups,
-                                               config=deepspeed_config(cfg, grad_accum, world))
+        self.engine, *_ = deepspeed.initialize(model=module, model_parameters=groups, config=ds_config)
         if cfg.backend.zero_stage == 3:
             self._register_external_parameters(module)
         self.checkpoint_io = RecordingEngine(self.engine.checkpoint_engine)
         self.engine.checkpoint_engine = self.checkpoint_io
+
+    def _build_model(self, ds_config: dict, weights: WeightSource) -> Qwen3VLModel:
+        """This rank's model, filled from `weights` (whose names and shapes are checked first)."""
+        import deepspeed
+
+        cfg = self.cfg
+        zero3 = cfg.backend.zero_stage == 3
+        check_source_fits(weights, cfg.model, "initial weights")
+        if zero3:  # no expert parallelism under ZeRO-3 (check_layout)
+            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+                model = Qwen3VLModel(cfg.model, initialize=False)
+            self.experts = None
+        else:
+            with torch.device("meta"):
+                model = Qwen3VLModel(cfg.model)
+            self.experts = ExpertParallelism.install(model, cfg.parallel.ep)
+            materialize(model, "cpu")
+        load_weights(model, weights, zero3, self.experts)
+        return model
 
     def _register_external_parameters(self, module: LossModule) -> None:
         """Parameters read outside their owner's forward must be gathered by ZeRO-3 for the reader."""
@@ -209,8 +231,9 @@ class DeepSpeedBackend:
     def export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         return iter_native(self.model, self.cfg.backend.zero_stage == 3, self.experts)
 
-    def load_model_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        import_state_dict(self.model, state_dict, self.cfg.backend.zero_stage == 3, self.experts)
+    def load_model_weights(self, weights: WeightSource) -> None:
+        check_source_fits(weights, self.cfg.model, "initial weights")
+        load_weights(self.model, weights, self.cfg.backend.zero_stage == 3, self.experts)
         refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
         if refresh is not None:  # ZeRO / bf16 optimizers keep fp32 master copies of the weights
             refresh()

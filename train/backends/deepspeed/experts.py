@@ -26,7 +26,7 @@ from torch import nn
 from train.device import on_group_device
 from train.models.qwen3vl import Qwen3VLModel
 from train.models.qwen3vl.moe import SparseMoeBlock
-from train.parallel.expert import ExpertParallelExperts, expert_slice
+from train.parallel.expert import ExpertParallelExperts
 
 
 def _marker_class() -> type:
@@ -96,8 +96,12 @@ class ExpertParallelism:
         dist.all_gather(parts, local, group=self.group)
         return torch.cat(parts, dim=0)
 
-    def local_slice(self, full: torch.Tensor) -> torch.Tensor:
-        return full[expert_slice(full.shape[0], self.ep_size, dist.get_rank(self.group))]
+    def local_index(self, name: str) -> tuple[slice, ...] | None:
+        """The part of native tensor `name` this rank holds: its experts (dim 0) for an expert parameter."""
+        layer = self.layers.get(name.rsplit(".", 1)[0])
+        if layer is None:
+            return None
+        return (slice(layer.first_expert, layer.first_expert + layer.num_local),)
 
     # ------------------------------------------------------------------------------------ checkpoints
     @staticmethod

@@ -1,9 +1,10 @@
-"""Full native state dicts in and out of a DeepSpeed-wrapped model, independent of the layout.
+"""Weights in and out of a DeepSpeed-wrapped model, independent of the layout.
 
-ZeRO-3 partitions every parameter: they are gathered (export) or gathered-modified-repartitioned (import)
-with deepspeed.zero.GatheredParameters, one parameter at a time for exports. Expert-parallel slices are
-all-gathered along dim 0 (export) or sliced (import). ZeRO 0-2 keep whole parameters on every rank.
-Exported tensors are the module's weights in its dtype (with bf16 training: the bf16 compute weights).
+ZeRO-3 partitions every parameter. Export: gathered with deepspeed.zero.GatheredParameters, one parameter
+at a time; expert-parallel slices all-gathered along dim 0. Load: each rank fills only what it holds from a
+WeightSource (its ZeRO-3 partitions, its experts), reading only those slices. ZeRO 0-2 keep whole
+parameters on every rank. Exported tensors are the module's weights in its dtype (with bf16 training: the
+bf16 compute weights).
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 import torch.distributed as dist
 
+from train.models.materialize import fill, fill_native
 from train.models.qwen3vl import Qwen3VLModel
+from train.models.weight_source import WeightSource, flat_range
 
 if TYPE_CHECKING:
     from train.backends.deepspeed.experts import ExpertParallelism
@@ -49,20 +52,24 @@ def iter_native(model: Qwen3VLModel, zero3: bool, experts: "ExpertParallelism | 
         dist.barrier()  # the last parameter's write is done before anyone goes on
 
 
-@torch.no_grad()
-def import_state_dict(model: Qwen3VLModel, state: dict[str, torch.Tensor], zero3: bool,
-                      experts: "ExpertParallelism | None") -> None:
-    """Copy a full native state dict into the (possibly partitioned / expert-sliced) model. Every rank
-    passes the same dict. Raises KeyError naming missing or unexpected keys."""
-    own = model.state_dict(keep_vars=True)
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    # Under ZeRO-3 rank 0's values are broadcast and re-partitioned when the context exits.
-    with _gathered(list(model.parameters()), zero3, 0):
-        if not zero3 or dist.get_rank() == 0:
-            for name, tensor in own.items():
-                value = state[name]
-                if experts is not None and experts.is_expert_param(name):
-                    value = experts.local_slice(value)
-                tensor.copy_(value.to(dtype=tensor.dtype, device=tensor.device))
+def load_weights(model: Qwen3VLModel, source: WeightSource, zero3: bool,
+                 experts: "ExpertParallelism | None") -> None:
+    """Fill this rank's share of the model from `source`, reading only that share: under ZeRO-3 each
+    parameter's own partition (a flat range of the tensor), with expert parallelism the rank's experts,
+    otherwise (ZeRO 0-2 replicate parameters by design) every tensor. Every rank calls it."""
+    if not zero3:
+        fill_native(model, source, lambda name: experts.local_index(name) if experts is not None else None)
+        return
+    fill((name, *_partition(param, source, name)) for name, param in model.named_parameters())
+    for name, param in model.named_parameters():
+        if param.numel() and getattr(param, "ds_persist", False):  # a persistent, already gathered copy
+            with torch.no_grad():
+                param.data.copy_(source.read(name))
+
+
+def _partition(param: torch.Tensor, source: WeightSource, name: str):
+    """(this rank's ZeRO-3 partition tensor, a reader of the flat element range of the full tensor it holds)."""
+    size = param.ds_tensor.ds_numel
+    start = dist.get_rank(param.ds_process_group) * size
+    stop = max(start, min(start + size, param.ds_numel))
+    return param.ds_tensor.narrow(0, 0, stop - start), lambda: flat_range(source, name, start, stop)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -24,25 +24,30 @@ from train.backends.megatron.layout import check_config
 from train.backends.megatron.parallel_state import ParallelSizes, destroy_parallel_groups, init_parallel_groups
 from train.config.schema import TrainConfig
 from train.device import comm_tensor, comm_zeros, compute_device, move_batch, on_group_device
+from train.freeze import apply_trainable
 from train.loss import MicroBatchLoss, global_weight_sum, micro_batch_loss, reduce_step_metrics
-from train.models.qwen3vl import Qwen3VLModel
+from train.models.materialize import materialize
 from train.models.qwen3vl.moe import attach_loss, load_balancing_loss, moe_layer_count
-from train.optim import learning_rate, param_groups, set_learning_rate
+from train.models.qwen3vl.vision import VisionTower
+from train.models.weight_source import RandomInit, WeightSource, check_source_fits
+from train.optim import learning_rate, set_learning_rate, weight_decay_names
 from train.parallel.context import split_tokens
 
 NO_DECAY_ATTR = "longvl_no_weight_decay"
 
 
 class MegatronBackend:
-    """Backend protocol (train/backends/base.py) on megatron-core. `prepare(model)` runs on a plain native
-    model before the megatron model is built from it (freezing module groups, loading initial weights):
-    the megatron parameters inherit its weights and requires_grad flags through the weight map."""
+    """Backend protocol (train/backends/base.py) on megatron-core. Each rank builds its own TP/PP/EP shard of
+    the model on the meta device, allocates only it and fills it from a WeightSource slice by slice (the
+    weight map of weights.py); `weights` defaults to the random initialisation RandomInit(cfg.model,
+    cfg.seed). Trainability and weight decay follow the native names each megatron tensor is made of."""
 
-    def __init__(self, cfg: TrainConfig, model: Qwen3VLModel | None = None,
-                 prepare: Callable[[Qwen3VLModel], None] | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, weights: WeightSource | None = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed must be initialised before building the megatron backend")
         sizes = check_config(cfg, dist.get_world_size())  # the rules preflight ran before any process group
+        weights = weights or RandomInit(cfg.model, cfg.seed)
+        check_source_fits(weights, cfg.model, "initial weights")
         self.cfg, self.sizes = cfg, sizes
         self.total_steps = cfg.stage.num_steps()
         self.step = 0
@@ -54,43 +59,43 @@ class MegatronBackend:
                                  dp_rank=mpu.get_data_parallel_rank(), dp_size=mpu.get_data_parallel_world_size(),
                                  cp_rank=mpu.get_context_parallel_rank(), cp_size=sizes.cp,
                                  is_logging_rank=dist.get_rank() == 0)
-        if model is None:
-            torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-            model = Qwen3VLModel(cfg.model)
-        if prepare is not None:
-            prepare(model)
-        self.model = self._build_model(model)
+        self.model = self._build_model(weights)
         self.ddp, self.optimizer = self._wrap(self.model)
 
     # -------------------------------------------------------------------------------------- building
-    def _build_model(self, native: Qwen3VLModel):
+    def _build_model(self, weights: WeightSource):
         from train.backends.megatron.model import DTYPES, MegatronQwen3VL, transformer_config
-        from train.backends.megatron.weights import load_native, rule_for, shard_coords
+        from train.backends.megatron.weights import load_weights, rule_for, shard_coords
 
         cfg, mpu = self.cfg, self.mpu
         self.config = transformer_config(cfg.model, self.sizes, cfg.backend.precision,
                                          cfg.parallel.sequence_parallel)
+        # Megatron's CPU-initialisation path allocates without a device argument, so under the meta device
+        # below it allocates nothing (its init on meta tensors is free and also sets the TP attributes the
+        # optimizer and DDP read); the weight source is the initialisation, on GPU clusters as here.
+        self.config.use_cpu_initialization = True
         first = mpu.is_pipeline_first_stage()
-        model = MegatronQwen3VL(self.config, cfg.model, native.visual if first else None, pre_process=first,
-                                post_process=mpu.is_pipeline_last_stage())
+        with torch.device("meta"):
+            visual = VisionTower(cfg.model.vision, out_size=cfg.model.text.hidden_size) if first else None
+            model = MegatronQwen3VL(self.config, cfg.model, visual, pre_process=first,
+                                    post_process=mpu.is_pipeline_last_stage())
+            model.to(DTYPES[cfg.backend.precision])
+        materialize(model, compute_device())  # every parameter, frozen ones (the ViT in s0) too
         coords = shard_coords(model)
-        load_native(model, native.state_dict(), cfg.model, coords)
-        # Trainability and weight decay follow the native parameters each megatron tensor is made of.
-        native_params = dict(native.named_parameters())
-        decayed = {id(p) for g in param_groups(native, cfg.optim) if g["name"] == "decay" for p in g["params"]}
+        load_weights(model, weights, cfg.model, coords)
+
+        def native_name(name: str) -> str:  # the first native tensor a megatron parameter is made of
+            return rule_for(name, cfg.model, coords.layer_offset, coords.expert_offset).natives[0]
+
+        apply_trainable(model, cfg.stage.trainable, native_name)
+        decayed = weight_decay_names(cfg.model)
         for name, param in model.named_parameters():
-            sources = [native_params[n] for n in rule_for(name, cfg.model, coords.layer_offset,
-                                                          coords.expert_offset).natives if n in native_params]
-            if not sources:  # tied lm_head: state_dict-only name of the embedding
-                sources = [native_params["language_model.embed_tokens.weight"]]
-            param.requires_grad_(any(p.requires_grad for p in sources))
-            setattr(param, NO_DECAY_ATTR, id(sources[0]) not in decayed)
+            setattr(param, NO_DECAY_ATTR, native_name(name) not in decayed)
         if cfg.backend.activation_checkpointing:
             model.checkpoint_decoder = True
             if first:
                 model.visual.checkpoint_blocks = True
-        # Frozen parameters (the ViT in s0) and the reused native tower move too, not only megatron's own.
-        return model.to(device=compute_device(), dtype=DTYPES[cfg.backend.precision])
+        return model
 
     def _wrap(self, model):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -256,10 +261,11 @@ class MegatronBackend:
 
         return iter_native(self.model, self.cfg.model)
 
-    def load_model_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        from train.backends.megatron.weights import load_native, shard_coords
+    def load_model_weights(self, weights: WeightSource) -> None:
+        from train.backends.megatron.weights import load_weights, shard_coords
 
-        load_native(self.model, state_dict, self.cfg.model, shard_coords(self.model))
+        check_source_fits(weights, self.cfg.model, "initial weights")
+        load_weights(self.model, weights, self.cfg.model, shard_coords(self.model))
         # Mixed-precision / distributed optimizers keep fp32 master copies of the weights: refresh them.
         self.optimizer.reload_model_params()
 

@@ -24,6 +24,8 @@ from torch import nn
 
 from train.config.model import ModelConfig
 from train.device import comm_empty, on_group_device
+from train.models.materialize import fill
+from train.models.weight_source import WeightSource
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$")
@@ -92,10 +94,11 @@ def rule_for(name: str, cfg: ModelConfig, layer_offset: int = 0, expert_offset: 
 
 
 # ------------------------------------------------------------------------------------ tensor layouts
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Native q/k/v projections (weights [heads*D, H] or biases [heads*D]) -> megatron's grouped layout."""
-    text = cfg.text
-    groups = text.num_key_value_heads
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig,
+             groups: int | None = None) -> torch.Tensor:
+    """Native q/k/v projections (weights [heads*D, H] or biases [heads*D]) -> megatron's grouped layout.
+    `groups`: how many query groups the rows hold (a TP shard: num_key_value_heads / tp)."""
+    groups = groups or cfg.text.num_key_value_heads
     rest = q.shape[1:]
     parts = [t.reshape(groups, -1, *rest) for t in (q, k, v)]
     return torch.cat(parts, dim=1).reshape(-1, *rest)
@@ -171,26 +174,61 @@ class ShardCoords:
         return (self.expert_tp_rank, self.expert_tp_size) if rule.is_expert else (self.tp_rank, self.tp_size)
 
 
-def local_state(names: list[str], state: dict[str, torch.Tensor], cfg: ModelConfig,
+def chunk_slice(length: int, size: int, rank: int) -> slice:
+    """Rows of `rank`'s piece when `length` rows are cut in `size` pieces like torch.chunk."""
+    piece = -(-length // size)
+    return slice(min(length, rank * piece), min(length, (rank + 1) * piece))
+
+
+def read_local(rule: Rule, source: WeightSource, cfg: ModelConfig, coords: ShardCoords) -> torch.Tensor:
+    """This rank's megatron tensor of `rule`, assembled from only the native slices it is made of
+    (equal to shard(rule, full_megatron_tensor(...)) without ever building the full tensor)."""
+    rank, size = coords.tp(rule)
+    if rule.tp_dim is None:
+        size = 1
+    text = cfg.text
+    if rule.kind == "qkv":  # a TP shard is a contiguous block of whole query groups
+        groups = chunk_slice(text.num_key_value_heads, size, rank)
+        per_q = text.num_attention_heads // text.num_key_value_heads * text.head_dim
+        d = text.head_dim
+        q, k, v = (source.read(name, (slice(groups.start * rows, groups.stop * rows),))
+                   for name, rows in zip(rule.natives, (per_q, d, d)))
+        return fuse_qkv(q, k, v, cfg, groups=groups.stop - groups.start)
+    if rule.kind == "glu":  # [gate_r; up_r]
+        return torch.cat([source.read(name, (chunk_slice(source.shape(name)[0], size, rank),))
+                          for name in rule.natives])
+    name = rule.natives[0]
+    shape = source.shape(name)
+    if rule.kind == "expert_glu":  # rows [gate; up] of one expert, each half cut over expert-TP
+        half = shape[1] // 2
+        rows = chunk_slice(half, size, rank)
+        expert = slice(rule.expert, rule.expert + 1)
+        return torch.cat([source.read(name, (expert, slice(start + rows.start, start + rows.stop)))[0]
+                          for start in (0, half)])
+    if rule.is_expert:  # one expert's row of the stacked tensor, cut along its TP dim
+        index = [slice(rule.expert, rule.expert + 1)] + [slice(None)] * (len(shape) - 1)
+        index[rule.tp_dim + 1] = chunk_slice(shape[rule.tp_dim + 1], size, rank)
+        return source.read(name, tuple(index))[0]
+    index = [slice(None)] * len(shape)
+    if rule.tp_dim is not None:
+        index[rule.tp_dim] = chunk_slice(shape[rule.tp_dim], size, rank)
+    return source.read(name, tuple(index))
+
+
+def local_state(names: list[str], source: WeightSource, cfg: ModelConfig,
                 coords: ShardCoords) -> dict[str, torch.Tensor]:
-    """This rank's megatron tensors (by megatron name) cut from a full native state dict."""
-    out = {}
-    for name in names:
+    """This rank's megatron tensors (by megatron name), read slice by slice from a native weight source."""
+    return {name: read_local(rule_for(name, cfg, coords.layer_offset, coords.expert_offset), source, cfg, coords)
+            for name in names}
+
+
+def load_weights(model: nn.Module, source: WeightSource, cfg: ModelConfig, coords: ShardCoords) -> None:
+    """Fill this rank's shard of `model` (the unwrapped megatron model) from a native weight source,
+    reading only the slices it holds (peak: the shard plus the largest slice being converted)."""
+    def reader(name: str):
         rule = rule_for(name, cfg, coords.layer_offset, coords.expert_offset)
-        out[name] = shard(rule, full_megatron_tensor(rule, state, cfg), *coords.tp(rule))
-    return out
-
-
-@torch.no_grad()
-def load_native(model: nn.Module, state: dict[str, torch.Tensor], cfg: ModelConfig, coords: ShardCoords) -> None:
-    """Copy a full native state dict into this rank's shard of `model` (the unwrapped megatron model)."""
-    params = dict(model.named_parameters())
-    for name, value in local_state(list(params), state, cfg, coords).items():
-        param = params[name]
-        if value.shape != param.shape:
-            raise ValueError(f"{name}: native tensors give shape {tuple(value.shape)}, the model has "
-                             f"{tuple(param.shape)}")
-        param.copy_(value.to(dtype=param.dtype, device=param.device))
+        return lambda: read_local(rule, source, cfg, coords)
+    fill((name, param, reader(name)) for name, param in model.named_parameters())
 
 
 def gather_tp(tensor: torch.Tensor, rule: Rule, size: int, group: dist.ProcessGroup | None) -> torch.Tensor:

@@ -7,8 +7,8 @@ Stages, separable so context parallelism can split the sequence after the vision
 Parameter names are transformers' Qwen3VL(Moe)ForConditionalGeneration names without the leading "model."
 (`visual.*`, `language_model.*`, `lm_head.weight`), so HF weights load with `k.removeprefix("model.")`.
 
-Building on the meta device skips initialisation; materialise with `model.to_empty(device=...)` then
-`model.init_weights()` (which also re-ties the embeddings when tie_word_embeddings is set).
+Building on the meta device skips initialisation: backends materialise their shard and fill it from a
+WeightSource (train/models/materialize.py); `init_weights(seed)` fills a whole model with the random init.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from torch import nn
 
 from train.config.model import ModelConfig
 from train.models.qwen3vl.attention import KVCache, full_cu_seqlens, segments_of
-from train.models.qwen3vl.common import RMSNorm, maybe_checkpoint
-from train.models.qwen3vl.moe import Experts, TopKRouter, load_balancing_loss
+from train.models.qwen3vl.common import maybe_checkpoint
+from train.models.qwen3vl.moe import load_balancing_loss
 from data.positions import packed_position_ids
 from train.models.qwen3vl.rope import mrope_cos_sin
 from train.models.qwen3vl.text import TextModel
@@ -46,7 +46,9 @@ def sequential_positions(cu_seqlens: torch.Tensor, offset: int = 0) -> torch.Ten
 
 
 class Qwen3VLModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, initialize: bool = True) -> None:
+        """`initialize=False` leaves the weights to the caller (e.g. built under deepspeed.zero.Init and
+        filled partition by partition); a meta-device build is never initialised."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -58,7 +60,7 @@ class Qwen3VLModel(nn.Module):
         # the run's choice (train/backends/megatron/layout.py aux_loss_form).
         self.aux_loss_form = "pooled"
         self.tie_weights()
-        if self.lm_head.weight.device.type != "meta":
+        if initialize and self.lm_head.weight.device.type != "meta":
             self.init_weights()
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -68,24 +70,17 @@ class Qwen3VLModel(nn.Module):
             self.lm_head.weight = self.language_model.embed_tokens.weight
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        """HF's initialisation: normal(0, std) matrices and embeddings, zero biases, unit norms."""
+    def init_weights(self, seed: int | None = None) -> None:
+        """The project's random initialisation (train/models/weight_source.py RandomInit: HF's
+        distributions, normal(0, 0.02) matrices and embeddings, zero biases, unit norms), the same values
+        every backend gets for `seed` in any layout. seed=None draws one from torch's global RNG."""
+        from train.models.materialize import fill_native
+        from train.models.weight_source import RandomInit
+
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, ()))
         self.tie_weights()
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv3d, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
-            elif isinstance(module, TopKRouter):
-                nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, Experts):
-                nn.init.normal_(module.gate_up_proj, std=std)
-                nn.init.normal_(module.down_proj, std=std)
+        fill_native(self, RandomInit(self.cfg, seed))
 
     def enable_activation_checkpointing(self, decoder: bool = True, vision: bool = True) -> None:
         """Recompute each decoder layer's / ViT block's activations in backward (non-reentrant)."""
