@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from data.loader import STAT_NAMES
 from train.backends.base import StepMetrics
 from train.config.schema import LoggingConfig
 from train.device import comm_tensor, comm_zeros
@@ -64,25 +65,28 @@ def make_record(step: int, metrics: StepMetrics, seconds: float, packing_efficie
                       bad_data_fraction=dict(bad_data_fraction or {}))
 
 
-def global_data_counts(local: dict[str, dict[str, int]], dp_rank: int) -> dict[str, dict[str, int]]:
-    """The loader counters of every data-parallel rank summed (each rank's already sums its workers).
+def global_data_counts(local: dict[str, dict[str, int]], names: Sequence[str],
+                       dp_rank: int) -> dict[str, dict[str, int]]:
+    """The loader counters (STAT_NAMES) of data sets `names` summed over every data-parallel rank (each rank's
+    `local` already sums its workers; what it lacks counts 0).
 
-    Collective when a process group is up: every rank calls it at the same step. The tensor/context/pipeline
-    peers of a DP rank consume the same batches, so each DP rank is counted once: the elementwise max over
-    the ranks reporting that dp_rank (equal counts when every peer loads, the loading peer's when only one
-    does and the others report zeros)."""
-    if not local or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return local
-    names, stats = list(local), list(next(iter(local.values())))
-    row = comm_tensor([dp_rank] + [local[n][s] for n in names for s in stats], dtype=torch.int64)
-    rows = [comm_zeros(row.numel(), torch.int64) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(rows, row)
+    Collective when a process group is up: every rank calls it at the same step, whatever its loader reports.
+    The tensor/context/pipeline peers of a DP rank consume the same batches, so each DP rank is counted once:
+    the elementwise max over the ranks reporting that dp_rank (equal counts when every peer loads, the
+    loading peer's when only one does and the others report zeros)."""
+    values = [dp_rank] + [int(local.get(n, {}).get(s, 0)) for n in names for s in STAT_NAMES]
+    rows = [torch.tensor(values, dtype=torch.int64)]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        row = comm_tensor(values, dtype=torch.int64)
+        gathered = [comm_zeros(row.numel(), torch.int64) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, row)
+        rows = [r.cpu() for r in gathered]
     per_dp: dict[int, torch.Tensor] = {}
-    for r in (r.cpu() for r in rows):
+    for r in rows:
         key = int(r[0])
         per_dp[key] = torch.maximum(per_dp[key], r[1:]) if key in per_dp else r[1:]
-    total = torch.stack(list(per_dp.values())).sum(0).view(len(names), len(stats)).tolist()
-    return {n: dict(zip(stats, values)) for n, values in zip(names, total)}
+    total = torch.stack(list(per_dp.values())).sum(0).view(len(names), len(STAT_NAMES)).tolist()
+    return {n: dict(zip(STAT_NAMES, counts)) for n, counts in zip(names, total)}
 
 
 def peak_memory_gb() -> float:

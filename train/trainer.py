@@ -186,7 +186,7 @@ def _run_steps(cfg: TrainConfig, backend: Backend, loader: Any, stage_dir: Stage
 def _check_bad_data(cfg: TrainConfig, loader: Any, dp_rank: int, stage_dir: StageDir) -> dict[str, float]:
     """The bad fraction per data set over every rank and worker (collective); stops the stage in one line
     naming the data sets past data.max_bad_fraction (the checkpoint of this step is not written)."""
-    counts = global_data_counts(loader.stats(), dp_rank)
+    counts = global_data_counts(loader.stats(), [d.name for d in cfg.data.datasets], dp_rank)
     exceeded = over_limit(counts, cfg.data.max_bad_fraction, cfg.data.bad_sample_grace)
     if exceeded:
         raise TrainingStopped(f"{cfg.stage.name}: bad data (bad samples + bad shards of everything read, all "

@@ -116,19 +116,23 @@ def test_data_counts_are_summed_over_dp_ranks_once_each(monkeypatch):
     from train.metrics import global_data_counts
 
     reported = {0: (0, [10, 2]), 1: (0, [0, 0]), 2: (1, [7, 1]), 3: (1, [7, 1])}
+    sent = []
 
     def all_gather(rows, row):
+        sent.append(row.tolist())
         for r, (dp_rank, (samples, bad)) in reported.items():
-            rows[r].copy_(torch.tensor([dp_rank, samples, bad, 0, 0, 0, 0]))
+            rows[r].copy_(torch.tensor([dp_rank, samples, bad] + [0] * 8))
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 4)
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
     monkeypatch.setattr(dist, "all_gather", all_gather)
-    local = {"web": {"samples": 10, "bad_samples": 2, "bad_shards": 0}, "ocr": dict.fromkeys(
-        ("samples", "bad_samples", "bad_shards"), 0)}
-    assert global_data_counts(local, dp_rank=0) == {"web": {"samples": 17, "bad_samples": 3, "bad_shards": 0},
-                                                    "ocr": {"samples": 0, "bad_samples": 0, "bad_shards": 0}}
+    zero = dict.fromkeys(("bad_shards", "truncated", "dropped_too_long"), 0)
+    local = {"web": {"samples": 10, "bad_samples": 2, **zero}}
+    assert global_data_counts(local, ["web", "ocr"], dp_rank=0) == {
+        "web": {"samples": 17, "bad_samples": 3, **zero}, "ocr": {"samples": 0, "bad_samples": 0, **zero}}
+    assert global_data_counts({}, ["web", "ocr"], dp_rank=0)  # a rank whose loader reports nothing still joins
+    assert sent == [[0, 10, 2] + [0] * 8, [0] + [0] * 10]
 
 
 def test_over_limit_names_each_data_set_past_the_fraction_after_the_grace():
