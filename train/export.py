@@ -15,8 +15,8 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
 from train.config.model import ConfigError, ModelConfig
-from train.models.hf import (HF_CONFIG_FILE, HF_PREFIX, hf_name, hf_names_to_write, hf_read_plan, read_hf_config, write_hf_config,
-                             written_by_transformers_4)
+from train.models.hf import (HF_CONFIG_FILE, HF_PREFIX, hf_name, hf_names_to_write, hf_read_plan, read_hf_config,
+                             write_hf_config, written_by_transformers_4)
 from train.models.native_io import (DEFAULT_MAX_SHARD_SIZE, LM_HEAD, NATIVE_CONFIG_FILE, CheckpointError,
                                     atomic_directory, check_state_dict_fits, expected_native_shapes,
                                     load_model_config_yaml, parse_size, safetensors_files, save_model_config_yaml)
@@ -43,7 +43,8 @@ def stored_name(cfg: ModelConfig, fmt: str, native: str) -> str | None:
     return None if native == LM_HEAD and cfg.text.tie_word_embeddings else native
 
 
-def planned_specs(cfg: ModelConfig, fmt: str, dtype: torch.dtype | Mapping[str, torch.dtype]) -> dict[str, TensorSpec]:
+def planned_specs(cfg: ModelConfig, fmt: str,
+                  dtype: torch.dtype | Mapping[str, torch.dtype]) -> dict[str, TensorSpec]:
     """Stored name -> shape and dtype of every tensor of the model (from a meta build), in model order.
     `dtype`: one for all tensors, or per native name (a conversion keeping the source's dtypes)."""
     specs = {}
@@ -87,7 +88,8 @@ def _write_config(directory: Path, cfg: ModelConfig, fmt: str, specs: Mapping[st
         write_hf_config(directory, cfg, [spec.dtype for spec in specs.values()])
 
 
-def in_lockstep(names: Iterable[str], read: Callable[[str], torch.Tensor] | None) -> Iterator[tuple[str, torch.Tensor]]:
+def in_lockstep(names: Iterable[str],
+                read: Callable[[str], torch.Tensor] | None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, read(name)) on the rank that has `read`, nothing elsewhere; all ranks iterate `names` and meet
     in a barrier after each tensor, so a rank idle during a long single-rank conversion (hf/ from final/)
     never waits longer than one tensor's read + write (the process-group timeout stays far away)."""
@@ -99,8 +101,9 @@ def in_lockstep(names: Iterable[str], read: Callable[[str], torch.Tensor] | None
 
 
 class ModelDirReader:
-    """A native (model_config.yaml) or HF (config.json) model directory read one native tensor at a time:
-    only the safetensors headers are read up front (names, shapes, dtypes, checked against the config)."""
+    """A native (model_config.yaml) or HF (config.json) model directory read one native tensor, or slice, at
+    a time: only the safetensors headers are read up front (names, shapes, dtypes, checked against the
+    config). Missing shards, unreadable files and tensors of another model's shapes are one line each."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -126,15 +129,19 @@ class ModelDirReader:
         check_state_dict_fits(self.cfg, {k: torch.empty(v.shape, device="meta") for k, v in self.plan.items()},
                               source=str(self.directory))
 
-    def names(self) -> list[str]:
-        """Native names in the model's order (a tied head included: it reads the embedding)."""
-        return [name for name in expected_native_shapes(self.cfg) if name in self.plan]
+    def names(self) -> set[str]:
+        """Every native name (a tied head included: it reads the embedding)."""
+        return set(self.plan)
+
+    def shape(self, native: str) -> tuple[int, ...]:
+        return self.plan[native].shape
 
     def dtype(self, native: str) -> torch.dtype:
         return self.dtypes[self._stored_name(self.plan[native].hf_names[0])]
 
-    def read(self, native: str) -> torch.Tensor:
-        return self.plan[native].read(lambda hf_key: self._slice(self._stored_name(hf_key)))
+    def read(self, native: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
+        """`native[index]`, reading only that slice from the files (a WeightSource, train/models)."""
+        return self.plan[native].read(lambda hf_key: self._slice(self._stored_name(hf_key)), index)
 
     def _slice(self, name: str) -> Any:
         path = self.files[name]

@@ -33,5 +33,6 @@ def test_exports_stay_within_the_timeout_and_equal_the_loaded_weights(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         assert (converted / "model.safetensors.index.json").is_file()
         live, back = read_safetensors_dir(tmp_path / case), read_safetensors_dir(converted)
-        assert live.keys() == back.keys() and all(live[k].dtype == back[k].dtype and torch.equal(live[k], back[k]) for k in live), case
+        assert live.keys() == back.keys(), case
+        assert all(live[k].dtype == back[k].dtype and torch.equal(live[k], back[k]) for k in live), case
 
