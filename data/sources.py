@@ -206,8 +206,19 @@ class SequentialSource:
                 if hasattr(self.source, "wait_for_child"):
                     self.source.close()  # a gopen Pipe: waits for the command, raises on a failed exit status
         except OSError as e:
-            raise FetchError(self.url, f"fetch failed: {str(e).splitlines()[0][:200]}") from None
+            raise FetchError(self.url, f"fetch failed: {_reason(self.source, e)}") from None
         return data
+
+
+def _reason(source: IO[bytes], error: OSError) -> str:
+    """`curl exited with status 7` for a gopen pipe (its message repeats the whole command), else the error."""
+    status = re.search(r"exit (-?\d+)", str(error))
+    args = getattr(source, "args", None)  # gopen's Pipe keeps ((command,), popen_kwargs)
+    if status and args and args[0]:
+        command = args[0][0]
+        program = command[0] if isinstance(command, (list, tuple)) else str(command).split()[0]
+        return f"{program} exited with status {status.group(1)}"
+    return str(error).splitlines()[0][:200]
 
 
 @dataclass
