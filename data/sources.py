@@ -137,7 +137,7 @@ def open_source(url: str) -> IO[bytes]:
         if kind and kind != "file":
             import fsspec
 
-            return fsspec.open(url, "rb").open()
+            return RemoteFile(fsspec.open(url, "rb").open(), url)
         return gopen(url, "rb")
     except FileNotFoundError:
         if kind in ("", "file"):
@@ -172,6 +172,31 @@ def close_source(source: IO[bytes]) -> None:
         source.close()
     except Exception:  # noqa: BLE001 - a failed close after reading changes nothing we returned
         pass
+
+
+class RemoteFile:
+    """A seekable remote (fsspec) file whose read failures are FetchError, retried like a stream's."""
+
+    def __init__(self, source: IO[bytes], url: str) -> None:
+        self.source, self.url = source, url
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.source.read(size)
+        except OSError as e:
+            raise FetchError(self.url, f"fetch failed: {str(e).splitlines()[0][:200]}") from None
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.source.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.source.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.source.close()
 
 
 class SequentialSource:

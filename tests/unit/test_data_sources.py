@@ -186,3 +186,20 @@ def test_truncated_gzip_and_stream_shards_are_bad_shards(corpus, tmp_path):
         assert sum(k.startswith("shard-000001/") for k in keys) == PER_SHARD
         assert sum(k.startswith("cut/") for k in keys) < PER_SHARD, url  # what precedes the cut may be kept
         assert loader.stats()["web"]["bad_shards"] == 1, url
+
+
+def test_an_object_store_read_failure_is_retried_from_the_saved_sample(corpus, monkeypatch):
+    from fsspec.implementations.memory import MemoryFile
+
+    reference = _keys(StreamingLoader(_config([f"{corpus}/web/shard-*.tar"]), byte_encode, SEQ))
+    reads, read = [0], MemoryFile.read
+
+    def flaky_read(self, *args):
+        reads[0] += 1
+        if reads[0] == 20:  # once, in the middle of the first shard
+            raise ConnectionResetError("connection reset by peer")
+        return read(self, *args)
+
+    monkeypatch.setattr(MemoryFile, "read", flaky_read)
+    loader = StreamingLoader(_config(["memory://sources/shard-*.tar"]), byte_encode, SEQ)
+    assert _keys(loader) == reference and loader.stats()["web"]["bad_shards"] == 0 and reads[0] > 20
