@@ -17,7 +17,8 @@ import torch
 from train.config.schema import TrainConfig
 
 Chooser = Callable[[TrainConfig, torch.device], "str | None"]
-CHOOSER_MODULES = ["train.models.qwen3vl.attention", "train.backends.deepspeed.config"]
+CHOOSER_MODULES = ["train.models.qwen3vl.attention", "train.backends.deepspeed.config",
+                   "train.backends.megatron.fast_path"]
 _CHOOSERS: dict[str, Chooser] = {}
 
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from data.batch import PackedBatch
 from train.backends.base import ParallelInfo, StepMetrics
+from train.backends.megatron.fast_path import ddp_options, run_path
 from train.backends.megatron.layout import check_config
 from train.backends.megatron.parallel_state import ParallelSizes, destroy_parallel_groups, init_parallel_groups
 from train.config.schema import TrainConfig
@@ -68,8 +69,9 @@ class MegatronBackend:
         from train.backends.megatron.weights import load_weights, rule_for, shard_coords
 
         cfg, mpu = self.cfg, self.mpu
+        self.path = run_path(cfg, compute_device())  # TE / THD / grouped GEMM / overlap on CUDA (logged)
         self.config = transformer_config(cfg.model, self.sizes, cfg.backend.precision,
-                                         cfg.parallel.sequence_parallel)
+                                         cfg.parallel.sequence_parallel, self.path)
         # Megatron's CPU-initialisation path allocates without a device argument, so under the meta device
         # below it allocates nothing (its init on meta tensors is free and also sets the TP attributes the
         # optimizer and DDP read); the weight source is the initialisation, on GPU clusters as here.
@@ -78,7 +80,7 @@ class MegatronBackend:
         with torch.device("meta"):
             visual = VisionTower(cfg.model.vision, out_size=cfg.model.text.hidden_size) if first else None
             model = MegatronQwen3VL(self.config, cfg.model, visual, pre_process=first,
-                                    post_process=mpu.is_pipeline_last_stage())
+                                    post_process=mpu.is_pipeline_last_stage(), path=self.path)
             model.to(DTYPES[cfg.backend.precision])
         materialize(model, compute_device())  # every parameter, frozen ones (the ViT in s0) too
         coords = shard_coords(model)
@@ -105,9 +107,11 @@ class MegatronBackend:
         cfg = self.cfg
         distributed = cfg.backend.distributed_optimizer
         ddp = DistributedDataParallel(config=self.config, module=model, ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed))
+            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed, **ddp_options(self.path)))
         # Without it megatron never reduces data-parallel gradients (silently).
         self.config.finalize_model_grads_func = finalize_model_grads
+        if self.path.overlap_grad_reduce:  # the schedule holds the reduce back until the last micro-batch
+            self.config.no_sync_func = ddp.no_sync
         opt = cfg.optim
         optim_cfg = OptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
                                     adam_beta1=opt.betas[0], adam_beta2=opt.betas[1], adam_eps=opt.eps,
@@ -216,7 +220,14 @@ class MegatronBackend:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return not flag.item()
 
+    def _sync_params(self) -> None:
+        """With overlap_param_gather the distributed optimizer's updated parameters are gathered during the
+        next forward; whoever reads the weights first (save, export, eval) makes them current here."""
+        if self.path.overlap_param_gather:
+            self.ddp.start_param_sync(force_sync=True)
+
     def eval_step(self, batch: PackedBatch) -> StepMetrics:
+        self._sync_params()
         self.ddp.eval()
         with torch.no_grad():
             metrics = self._run([move_batch(batch)], forward_only=True)
@@ -229,6 +240,7 @@ class MegatronBackend:
     def save(self, directory: Path) -> None:
         from train.backends.megatron.checkpoint import save_training_state
 
+        self._sync_params()
         save_training_state(Path(directory), self.ddp, self.optimizer, self.step, self.state_layout())
 
     def rank_files(self, directory: Path) -> list[Path]:
@@ -259,6 +271,7 @@ class MegatronBackend:
     def export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         from train.backends.megatron.weights import iter_native
 
+        self._sync_params()
         return iter_native(self.model, self.cfg.model)
 
     def load_model_weights(self, weights: WeightSource) -> None:

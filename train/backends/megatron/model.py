@@ -1,10 +1,12 @@
 """Qwen3-VL built from megatron-core components, numerically the reference model (train/models/qwen3vl).
 
-- LLM decoder: a megatron TransformerBlock from local layer specs: RMSNorm, per-head QK RMSNorm (Qwen3's
+- LLM decoder: a megatron TransformerBlock from local layer specs (CPU) or Transformer Engine specs (CUDA
+  with TE; train/backends/megatron/fast_path.py decides and logs it): RMSNorm, per-head QK RMSNorm (Qwen3's
   q_norm/k_norm), GQA, SwiGLU, no biases; MoE layers (where `is_moe_layer`) from megatron's MoE spec with
   softmax top-k routing (`moe_router_pre_softmax=False` = softmax over the top-k logits = Qwen3's
-  normalised top-k probabilities). Core attention is `ContextParallelAttention` at every CP size: it is
-  the only local attention that honours packed-document boundaries (cu_seqlens).
+  normalised top-k probabilities). Core attention is TE's over packed THD documents on the TE path without
+  CP, else `ContextParallelAttention`: the only local attention that honours packed-document boundaries
+  (cu_seqlens) and the load-balanced CP split of the whole packed sequence.
 - Vision tower and mergers: the reference model's own `VisionTower` module (reused, not rebuilt), on the
   first pipeline stage, with the reference `embed` placing the features at the placeholders.
 - DeepStack: features added at the visual positions after the first k decoder layers of the first stage.
@@ -15,14 +17,15 @@
   ContextParallelAttention expects), the vision tower sharded by item over the CP group; with sequence
   parallelism the share is further scattered over the TP ranks.
 
-The MoE load-balancing loss is the reference's (pooled over layers, transformers' formula): router logits
-are tapped from megatron's routers during forward and megatron's own aux loss is switched off.
+The MoE load-balancing loss is the reference's (train/models/qwen3vl/moe.py, pooled or per layer as
+backend.moe_aux_loss decides): router logits are tapped from megatron's routers during forward and
+megatron's own aux loss is switched off.
 """
 from __future__ import annotations
 
 import functools
 import types
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +36,6 @@ from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
@@ -44,6 +46,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from data.batch import PackedBatch
 from train.backends.megatron.cp_attention import ContextParallelAttention
 from train.backends.megatron.cpu_compat import SequenceParallelTorchNorm
+from train.backends.megatron.fast_path import LOCAL_PATH, MegatronPath, config_options, packed_seq_params
 from train.backends.megatron.parallel_state import ParallelSizes, config_kwargs
 from train.config.model import ModelConfig
 from train.models.qwen3vl import Qwen3VLModel
@@ -54,11 +57,12 @@ from train.parallel.context import shard_index
 from train.parallel.vision_shard import embed_context_share
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SpecBuilders = tuple[Callable[..., ModuleSpec], Callable[..., ModuleSpec]]  # (TE spec, local spec)
 
 
 def transformer_config(model_cfg: ModelConfig, sizes: ParallelSizes, precision: str = "fp32",
-                       sequence_parallel: bool = False) -> TransformerConfig:
-    """The megatron TransformerConfig of the Qwen3-VL LLM under the given layout."""
+                       sequence_parallel: bool = False, path: MegatronPath = LOCAL_PATH) -> TransformerConfig:
+    """The megatron TransformerConfig of the Qwen3-VL LLM under the given layout and fast path."""
     text = model_cfg.text
     dtype = DTYPES[precision]
     kwargs: dict[str, Any] = dict(
@@ -80,30 +84,49 @@ def transformer_config(model_cfg: ModelConfig, sizes: ParallelSizes, precision: 
                       moe_router_pre_softmax=not text.norm_topk_prob, moe_router_load_balancing_type="none",
                       moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False,
                       moe_router_dtype="fp32" if precision == "fp32" else None)
+    kwargs.update(config_options(path, text.is_moe))
     return TransformerConfig(**kwargs)
 
 
-def decoder_layer_spec(model_cfg: ModelConfig, layer: int) -> ModuleSpec:
-    """megatron's spec of global decoder layer `layer` (dense or MoE as the reference decides); its
-    sharded_state_dict_keys_map also says how the layer's names appear in dist checkpoints."""
+def decoder_layer_spec(model_cfg: ModelConfig, layer: int, path: MegatronPath = LOCAL_PATH,
+                       builders: SpecBuilders | None = None) -> ModuleSpec:
+    """megatron's spec of global decoder layer `layer` (dense or MoE as the reference decides): the
+    Transformer Engine spec on the TE path, the local one otherwise; its sharded_state_dict_keys_map also
+    says how the layer's names appear in dist checkpoints. `builders` (te, local) replace megatron's spec
+    functions in tests."""
     text = model_cfg.text
-    return get_gpt_layer_local_spec(num_experts=text.num_experts if text.is_moe_layer(layer) else None,
-                                    moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm")
+    te_spec, local_spec = builders or _megatron_spec_builders()
+    num_experts = text.num_experts if text.is_moe_layer(layer) else None
+    if path.transformer_engine:
+        return te_spec(num_experts=num_experts, moe_grouped_gemm=path.grouped_gemm, qk_layernorm=True)
+    return local_spec(num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm")
 
 
-def layer_specs(config: TransformerConfig, model_cfg: ModelConfig) -> TransformerBlockSubmodules:
+def _megatron_spec_builders() -> SpecBuilders:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    return get_gpt_layer_with_transformer_engine_spec, get_gpt_layer_local_spec
+
+
+def layer_specs(config: TransformerConfig, model_cfg: ModelConfig, path: MegatronPath = LOCAL_PATH,
+                builders: SpecBuilders | None = None) -> TransformerBlockSubmodules:
     """Specs of this pipeline stage's decoder layers (dense or MoE per layer, as the reference decides)."""
     offset = get_transformer_layer_offset(config)
+    specs = [decoder_layer_spec(model_cfg, i, path, builders)
+             for i in range(offset, offset + get_num_layers_to_build(config))]
+    if not path.thd_attention:  # the only local attention that honours packed documents, and CP's split
+        for spec in specs:
+            spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
+    if path.transformer_engine:  # TE norms handle sequence parallelism themselves
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TransformerBlockSubmodules(layer_specs=specs, layer_norm=TENorm)
     norm = SequenceParallelTorchNorm if config.sequence_parallel else None
-    specs = []
-    for i in range(offset, offset + get_num_layers_to_build(config)):
-        spec = decoder_layer_spec(model_cfg, i)
-        spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
-        if norm is not None:  # megatron's torch norm refuses sequence_parallel; per-token norms are fine
+    if norm is not None:  # megatron's torch norm refuses sequence_parallel; per-token norms are fine
+        for spec in specs:
             attn = spec.submodules.self_attention.submodules
             spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = norm
             attn.q_layernorm = attn.k_layernorm = norm
-        specs.append(spec)
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=norm or specs[0].submodules.input_layernorm)
 
 
@@ -112,10 +135,11 @@ class MegatronQwen3VL(LanguageModule):
     (the loss reads the lm_head weight itself, chunked), the stage's output activations otherwise."""
 
     def __init__(self, config: TransformerConfig, model_cfg: ModelConfig, visual: VisionTower | None,
-                 pre_process: bool = True, post_process: bool = True) -> None:
+                 pre_process: bool = True, post_process: bool = True, path: MegatronPath = LOCAL_PATH) -> None:
         super().__init__(config=config)
         text = model_cfg.text
         self.model_cfg = model_cfg
+        self.path = path
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         self.pre_process, self.post_process = pre_process, post_process
         self.share_embeddings_and_output_weights = text.tie_word_embeddings
@@ -131,7 +155,7 @@ class MegatronQwen3VL(LanguageModule):
             self.embedding = LanguageModelEmbedding(config, text.vocab_size, text.max_position_embeddings,
                                                     position_embedding_type="none",
                                                     scatter_to_sequence_parallel=False)
-        self.decoder = TransformerBlock(config, layer_specs(config, model_cfg), pre_process=pre_process,
+        self.decoder = TransformerBlock(config, layer_specs(config, model_cfg, path), pre_process=pre_process,
                                         post_process=post_process)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
@@ -224,7 +248,7 @@ class MegatronQwen3VL(LanguageModule):
         text = self.model_cfg.text
         rope = mrope_angles(positions, text.head_dim, text.rope_theta, text.mrope_section)[:, None, None, :]
         cu = batch.cu_seqlens.to(torch.int32)
-        packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+        packed = packed_seq_params(cu, self.path)
         self._router_sink = router_logits
         try:
             for i, layer in enumerate(self.decoder.layers):

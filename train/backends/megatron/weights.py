@@ -28,7 +28,9 @@ from train.models.materialize import fill
 from train.models.weight_source import WeightSource
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$")
+# local spec: one module per expert; TE spec with grouped GEMM (TEGroupedMLP): weight<e> per local expert
+_EXPERT = re.compile(r"^mlp\.experts\.(?:local_experts\.(\d+)\.linear_fc([12])\.weight"
+                     r"|linear_fc([12])\.weight(\d+))$")
 # megatron layer-local name -> (native layer-local name, TP dim or None)
 _LAYER_RENAMES = {
     "input_layernorm.weight": ("input_layernorm.weight", None),
@@ -39,6 +41,9 @@ _LAYER_RENAMES = {
     "self_attention.linear_proj.bias": ("self_attn.o_proj.bias", None),
     "mlp.linear_fc2.weight": ("mlp.down_proj.weight", 1),
     "mlp.router.weight": ("mlp.gate.weight", None),
+    # Transformer Engine spec: the pre-attention / pre-MLP norms fused into the following linear layer
+    "self_attention.linear_qkv.layer_norm_weight": ("input_layernorm.weight", None),
+    "mlp.linear_fc1.layer_norm_weight": ("post_attention_layernorm.weight", None),
 }
 
 
@@ -86,8 +91,10 @@ def rule_for(name: str, cfg: ModelConfig, layer_offset: int = 0, expert_offset: 
         return Rule((prefix + "mlp.gate_proj.weight", prefix + "mlp.up_proj.weight"), kind="glu", tp_dim=0)
     expert = _EXPERT.match(local)
     if expert is not None:
-        index = int(expert.group(1)) + expert_offset
-        if expert.group(2) == "1":
+        local_index, fc = (expert.group(1), expert.group(2)) if expert.group(1) is not None \
+            else (expert.group(4), expert.group(3))
+        index = int(local_index) + expert_offset
+        if fc == "1":
             return Rule((prefix + "mlp.experts.gate_up_proj",), kind="expert_glu", tp_dim=0, expert=index)
         return Rule((prefix + "mlp.experts.down_proj",), kind="expert", tp_dim=1, expert=index)
     raise KeyError(f"megatron parameter {name!r} has no native counterpart")
