@@ -7,8 +7,15 @@ each padded to the batch's longest (capacity = count x longest, the most favoura
 A second, heavy-tailed length mix (log-normal lengths, 5% longer than the sequence) is packed directly,
 because the demo corpus' documents are all short.
 
-Prints `RESULT packing_efficiency_8k <v>`, `RESULT packing_efficiency_32k <v>` (and the baselines) and
-appends the figures to bench/RESULTS.md. Usage: python bench/packing.py [--batches-8k N] [--batches-32k N]
+Vision balance across data-parallel ranks: the same demo mix read by 8 simulated DP ranks (a loader each,
+dp_rank r of 8), `--ga` micro-batches per rank and step; per step the max / mean over ranks of the ViT cost
+(train.parallel.vision_balance.vit_cost, Qwen3-VL's tower width) as each rank's own loader fills it (today)
+and after the balanced exchange of micro-batches (plan_balanced), averaged over the steps.
+
+Prints `RESULT packing_efficiency_8k <v>`, `RESULT packing_efficiency_32k <v>` (and the baselines),
+`RESULT vit_balance_max_over_mean <v>` (the worse of 8K and 32K; per length and today's figures beside it)
+and appends the figures to bench/RESULTS.md.
+Usage: python bench/packing.py [--batches-8k N] [--batches-32k N] [--steps N] [--ga N]
 """
 from __future__ import annotations
 
@@ -34,6 +41,8 @@ from data.loader import StreamingLoader  # noqa: E402
 from data.packing import BestFitPacker, BufferEntry, VisionTokens, fit_document  # noqa: E402
 from data.synth import make_corpus  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
+from train.config.model import VisionConfig  # noqa: E402
+from train.parallel.vision_balance import max_over_mean, plan_balanced, vit_cost  # noqa: E402
 
 MACHINE = "2 CPU cores, no GPU"
 
@@ -78,6 +87,23 @@ def measure_demo(corpus: str, tok: Tokenizer, seq_len: int, batches: int) -> dic
             "docs": sum(len(b.doc_keys) for b in packed), "seconds": time.perf_counter() - start}
 
 
+def measure_vit_balance(corpus: str, tok: Tokenizer, seq_len: int, steps: int, ga: int,
+                        dp: int = 8) -> dict[str, float]:
+    """Mean over steps of max/mean per-rank ViT cost: each rank's own micro-batches vs the balanced plan."""
+    encoder = DocumentEncoder(tok, EncodeConfig(), seq_len)
+    tokens = VisionTokens.from_tokenizer(tok, encoder.merge)
+    hidden = VisionConfig().hidden_size
+    streams = [iter(StreamingLoader(demo_mix(corpus, num_workers=0), encoder.encode, seq_len, dp_rank=r,
+                                    dp_size=dp, tokens=tokens)) for r in range(dp)]
+    today, balanced = [], []
+    for _ in range(steps):
+        costs = [[vit_cost(next(s), hidden) for _ in range(ga)] for s in streams]
+        today.append(max_over_mean([sum(c) for c in costs]))
+        plan = plan_balanced(costs)
+        balanced.append(max_over_mean([sum(costs[r][i] for r, i in items) for items in plan]))
+    return {"today": sum(today) / steps, "balanced": sum(balanced) / steps, "worst_balanced": max(balanced)}
+
+
 def measure_heavy_tail(seq_len: int, docs: int, seed: int = 0) -> dict[str, float]:
     """Log-normal lengths (median seq_len/16, sigma 1.3, ~5% longer than seq_len, which are cut)."""
     rng = random.Random(seed)
@@ -109,6 +135,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches-8k", type=int, default=40)
     parser.add_argument("--batches-32k", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=3, help="steps of the DP=8 vision-balance simulation")
+    parser.add_argument("--ga", type=int, default=4, help="micro-batches per rank and step (8K; 32K uses half)")
     args = parser.parse_args()
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as corpus:
@@ -119,6 +147,16 @@ def main() -> None:
             print(f"demo mix {label}: {r['docs']} documents in {batches} sequences, {r['seconds']:.1f} s", flush=True)
             figures[f"packing_efficiency_{label}"] = r["packed"]
             figures[f"packing_efficiency_{label}_pad_to_longest"] = r["baseline"]
+        for label, seq_len, ga in (("8k", 8192, args.ga), ("32k", 32768, max(1, args.ga // 2))):
+            start = time.perf_counter()
+            v = measure_vit_balance(corpus, tok, seq_len, args.steps, ga)
+            print(f"vision balance {label}: DP=8 x GA={ga} x {args.steps} steps, {time.perf_counter() - start:.1f} s",
+                  flush=True)
+            figures[f"vit_balance_max_over_mean_{label}"] = v["balanced"]
+            figures[f"vit_balance_max_over_mean_{label}_worst_step"] = v["worst_balanced"]
+            figures[f"vit_balance_max_over_mean_{label}_today"] = v["today"]
+        figures["vit_balance_max_over_mean"] = max(figures["vit_balance_max_over_mean_8k"],
+                                                   figures["vit_balance_max_over_mean_32k"])
     for label, seq_len in (("8k", 8192), ("32k", 32768)):
         r = measure_heavy_tail(seq_len, 6000)
         figures[f"packing_efficiency_heavy_tail_{label}"] = r["packed"]

@@ -32,6 +32,7 @@ from train.config.schema import TrainConfig
 from train.device import comm_tensor, compute_device
 from train.fast_path import describe as describe_run_path
 from train.metrics import MetricsLogger, StepTimer, global_data_counts, make_record, read_history
+from train.parallel.vision_balance import balance_micro_batches
 
 # Stop the stage after this many consecutive skipped (non-finite) steps unless the config says otherwise:
 # one bad batch is noise, a streak means the run has diverged and more steps only burn compute.
@@ -157,6 +158,8 @@ def _run_steps(cfg: TrainConfig, backend: Backend, loader: Any, stage_dir: Stage
     timer, in_a_row = StepTimer(), 0
     for step in range(start_step + 1, total + 1):
         micro = _take(batches, per_rank, cfg.stage.name)
+        if cfg.parallel.balance_vision:
+            micro = balance_micro_batches(micro, cfg.model.vision.hidden_size, backend.info.dp_group)
         metrics = backend.train_step(micro)
         bad_data = _check_bad_data(cfg, loader, backend.info.dp_rank, stage_dir)
         seconds = timer.lap()
@@ -251,10 +254,15 @@ def build_stage_loader(cfg: TrainConfig, info: Any, seed: int) -> Any:
     from data.loader import StreamingLoader
     from data.packing import VisionTokens
     from data.tokenizer import Tokenizer
+    from train.parallel.batch_broadcast import GroupLoader
     from train.preflight import tokenizer_path
 
-    tok = Tokenizer.load(tokenizer_path(cfg))
-    encoder = DocumentEncoder(tok, cfg.data.encode, cfg.stage.seq_len)
-    tokens = VisionTokens.from_tokenizer(tok, cfg.model.vision.spatial_merge_size)
-    return StreamingLoader(replace(cfg.data, seed=seed), encoder.encode, cfg.stage.seq_len,
-                           dp_rank=info.dp_rank, dp_size=info.dp_size, tokens=tokens)
+    group = getattr(info, "model_parallel_group", None)
+    loader = None
+    if group is None or info.is_loading_rank:  # peers of a model-parallel group receive the loading rank's batches
+        tok = Tokenizer.load(tokenizer_path(cfg))
+        encoder = DocumentEncoder(tok, cfg.data.encode, cfg.stage.seq_len)
+        tokens = VisionTokens.from_tokenizer(tok, cfg.model.vision.spatial_merge_size)
+        loader = StreamingLoader(replace(cfg.data, seed=seed), encoder.encode, cfg.stage.seq_len,
+                                 dp_rank=info.dp_rank, dp_size=info.dp_size, tokens=tokens)
+    return loader if group is None else GroupLoader(loader, group, info.model_parallel_ranks)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 import torch
 
@@ -42,6 +42,19 @@ class ParallelInfo:
     cp_rank: int = 0
     cp_size: int = 1
     is_logging_rank: bool = True  # the rank that prints, logs and writes the non-sharded files
+    # The ranks that train on this rank's batches (its tensor/context/pipeline peers of one DP slot) and their
+    # global ranks; the first of them is the slot's loading rank (train.parallel.batch_broadcast). None / [rank]
+    # when the rank is its slot's only rank.
+    model_parallel_group: Any = None
+    model_parallel_ranks: list[int] = field(default_factory=list)
+    # This rank's data-parallel group (the ranks at the same model-parallel coordinate, one per DP slot), for
+    # exchanges between slots (train.parallel.vision_balance); None when dp_size is 1.
+    dp_group: Any = None
+
+    @property
+    def is_loading_rank(self) -> bool:
+        """Reads and decodes the slot's batches (its peers receive them)."""
+        return not self.model_parallel_ranks or self.model_parallel_ranks[0] == self.rank
 
 
 @runtime_checkable

@@ -166,6 +166,9 @@ class ParallelConfig:
     # with auto: "" plans for the local CUDA device's memory; "h100" / "h200" plans for that GPU (a CPU
     # machine preparing a cluster run, tests)
     auto_gpu: str = ""
+    # Exchange whole micro-batches between the data-parallel ranks of each step so that their vision-tower
+    # cost is even (train/parallel/vision_balance.py); the loss and the loader state are unchanged.
+    balance_vision: bool = True
 
     def validate(self, prefix: str = "parallel") -> None:
         for key in ("tp", "pp", "cp", "ep", "expert_tp"):

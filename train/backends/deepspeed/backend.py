@@ -33,6 +33,7 @@ from train.models.materialize import materialize
 from train.models.qwen3vl import Qwen3VLModel
 from train.models.weight_source import RandomInit, WeightSource, check_source_fits
 from train.optim import learning_rate, param_groups, set_learning_rate, weight_decay_names
+from train.parallel.batch_broadcast import slot_groups
 from train.parallel.context import split_tokens
 from train.parallel.ulysses import UlyssesAttention
 
@@ -72,8 +73,10 @@ class DeepSpeedBackend:
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
         self.cfg = cfg
         cp = cfg.parallel.cp
+        mp_group, mp_ranks, dp_group = slot_groups(rank // cp)
         self.info = ParallelInfo(rank=rank, world_size=world, dp_rank=rank // cp, dp_size=world // cp,
-                                 cp_rank=rank % cp, cp_size=cp, is_logging_rank=rank == 0)
+                                 cp_rank=rank % cp, cp_size=cp, is_logging_rank=rank == 0,
+                                 model_parallel_group=mp_group, model_parallel_ranks=mp_ranks, dp_group=dp_group)
         self.total_steps = cfg.stage.num_steps()
         self.step = 0
         ds_config = deepspeed_config(cfg, grad_accum, world)

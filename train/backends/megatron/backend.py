@@ -32,6 +32,7 @@ from train.models.qwen3vl.moe import attach_loss, load_balancing_loss, moe_layer
 from train.models.qwen3vl.vision import VisionTower
 from train.models.weight_source import RandomInit, WeightSource, check_source_fits
 from train.optim import learning_rate, set_learning_rate, weight_decay_names
+from train.parallel.batch_broadcast import slot_groups
 from train.parallel.context import split_tokens
 
 NO_DECAY_ATTR = "longvl_no_weight_decay"
@@ -56,10 +57,12 @@ class MegatronBackend:
         from megatron.core import parallel_state as mpu
 
         self.mpu = mpu
+        mp_group, mp_ranks, dp_group = slot_groups(mpu.get_data_parallel_rank())
         self.info = ParallelInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                                  dp_rank=mpu.get_data_parallel_rank(), dp_size=mpu.get_data_parallel_world_size(),
                                  cp_rank=mpu.get_context_parallel_rank(), cp_size=sizes.cp,
-                                 is_logging_rank=dist.get_rank() == 0)
+                                 is_logging_rank=dist.get_rank() == 0, model_parallel_group=mp_group,
+                                 model_parallel_ranks=mp_ranks, dp_group=dp_group)
         self.model = self._build_model(weights)
         self.ddp, self.optimizer = self._wrap(self.model)
 
