@@ -4,8 +4,9 @@ Prints the devices, the versions of the GPU stack (torch, CUDA, NCCL, deepspeed,
 Transformer Engine) and what a run will use on this machine (train/fast_path.py, the same lines the
 trainer logs at start-up), then runs checks on the local devices:
 - model: the tiny model's loss and gradients on this device in bf16 against the fp32 CPU reference;
-- attention: flash-attn varlen and Transformer Engine's THD attention against per-segment SDPA in fp32 on
-  one packed batch (forward and the query gradient), when the package and a GPU are present;
+- attention: flash-attn varlen, torch's varlen_attn and Transformer Engine's THD attention against
+  per-segment SDPA in fp32 on one packed batch (forward and the query gradient), when the package and a
+  GPU are present;
 - ranks: with two or more GPUs, one training step per backend on 2 ranks over NCCL equals the same step on
   one device (fp32). `--ranks-on-cpu` runs it over gloo on the CPU instead (slow; for debugging a setup).
 Without a GPU the CPU variant runs (bf16 on the CPU against fp32, GPU-only checks reported as skipped).
@@ -193,10 +194,10 @@ def compare_attention(name: str, kernel, device: torch.device) -> Check:
                  f"dq rel err {grad_err:.1e} (max {10 * ATTENTION_TOLERANCE:.0e})")
 
 
-def _flash_kernel(device: torch.device):
+def _varlen_kernel(device: torch.device, call, kernel):
+    """`call` (flash_varlen or torch_varlen) with `kernel`, as a (q, k, v, cu) causal attention."""
     def run(q, k, v, cu):
-        segments = reference_attention.segments_of(cu, device)
-        return reference_attention.flash_varlen(q, k, v, segments, True, reference_attention.flash_attn_varlen_func)
+        return call(q, k, v, reference_attention.segments_of(cu, device), True, kernel)
     return run
 
 
@@ -216,15 +217,27 @@ def _te_kernel(device: torch.device):  # pragma: no cover - needs Transformer En
 
 
 def check_attention(device: torch.device) -> list[Check]:
+    att = reference_attention
     flash_name = "flash-attn varlen vs per-segment SDPA"
+    torch_name = "torch varlen_attn vs per-segment SDPA"
     te_name = "Transformer Engine THD attention vs per-segment SDPA"
     if device.type != "cuda":
-        return [Check(flash_name, "skip", "no GPU"), Check(te_name, "skip", "no GPU")]
+        return [Check(name, "skip", "no GPU") for name in (flash_name, torch_name, te_name)]
+    support = att.KernelSupport.detect(device)
+    if not support.flash_capable_gpu:
+        return [Check(name, "skip", f"needs compute capability {att.FLASH_MIN_CAPABILITY} or newer")
+                for name in (flash_name, torch_name, te_name)]
     checks = []
-    if reference_attention.attention_kernel(device, torch.bfloat16) == reference_attention.FLASH_VARLEN:
-        checks.append(compare_attention(flash_name, _flash_kernel(device), device))
+    if support.flash_attn:
+        checks.append(compare_attention(flash_name, _varlen_kernel(device, att.flash_varlen,
+                                                                   att.flash_attn_varlen_func), device))
     else:
         checks.append(Check(flash_name, "skip", "flash-attn is not importable (pip install -e '.[gpu]')"))
+    if support.torch_varlen:
+        checks.append(compare_attention(torch_name, _varlen_kernel(device, att.torch_varlen, att.varlen_attn),
+                                        device))
+    else:
+        checks.append(Check(torch_name, "skip", f"torch {torch.__version__} has no varlen_attn"))
     if importlib.util.find_spec("transformer_engine") is not None:
         checks.append(compare_attention(te_name, _te_kernel(device), device))
     else:

@@ -19,6 +19,7 @@ def test_cpu_variant_reports_and_passes(capsys):
                      "run path on cpu (backend=megatron", "checks on cpu:",
                      "[  ok] model forward+backward on cpu bfloat16 vs fp32 CPU",
                      "[skip] flash-attn varlen vs per-segment SDPA: no GPU",
+                     "[skip] torch varlen_attn vs per-segment SDPA: no GPU",
                      "[skip] Transformer Engine THD attention vs per-segment SDPA: no GPU",
                      "[skip] 2-rank step per backend: no GPU"):
         assert expected in out, expected

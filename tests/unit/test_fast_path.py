@@ -16,15 +16,26 @@ from train.fast_path import describe, register
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
 
 
-@pytest.mark.parametrize("device, dtype, flash, kernel", [
-    (CUDA, torch.bfloat16, True, attention.FLASH_VARLEN),
-    (CUDA, torch.float16, True, attention.FLASH_VARLEN),
-    (CUDA, torch.float32, True, attention.SDPA_PER_SEGMENT),  # flash-attn has no fp32 kernel
-    (CUDA, torch.bfloat16, False, attention.SDPA_PER_SEGMENT),  # not installed
-    (CPU, torch.bfloat16, True, attention.SDPA_PER_SEGMENT),
+EVERYTHING = attention.KernelSupport(flash_attn=True, torch_varlen=True, flash_capable_gpu=True)
+
+
+@pytest.mark.parametrize("device, dtype, support, kernel", [
+    (CUDA, torch.bfloat16, EVERYTHING, attention.FLASH_VARLEN),
+    (CUDA, torch.float16, EVERYTHING, attention.FLASH_VARLEN),
+    (CUDA, torch.float32, EVERYTHING, attention.SDPA_PER_SEGMENT),  # no fp32 flash kernels
+    (CUDA, torch.bfloat16, attention.KernelSupport(False, True, True), attention.TORCH_VARLEN),  # no flash-attn
+    (CUDA, torch.bfloat16, attention.KernelSupport(False, False, True), attention.SDPA_PER_SEGMENT),
+    (CUDA, torch.bfloat16, attention.KernelSupport(True, True, False), attention.SDPA_PER_SEGMENT),  # pre-Ampere
+    (CPU, torch.bfloat16, EVERYTHING, attention.SDPA_PER_SEGMENT),
 ])
-def test_attention_kernel_per_device_dtype_and_package(device, dtype, flash, kernel):
-    assert attention.attention_kernel(device, dtype, flash_available=flash) == kernel
+def test_attention_kernel_per_device_dtype_and_package(device, dtype, support, kernel):
+    assert attention.attention_kernel(device, dtype, support) == kernel
+
+
+def test_kernel_support_on_this_machine():
+    cpu = attention.KernelSupport.detect(CPU)
+    assert cpu.flash_capable_gpu is False
+    assert cpu.torch_varlen == (attention.varlen_attn is not None)
 
 
 def _varlen_stand_in(calls):
@@ -56,6 +67,30 @@ def test_flash_varlen_arguments_match_per_segment_sdpa(causal):
     assert call["dropout_p"] == 0.0 and call["causal"] is causal
     reference = attention.PackedAttention()(q, k, v, cu, causal)  # SDPA per segment on CPU
     assert torch.allclose(out, reference, atol=1e-5)
+
+
+def _torch_varlen_stand_in(calls):
+    """torch.nn.attention.varlen.varlen_attn's contract (window (-1, 0) = causal, GQA only when asked)."""
+    flash_contract = _varlen_stand_in([])
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size, enable_gqa):
+        calls.append(dict(cu_q=cu_q, cu_k=cu_k, max_q=max_q, window_size=window_size, enable_gqa=enable_gqa))
+        assert enable_gqa or q.shape[1] == k.shape[1]
+        return flash_contract(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, None, window_size == (-1, 0))
+    return kernel
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_varlen_arguments_match_per_segment_sdpa(causal):
+    torch.manual_seed(1)
+    cu = torch.tensor([0, 3, 17, 30], dtype=torch.int32)
+    q, k, v = torch.randn(30, 4, 8), torch.randn(30, 2, 8), torch.randn(30, 2, 8)
+    calls: list[dict] = []
+    out = attention.torch_varlen(q, k, v, attention.segments_of(cu, CPU), causal, _torch_varlen_stand_in(calls))
+    (call,) = calls
+    assert call["cu_q"].dtype == torch.int32 and call["cu_q"] is call["cu_k"] and call["max_q"] == 14
+    assert call["window_size"] == ((-1, 0) if causal else (-1, -1)) and call["enable_gqa"] is True
+    assert torch.allclose(out, attention.PackedAttention()(q, k, v, cu, causal), atol=1e-5)
 
 
 def test_segments_are_computed_once_per_cu_seqlens_tensor():
@@ -109,7 +144,7 @@ def test_fused_adam_on_cuda_torch_adam_on_cpu(monkeypatch, builds, params, name)
 
 def test_startup_line_reports_each_component(monkeypatch):
     monkeypatch.setattr(ds_config, "_deepspeed_fused_adam_builds", lambda: True)
-    monkeypatch.setattr(attention, "flash_attn_varlen_func", _varlen_stand_in([]))
+    monkeypatch.setattr(attention, "_support_of", lambda device: EVERYTHING)
     line = describe(_cfg(zero=2), CUDA)
     assert line.startswith("run path on cuda:0 (backend=deepspeed, bf16): ")
     assert "attention=flash-attn varlen (text + ViT)" in line

@@ -7,9 +7,11 @@ GQA) and returning [L, Hq, D]. Documents (or images / video frames in the ViT) a
 context parallel) with `Qwen3VLModel.set_core_attention` without touching the model, the way megatron-core
 module specs swap their core attention.
 
-`PackedAttention` is the reference: flash-attn's varlen kernel when it is importable and the tensors are
-half precision on CUDA (one kernel for all segments), otherwise one torch SDPA call per segment. Both keep
-memory linear in L (SDPA's fused CPU/CUDA kernels never materialise the scores of a whole segment either).
+`PackedAttention` is the reference. For fp16/bf16 on an Ampere-or-newer GPU it makes one varlen kernel call
+for all segments: flash-attn's when the package is importable, else torch's own flash varlen
+(`torch.nn.attention.varlen.varlen_attn`, no extra package). Otherwise (CPU, fp32, older GPUs) one torch
+SDPA call per segment. All keep memory linear in L (SDPA's fused CPU/CUDA kernels never materialise the
+scores of a whole segment either).
 `attention_kernel` is the one decision, used by the forward and reported at start-up (train/fast_path.py).
 The segment bookkeeping (int32 cu_seqlens on the device, max length, lengths) is computed once per
 cu_seqlens tensor and reused by every layer: reading it on the host is a device sync.
@@ -18,6 +20,8 @@ cu_seqlens tensor and reused by every layer: reading it on the host is a device 
 layer, so each new token costs one token's projections and one row of attention scores.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +34,16 @@ try:  # optional: only present on CUDA clusters (pip install longvl[gpu])
     from flash_attn import flash_attn_varlen_func
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_varlen_func = None
+try:  # recent torch releases (2.13 here) ship a flash varlen kernel of their own (CUDA only)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - depends on the torch release
+    varlen_attn = None
 
-FLASH_VARLEN, SDPA_PER_SEGMENT = "flash_varlen", "sdpa_per_segment"
-KERNEL_NAMES = {FLASH_VARLEN: "flash-attn varlen", SDPA_PER_SEGMENT: "torch SDPA per segment"}
+FLASH_VARLEN, TORCH_VARLEN, SDPA_PER_SEGMENT = "flash_varlen", "torch_varlen", "sdpa_per_segment"
+KERNEL_NAMES = {FLASH_VARLEN: "flash-attn varlen", TORCH_VARLEN: "torch varlen_attn",
+                SDPA_PER_SEGMENT: "torch SDPA per segment"}
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_MIN_CAPABILITY = (8, 0)  # both flash kernels need Ampere or newer
 
 
 def full_cu_seqlens(length: int, device: torch.device) -> torch.Tensor:
@@ -41,10 +51,39 @@ def full_cu_seqlens(length: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([0, length], dtype=torch.int32, device=device)
 
 
-def attention_kernel(device: torch.device, dtype: torch.dtype, flash_available: bool | None = None) -> str:
-    """FLASH_VARLEN when flash-attn is importable and the tensors are fp16/bf16 on CUDA, else SDPA_PER_SEGMENT."""
-    flash = flash_attn_varlen_func is not None if flash_available is None else flash_available
-    return FLASH_VARLEN if flash and device.type == "cuda" and dtype in FLASH_DTYPES else SDPA_PER_SEGMENT
+@dataclass(frozen=True)
+class KernelSupport:
+    """What the machine offers for one device: the flash-attn package, torch's varlen kernel, a GPU new enough."""
+
+    flash_attn: bool
+    torch_varlen: bool
+    flash_capable_gpu: bool
+
+    @classmethod
+    def detect(cls, device: torch.device) -> "KernelSupport":
+        capable = device.type == "cuda" and torch.cuda.is_available() and \
+            torch.cuda.get_device_capability(device) >= FLASH_MIN_CAPABILITY
+        return cls(flash_attn_varlen_func is not None, varlen_attn is not None, capable)
+
+
+def attention_kernel(device: torch.device, dtype: torch.dtype, support: KernelSupport | None = None) -> str:
+    """The kernel PackedAttention uses for tensors of `dtype` on `device` (see the module doc)."""
+    support = support or _support_of(device)
+    if device.type != "cuda" or dtype not in FLASH_DTYPES or not support.flash_capable_gpu:
+        return SDPA_PER_SEGMENT
+    if support.flash_attn:
+        return FLASH_VARLEN
+    return TORCH_VARLEN if support.torch_varlen else SDPA_PER_SEGMENT
+
+
+_supports: dict[torch.device, KernelSupport] = {}
+
+
+def _support_of(device: torch.device) -> KernelSupport:
+    """KernelSupport.detect, once per device (every layer asks)."""
+    if device not in _supports:
+        _supports[device] = KernelSupport.detect(device)
+    return _supports[device]
 
 
 @register("attention")
@@ -89,8 +128,11 @@ class PackedAttention(nn.Module):
         segments = segments_of(cu_seqlens, q.device)
         if q.shape[0] != sum(segments.lengths):
             raise ValueError(f"cu_seqlens covers {sum(segments.lengths)} tokens but q has {q.shape[0]}")
-        if attention_kernel(q.device, q.dtype) == FLASH_VARLEN:
+        kernel = attention_kernel(q.device, q.dtype)
+        if kernel == FLASH_VARLEN:
             return flash_varlen(q, k, v, segments, causal, flash_attn_varlen_func)
+        if kernel == TORCH_VARLEN:
+            return torch_varlen(q, k, v, segments, causal, varlen_attn)
         return _sdpa_per_segment(q, k, v, segments.lengths, causal)
 
 
@@ -99,6 +141,13 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Se
     """One varlen call over all segments (queries and keys share the segments; GQA is native)."""
     return kernel(q, k, v, segments.cu, segments.cu, segments.max_len, segments.max_len, dropout_p=0.0,
                   softmax_scale=None, causal=causal)
+
+
+def torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, causal: bool,
+                 kernel) -> torch.Tensor:
+    """torch's varlen flash kernel over all segments; causal is the window (-1, 0), GQA must be asked for."""
+    return kernel(q, k, v, segments.cu, segments.cu, segments.max_len, segments.max_len,
+                  window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _sdpa_per_segment(q, k, v, lengths: list[int], causal) -> torch.Tensor:
