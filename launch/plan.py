@@ -6,6 +6,9 @@
     (planner keys: gpus=N, gpu=h100|h200, mfu=0.40; every other argument is a Hydra override of configs/)
 
 The model, stage, backend and parallel groups are composed by train/config/compose.py, as for training.
+Validity is decided by the backends' own rules (train/preflight.py check_layout, which the trainer runs at
+start-up and the backends run when they are built), so the planner and a run never disagree. `parallel=auto`
+runs `choose_layout` at start-up for each stage of a training run.
 With a `parallel...` or `backend...` override the given layout is checked (and refused with its reason);
 in every case the planner proposes the smallest valid layout that fits: fewest model-parallel ranks
 tp*pp*cp, then the shortest estimated step, then the least memory. Search: tp in {1,2,4,8} (one node), pp

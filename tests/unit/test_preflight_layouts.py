@@ -10,7 +10,7 @@ import torch.distributed as dist
 from launch.planner.estimate import GPU, GPUS
 from train.__main__ import main
 from train.config.compose import load_config, stage_configs
-from train.pipeline import EXIT_CONFIG, start_up_layouts
+from train.pipeline import EXIT_CONFIG, record_layout, start_up_layouts
 from train.preflight import PreflightError, check_layouts, check_memory, check_packages
 
 
@@ -62,17 +62,19 @@ def test_unsupported_package_versions_are_named():
         check_packages(cfg, {**versions, "megatron-core": None}.get)
 
 
-def test_parallel_auto_replans_each_stage_for_the_jobs_gpus(capsys):
+def test_parallel_auto_replans_each_stage_for_the_jobs_gpus(capsys, tmp_path):
     """One pipeline command: the planner picks each stage's layout for 16 pretend H100s; the 8K stages run
     without model parallelism, the 262K stage gets model-parallel ranks and activation checkpointing."""
     configs = stage_configs(["pipeline=qwen3vl", "model=qwen3vl_2b", "backend=megatron", "parallel=auto",
-                             "parallel.auto_gpu=h100"])
+                             "parallel.auto_gpu=h100", f"run_dir={tmp_path}"])
     chosen = start_up_layouts(configs, SimpleNamespace(world_size=16, rank=0, local_rank=0))
     by_stage = {cfg.stage.name: cfg.parallel for cfg in chosen}
     model_parallel = {name: p.tp * p.pp * p.cp for name, p in by_stage.items()}
     assert model_parallel["s1"] == 1 and model_parallel["s3"] > 1 and chosen[-1].backend.activation_checkpointing
     assert not any(p.auto for p in by_stage.values())
     printed = capsys.readouterr().out
+    recorded = record_layout(chosen[-1]).read_text()  # <run_dir>/s3/layout.yaml: what the stage runs
+    assert f"tp: {by_stage['s3'].tp}" in recorded and "activation_checkpointing: true" in recorded
     assert printed.count("parallel=auto chose megatron") == 4 and "for 16 x h100" in printed
     with pytest.raises(Exception, match="parallel=auto needs a CUDA device to plan for, or parallel.auto_gpu"):
         start_up_layouts(stage_configs(["model=tiny", "parallel=auto"]),
