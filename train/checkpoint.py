@@ -36,7 +36,8 @@ from train.config.model import ModelConfig
 from train.models.hf import HF_CONFIG_FILE, load_hf_checkpoint
 from train.export import HANDOFF_DTYPE, write_model_dir
 from train.models.native_io import NATIVE_CONFIG_FILE, CheckpointError, load_native_checkpoint
-from train.models.weight_source import StateDictSource, WeightSource
+from train.models.checkpoint_sources import open_model_dir
+from train.models.weight_source import WeightSource, check_source_fits
 
 LATEST = "latest"
 META = "meta.json"
@@ -357,11 +358,14 @@ def load_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tenso
 
 
 def read_model_dir(path: str | Path, model_cfg: ModelConfig) -> WeightSource:
-    """The weights of a native or HF model directory as a WeightSource, refused (one line naming the file
-    and key) if its shapes are another model's."""
-    saved_cfg, state_dict = load_model_dir(path)
+    """The weights of a native or HF model directory as a WeightSource that reads only the slices asked
+    for (train/models/checkpoint_sources.py). Refused in one line naming the file and key before any
+    training step: another model's config or tensor shapes, a shard the index names that is missing, a
+    truncated file."""
+    saved_cfg, source = open_model_dir(path)
     check_fingerprint(model_fingerprint(saved_cfg), model_cfg, str(path))
-    return StateDictSource(state_dict)
+    check_source_fits(source, model_cfg, str(path))
+    return source
 
 
 # ---- RNG ----------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 `tiny_dense_config()` / `tiny_moe_config()` give a ModelConfig small enough for CPU tests yet keeping every
 structural feature (GQA, QK norm, DeepStack on 3 layers, interleaved MRoPE with all three axes, MoE with
 an mlp_only layer); `hf_config_dict(cfg)` gives the equivalent transformers config (Qwen3VLConfig or
-Qwen3VLMoeConfig kwargs) and `build_hf_model(cfg)` a random transformers model from it. The rest builds
+Qwen3VLMoeConfig kwargs) and `build_hf_model(cfg)` a random transformers model from it, EVERY parameter
+random (`randomize_constant_parameters`: norm gains and biases too). The rest builds
 token sequences and pixel tensors for images and videos by hand, in the HF layout.
 """
 from __future__ import annotations
@@ -61,7 +62,8 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
 
 
 def build_hf_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
-    """A random fp32 transformers Qwen3VL(Moe)ForConditionalGeneration with eager attention, in eval mode."""
+    """A random fp32 transformers Qwen3VL(Moe)ForConditionalGeneration with eager attention, in eval mode;
+    every parameter random (norm gains and biases included)."""
     import transformers
 
     kind = "Qwen3VLMoe" if cfg.text.is_moe else "Qwen3VL"
@@ -69,7 +71,21 @@ def build_hf_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
     hf_cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, f"{kind}ForConditionalGeneration")(hf_cfg)
-    return model.float().eval()
+    return randomize_constant_parameters(model.float().eval(), seed)
+
+
+@torch.no_grad()
+def randomize_constant_parameters(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
+    """Make every parameter matter to a parity test: the ones initialised to a constant (norm gains = 1,
+    biases = 0, under both transformers' and the project's init) get c + scale * N(0, 1) per element, so
+    a model that ignores a norm gain or drops a bias no longer matches. Other parameters are left as they
+    are (already random). Returns the model."""
+    generator = torch.Generator().manual_seed(seed)
+    for _, param in sorted(model.named_parameters()):
+        flat = param.detach().reshape(-1)
+        if flat.numel() and bool((flat == flat[0]).all()):
+            param.copy_(flat[0] + scale * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    return model
 
 
 def random_pixels(grid_thw: list[list[int]], cfg: ModelConfig, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

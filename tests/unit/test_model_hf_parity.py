@@ -1,5 +1,5 @@
 """The native model equals transformers' Qwen3-VL (dense and MoE) on the same weights, loaded by stripping
-the leading "model." from HF's state_dict names: fp32 logits within 1e-4 on text, images, a timestamped
+the leading "model." from HF's state_dict names: fp32 logits within 1e-6 on text, images, a timestamped
 video and a mixed sequence; MoE aux loss equal to HF's router load-balancing loss."""
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ def _case(name: str, cfg) -> dict:
     raise KeyError(name)
 
 
+# fp32 logits; measured <= 3.3e-7 with every parameter random (build_hf_model). Ignoring the RMSNorm gains
+# gives 0.11, dropping the ViT LayerNorm biases 0.014 on image inputs.
+LOGITS_TOLERANCE = 1e-6
 CASES = ["text", "one_image", "two_images", "video", "mixed"]
 
 
@@ -67,7 +70,7 @@ def test_logits_match_transformers(pair, case):
                  output_router_logits=cfg.text.is_moe, **inputs)
         out = native(ids, **inputs)
     assert out.logits.shape == (ids.numel(), cfg.text.vocab_size)
-    assert (out.logits - ref.logits[0]).abs().max().item() <= 1e-4
+    assert (out.logits - ref.logits[0]).abs().max().item() <= LOGITS_TOLERANCE
     if cfg.text.is_moe:
         assert torch.allclose(out.aux_loss, ref.aux_loss, atol=1e-6)
         assert out.aux_loss.item() > 0
@@ -87,4 +90,4 @@ def test_hf_style_batched_call_keeps_batch_dim(pair):
         ref = hf(input_ids=ids, mm_token_type_ids=mm_token_type_ids(ids, cfg), **inputs).logits
         out = native(ids, **inputs).logits
     assert out.shape == ref.shape
-    assert (out - ref).abs().max().item() <= 1e-4
+    assert (out - ref).abs().max().item() <= LOGITS_TOLERANCE

@@ -15,7 +15,8 @@ for extra in (REPO, os.path.join(REPO, "tests", "unit")):
         sys.path.insert(0, extra)
 
 from data.batch import IGNORE_INDEX, PackedBatch  # noqa: E402
-from model_fixtures import image_span, random_pixels, tiny_dense_config, tiny_moe_config  # noqa: E402
+from model_fixtures import (image_span, random_pixels, randomize_constant_parameters, tiny_dense_config,  # noqa: E402
+                            tiny_moe_config)
 from train.config.schema import TrainConfig  # noqa: E402
 from train.loss import micro_batch_loss, supervised_weights  # noqa: E402
 from train.models.qwen3vl import Qwen3VLModel  # noqa: E402
@@ -141,8 +142,10 @@ def reference_training(cfg, init_state: dict, steps: list[list[PackedBatch]],
 
 
 def initial_state(cfg, seed: int = 7) -> dict:
+    """Random weights in which every parameter matters (norm gains and biases random too)."""
     torch.manual_seed(seed)
-    return {k: v.detach().clone() for k, v in Qwen3VLModel(cfg.model).state_dict().items()}
+    model = randomize_constant_parameters(Qwen3VLModel(cfg.model), seed)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def check_random_init(backend, cfg, failures: list[str], what: str) -> None:

@@ -1,0 +1,56 @@
+"""torchrun program (2 ranks, gloo): backends built straight from a sharded transformers directory.
+
+    load_hf_dir.py WORK_DIR
+
+Rank 0 writes random tiny transformers models with save_pretrained (dense; MoE in the transformers-5 fused
+expert layout), sharded with an index; then each case builds a backend with `weights=read_model_dir(...)`:
+every rank reads only the slices it holds (megatron TP=2 pieces, EP=2 experts, ZeRO-3 partitions). The
+weights exported right after construction must equal transformers' tensors bitwise.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_backend import mode_config
+from deepspeed_common import make_config
+from model_fixtures import build_hf_model
+from rank_harness import finish, start
+from train.backends import build_backend
+from train.backends.base import gathered_state_dict
+from train.checkpoint import read_model_dir
+from train.models.hf import load_hf_checkpoint
+
+CASES = {"megatron tp2": lambda: mode_config("tp"), "megatron ep2": lambda: mode_config("ep"),
+         "deepspeed zero3": lambda: make_config(zero_stage=3)}
+
+
+def main(work: Path) -> None:
+    start()
+    failures: list[str] = []
+    for name, make in CASES.items():
+        cfg = make()
+        directory = work / name.replace(" ", "_")
+        if dist.get_rank() == 0:
+            build_hf_model(cfg.model, seed=3).save_pretrained(directory, max_shard_size="200KB")
+        dist.barrier()
+        backend = build_backend(cfg, weights=read_model_dir(directory, cfg.model))
+        exported = gathered_state_dict(backend)
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()
+        if dist.get_rank() == 0:
+            _, want = load_hf_checkpoint(directory)
+            differing = sorted(k for k in want if k not in exported or not torch.equal(exported[k], want[k]))
+            print(f"[{name}] {len(want)} tensors from {len(list(directory.glob('*.safetensors')))} shards, "
+                  f"{len(differing)} differ", flush=True)
+            if differing or set(exported) != set(want):
+                failures.append(f"{name}: built weights differ from the HF dir's, first {differing[:1]}")
+    finish(failures)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
