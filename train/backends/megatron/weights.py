@@ -242,10 +242,14 @@ def gather_tp(tensor: torch.Tensor, rule: Rule, size: int, group: dist.ProcessGr
     """All-gather one parameter's TP slices and unshard them (collective over `group`)."""
     if rule.tp_dim is None or size == 1:
         return tensor
-    tensor = on_group_device(tensor, group)
-    pieces = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(pieces, tensor, group=group)
-    return unshard(rule, pieces)
+    tensor = on_group_device(tensor, group).contiguous()
+    # One buffer of the TP pieces stacked along dim 0: for a dim-0 split (the vocab-parallel embedding and
+    # head, the largest tensors) it is already the full tensor, so no second full-size copy is made.
+    gathered = tensor.new_empty((size * tensor.shape[0], *tensor.shape[1:]))
+    dist.all_gather_into_tensor(gathered, tensor, group=group)
+    if rule.tp_dim == 0 and not rule.is_glu:
+        return gathered
+    return unshard(rule, list(gathered.chunk(size)))
 
 
 def add_tied_head(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
