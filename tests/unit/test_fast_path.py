@@ -151,6 +151,7 @@ def test_startup_line_reports_each_component(monkeypatch):
     assert "deepspeed=ZeRO-2 overlap_comm, DeepSpeed FusedAdam" in line
     cpu = describe(_cfg(backend="megatron", precision="fp32"), CPU)
     assert "attention=torch SDPA per segment (ViT)" in cpu and "deepspeed=" not in cpu
+    assert "megatron=local spec" in cpu and "megatron=" not in line  # registered without building a backend
 
 
 def test_one_chooser_per_component():
