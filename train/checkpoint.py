@@ -1,4 +1,4 @@
-"""Checkpoint directories of a stage: atomic resumable saves, `latest`, keep-last-k, and the stage handoff.
+"""Checkpoint directories of a stage: finding, verifying and loading checkpoints, and the stage handoff.
 
 Layout of one stage (`<run_dir>/<stage>/`):
 
@@ -7,20 +7,18 @@ Layout of one stage (`<run_dir>/<stage>/`):
     final/                       native model dir (model_config.yaml + model.safetensors): the handoff
     summary.json                 the stage's result; written last, so its presence means "stage done"
 
-A save goes to `checkpoints/.step_000100.tmp`, every file is fsync'ed, the directory is renamed into place,
-and only then is `latest` replaced (write temp, fsync, os.replace). A crash at any point leaves `latest`
-naming a complete checkpoint (or absent). Old checkpoints are pruned only after `latest` moved on.
+Saving (atomic, verified, asynchronous) is train/checkpoint_save.py: a save goes to
+`checkpoints/.step_000100.tmp`, every file is fsync'ed by its writer, the directory is renamed into place, and
+only then is `latest` replaced; a crash at any point leaves `latest` naming a complete checkpoint (or absent).
 
-Every rank calls `save`/`load` (the backend's save is collective); rank 0 does the renames. All ranks must
-see the same file system (one node, or a shared cluster file system).
+Every rank calls save/load (the backend's save is collective); rank 0 does the renames. All ranks must see
+the same file system (one node, or a shared cluster file system).
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -30,8 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from launch.signals import any_rank_flag
-from train.checkpoint_files import Manifest, all_files, check_manifests, digest_files, my_share
+from train.checkpoint_files import check_manifests, my_share
 from train.config.model import ModelConfig
 from train.models.hf import HF_CONFIG_FILE, load_hf_checkpoint
 from train.export import HANDOFF_DTYPE, write_model_dir
@@ -110,96 +107,7 @@ class StageDir:
         return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-# ---- save ---------------------------------------------------------------------------------------------
-
-def save_checkpoint(stage_dir: StageDir, step: int, backend: Any, loader_state: dict[str, Any],
-                    model_cfg: ModelConfig, meta: dict[str, Any], keep_last: int) -> Path:
-    """Write the resumable state after `step` atomically; return the checkpoint directory. Collective.
-
-    `meta` (JSON) is stored in meta.json next to the step, the world size and the model fingerprint. A write
-    that fails on any rank (full disk, unwritable directory) raises CheckpointError on every rank, naming the
-    directory and the cause; `latest` and the earlier checkpoints are untouched."""
-    me = rank()
-    final = stage_dir.step_dir(step)
-    tmp = final.with_name(f".{final.name}.tmp")
-
-    def make_tmp() -> None:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
-        tmp.mkdir(parents=True)
-
-    manifest: Manifest = {}
-
-    def write_state() -> None:
-        backend.save(tmp)
-        rank_file = tmp / rank_file_name(me)
-        rank_file.write_text(json.dumps({"rng": rng_state(), "loader": loader_state}) + "\n")
-        # The writer hashes and fsyncs what it wrote: only its fsync makes its node's pages durable.
-        manifest.update(digest_files(tmp, [rank_file, *_rank_files(backend, tmp)]))
-
-    def publish() -> None:
-        files = [dict(m) for m in gathered]
-        claimed = {name for rank_files in files for name in rank_files}
-        files[0].update(digest_files(tmp, all_files(tmp, claimed | {META})))  # written by none in particular
-        full_meta = {**meta, "step": step, "world_size": world_size(), "model": model_fingerprint(model_cfg),
-                     "files": files}
-        (tmp / META).write_text(json.dumps(full_meta, indent=1, sort_keys=True) + "\n")
-        _fsync_dirs(tmp)
-        _replace_dir(tmp, final)
-        _write_latest(stage_dir.checkpoints, final.name)
-        _prune(stage_dir, keep_last, keep=final)
-
-    _agree_on_write(make_tmp if me == 0 else None, tmp, stage_dir)
-    _agree_on_write(write_state, tmp, stage_dir)
-    gathered = _all_gather_object(manifest)
-    _agree_on_write(publish if me == 0 else None, tmp, stage_dir)
-    return final
-
-
-def _rank_files(backend: Any, directory: Path) -> list[Path]:
-    """The files this rank's `backend.save` wrote (backends that cannot tell leave them to rank 0)."""
-    owned = getattr(backend, "rank_files", None)
-    return list(owned(directory)) if owned is not None else []
-
-
-def _all_gather_object(value: Any) -> list[Any]:
-    """`value` of every rank (a list of one without a process group)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [value]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
-LOW_DISK_BYTES = 1 << 20  # a failed write with less free space than this was the disk filling up
-
-
-def _agree_on_write(write: Any, tmp: Path, stage_dir: StageDir) -> None:
-    """Run `write` (None: nothing on this rank), then agree over all ranks whether every write worked, so
-    that a failure on one rank stops all of them at the same point instead of leaving the others waiting in
-    the next collective. torch.save on a full disk raises a RuntimeError from its zip writer ("unexpected
-    pos 576 vs 534") that names neither the file nor the disk: hence the cause is worked out here."""
-    failure: BaseException | None = None
-    if write is not None:
-        try:
-            write()
-        except (OSError, RuntimeError) as err:
-            failure = err
-    if any_rank_flag(failure is not None):
-        cause = _write_failure_cause(failure, tmp) if failure is not None else "it failed on another rank"
-        raise CheckpointError(f"cannot write checkpoint {tmp}: {cause}; {latest_kept(stage_dir.checkpoints)}")
-
-
-def _write_failure_cause(err: BaseException, path: Path) -> str:
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
-    free = shutil.disk_usage(existing).free
-    if free < LOW_DISK_BYTES:
-        return f"no space left on the device ({free // 1024} KiB free)"
-    if not os.access(existing, os.W_OK):
-        return "the directory is not writable"
-    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-
+# ---- shared by save and load ------------------------------------------------------------------------
 
 def latest_kept(checkpoints: Path) -> str:
     """What a failed write leaves for the next run to resume from, for error messages."""
@@ -208,49 +116,13 @@ def latest_kept(checkpoints: Path) -> str:
     return f"latest checkpoint kept: {checkpoints / name}" if name else "no earlier checkpoint of this stage"
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename `tmp` onto `final`. An existing `final` (same step, written by a run that crashed before it
-    moved `latest`) is moved aside first and removed only after the new one is in place."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    _fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_latest(directory: Path, name: str) -> None:
-    tmp = directory / f".{LATEST}.tmp"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / LATEST)
-    _fsync_dir(directory)
-
-
-def _prune(stage_dir: StageDir, keep_last: int, keep: Path) -> None:
-    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names)."""
-    others = [p for p in stage_dir.list_checkpoints() if p != keep]
-    old = others[: max(0, len(others) - (keep_last - 1))]
-    for path in old:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync_dirs(directory: Path) -> None:
-    """fsync the directory entries (the files were fsync'ed by the ranks that wrote them)."""
-    for path in sorted(p for p in directory.rglob("*") if p.is_dir()):
-        _fsync_dir(path)
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def all_gather_object(value: Any) -> list[Any]:
+    """`value` of every rank (a list of one without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 # ---- verify -------------------------------------------------------------------------------------------
@@ -279,7 +151,7 @@ def resume_checkpoint(stage_dir: StageDir) -> Path | None:
              if int(p.name[5:]) < int(latest.name[5:]) and (p / META).is_file()]
     first_problem = None
     for candidate in [latest, *older]:
-        problems = [p for p in _all_gather_object(verify_share(candidate, rank(), world_size())) if p]
+        problems = [p for p in all_gather_object(verify_share(candidate, rank(), world_size())) if p]
         if not problems:
             if first_problem is not None and rank() == 0:
                 print(f"longvl: warning: checkpoint {latest} failed verification ({first_problem}); resuming "

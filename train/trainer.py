@@ -25,9 +25,10 @@ from data.batch import PackedBatch
 from data.errors import bad_fractions, over_limit
 from train.backends.base import Backend, StepMetrics
 from train.checkpoint import (
-    StageDir, barrier, load_checkpoint, read_model_dir, resume_checkpoint, save_checkpoint, save_final,
+    StageDir, barrier, load_checkpoint, read_model_dir, resume_checkpoint, save_final,
 )
 from launch.signals import PreemptionHandler
+from train.checkpoint_save import Checkpointer
 from train.config.schema import TrainConfig
 from train.device import comm_tensor, compute_device
 from train.fast_path import describe as describe_run_path
@@ -118,8 +119,14 @@ def train_stage(cfg: TrainConfig, runtime: StageRuntime) -> StageResult:
         result.eval_start = evaluate(backend, eval_batches)
     own_handler = runtime.preemption is None
     preemption = PreemptionHandler().install() if own_handler else runtime.preemption
+    checkpointer = Checkpointer(stage_dir, cfg.model, cfg.stage.keep_last, cfg.stage.async_save)
     try:
-        _run_steps(cfg, backend, loader, stage_dir, logger, start_step, result, runtime.extra_meta, preemption)
+        _run_steps(cfg, backend, loader, stage_dir, logger, start_step, result, runtime.extra_meta, preemption,
+                   checkpointer)
+        checkpointer.wait()
+    except TrainingStopped:
+        checkpointer.wait()  # every rank agreed to stop here: the good checkpoint in flight is completed
+        raise
     finally:
         if own_handler:
             preemption.uninstall()
@@ -149,7 +156,7 @@ def _resume_or_init(cfg: TrainConfig, stage_dir: StageDir, backend: Backend,
 
 def _run_steps(cfg: TrainConfig, backend: Backend, loader: Any, stage_dir: StageDir, logger: MetricsLogger,
                start_step: int, result: StageResult, extra_meta: dict[str, Any],
-               preemption: PreemptionHandler) -> None:
+               preemption: PreemptionHandler, checkpointer: Checkpointer) -> None:
     total = cfg.stage.num_steps()
     per_rank = cfg.stage.global_batch_size // backend.info.dp_size
     max_skips = cfg.stage.max_consecutive_skips
@@ -161,6 +168,7 @@ def _run_steps(cfg: TrainConfig, backend: Backend, loader: Any, stage_dir: Stage
         if cfg.parallel.balance_vision:
             micro = balance_micro_batches(micro, cfg.model.vision.hidden_size, backend.info.dp_group)
         metrics = backend.train_step(micro)
+        checkpointer.poll()  # publishes the save in flight once every rank has written it
         bad_data = _check_bad_data(cfg, loader, backend.info.dp_rank, stage_dir)
         seconds = timer.lap()
         result.seconds += seconds
@@ -180,8 +188,9 @@ def _run_steps(cfg: TrainConfig, backend: Backend, loader: Any, stage_dir: Stage
         if not skipped and (step % cfg.stage.save_every == 0 or step == total or stop):
             meta = {"stage": cfg.stage.name, "total_steps": total, "eval_start": result.eval_start,
                     "elapsed_s": result.seconds, **extra_meta}
-            save_checkpoint(stage_dir, step, backend, loader.state_dict(), cfg.model, meta, cfg.stage.keep_last)
+            checkpointer.save(step, backend, loader.state_dict(), meta)
         if stop and step < total:  # after the last step the stage just finishes: nothing left to resume
+            checkpointer.wait()
             raise Preempted(f"{cfg.stage.name}: stopped by signal after step {step}; latest checkpoint "
                             f"{stage_dir.latest()}; run the same command again to resume")
 

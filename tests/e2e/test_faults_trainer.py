@@ -5,9 +5,9 @@ rank's loader handed to the trainer, and fault hooks that live in the test progr
 
 - kill -9 of one rank mid-step: torchrun fails; the same command again resumes from the last complete
   checkpoint and ends with per-step losses identical to an uninterrupted run, reading the same documents;
-- kill -9 of both ranks in the middle of a checkpoint save (the program sleeps after the backend wrote the
-  files of the step-4 save): `latest` and the step-2 checkpoint are intact, the half-written temp dir is never used,
-  and the restart resumes from step 2 with identical losses;
+- kill -9 of both ranks in the middle of an asynchronous checkpoint save (the writer thread sleeps after it
+  wrote the files of the step-4 save, while step 5 trains): `latest` and the step-2 checkpoint are intact, the
+  half-written temp dir is never used, and the restart resumes from step 2 with identical losses;
 - a checkpoint dir that fills up (ENOSPC) or turns read-only mid-run (a real tmpfs): one-line error, exit 3,
   the earlier checkpoints and `latest` are kept and complete.
 """
@@ -68,6 +68,15 @@ def losses(run_dir: Path) -> list[tuple[int, float, float]]:
     """(step, loss, grad_norm) of metrics.jsonl (a resume truncates it to the checkpoint's step first)."""
     rows = [json.loads(line) for line in (run_dir / "s1" / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"], r["grad_norm"]) for r in rows]
+
+
+def logged_step(run_dir: Path, step: int) -> bool:
+    """metrics.jsonl has a complete row for `step` (the file may be mid-write)."""
+    path = run_dir / "s1" / "metrics.jsonl"
+    try:
+        return path.exists() and any(s == step for s, _, _ in losses(run_dir))
+    except ValueError:
+        return False
 
 
 def docs_by_batch(run_dir: Path, rank: int) -> dict[int, list[str]]:
@@ -133,6 +142,8 @@ def test_kill_during_checkpoint_save_keeps_previous_and_resumes(demo_corpus: Pat
     checkpoints = tmp_path / "s1" / "checkpoints"
     proc = torchrun(demo_corpus, tmp_path, "--slow-save-step", "4", "--slow-save-s", "120")
     wait_until(lambda: (tmp_path / "pids" / "saving_4").exists(), RUN_TIMEOUT, "the step-4 save", proc)
+    # The save is asynchronous: step 5 trains while the step-4 files are being written (step 6's save waits).
+    wait_until(lambda: logged_step(tmp_path, 5), RUN_TIMEOUT, "step 5 during the step-4 save", proc)
     # Both ranks, as when the node dies: killing only rank 0 would leave rank 1 asleep in the save, ignoring
     # torchrun's SIGTERM (the trainer turns it into a stop request), until torchrun's 30 s kill timeout.
     for rank in (0, 1):
@@ -171,7 +182,9 @@ def tmpfs_checkpoints(tmp_path: Path) -> Iterator[Path]:
                                           ("readonly", "read-only file system")])
 def test_full_or_readonly_checkpoint_dir_fails_in_one_line_and_keeps_checkpoints(
         demo_corpus: Path, tmp_path: Path, tmpfs_checkpoints: Path, fault: str, cause: str) -> None:
-    code, out = finish(torchrun(demo_corpus, tmp_path, "--disk-fault", fault, "--disk-fault-after-step", "4"))
+    # Synchronous saves: the fault lands between two complete saves (async write failures: test_checkpoint).
+    code, out = finish(torchrun(demo_corpus, tmp_path, "--disk-fault", fault, "--disk-fault-after-step", "4",
+                                "stage.async_save=false"))
     assert code != 0, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("longvl:")]
     assert len(errors) == 1, out[-3000:]

@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,10 @@ import pytest
 import torch
 
 from train.checkpoint import (
-    StageDir, check_fingerprint, load_checkpoint, model_fingerprint, resume_checkpoint, save_checkpoint,
+    StageDir, check_fingerprint, load_checkpoint, model_fingerprint, resume_checkpoint, verify_share,
 )
+from train.backends.snapshot import PendingWrite, host_copy
+from train.checkpoint_save import Checkpointer, save_checkpoint
 from train.config.model import ModelConfig, TextConfig
 from train.models.native_io import CheckpointError
 
@@ -214,3 +217,66 @@ def test_verify_command(tmp_path: Path, model_cfg: ModelConfig) -> None:
     assert bad.returncode == 1
     assert bad.stdout.splitlines()[1] == f"BAD  {latest}: {latest / 'state.pt'}: checksum mismatch (content " \
                                          f"changed since it was written)"
+
+
+# ---- asynchronous saves --------------------------------------------------------------------------------
+
+class AsyncFileBackend(FileBackend):
+    """FileBackend with the snapshot/write split of a real backend; `gate` holds the writer thread."""
+
+    def __init__(self, fail_on_write: bool = False) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.fail_on_write = fail_on_write
+
+    def save_async(self, directory: Path) -> PendingWrite:
+        state = host_copy({"model": self.model.state_dict(), "optim": self.optim.state_dict()})
+
+        def write() -> list[Path]:
+            self.gate.wait(60)
+            if self.fail_on_write:
+                raise OSError(28, "No space left on device")
+            torch.save(state, directory / "state.pt")
+            return [directory / "state.pt"]
+        return PendingWrite(write)
+
+
+def test_async_save_snapshots_then_publishes_after_the_write(tmp_path: Path, model_cfg: ModelConfig) -> None:
+    stage = StageDir(tmp_path, "s1")
+    backend = AsyncFileBackend()
+    checkpointer = Checkpointer(stage, model_cfg, keep_last=2)
+    first = checkpointer.save(4, backend, {"batches": 4}, {"stage": "s1"})
+    at_save = backend.model.weight.detach().clone()
+    backend.step()  # training goes on while the writer waits
+    assert checkpointer.pending and checkpointer.poll() is None and stage.latest() is None
+    backend.gate.set()
+    checkpointer.wait()
+    assert stage.latest() == first and not checkpointer.pending
+    saved = torch.load(first / "state.pt")["model"]["weight"]
+    assert torch.equal(saved, at_save) and not torch.equal(saved, backend.model.weight.detach())
+    assert sorted(json.loads((first / "meta.json").read_text())["files"][0]) == ["rank_00000.json", "state.pt"]
+
+
+def test_next_save_waits_for_the_pending_one(tmp_path: Path, model_cfg: ModelConfig) -> None:
+    stage = StageDir(tmp_path, "s1")
+    backend = AsyncFileBackend()
+    backend.gate.set()
+    checkpointer = Checkpointer(stage, model_cfg, keep_last=5)
+    for step in (2, 4, 6):
+        checkpointer.save(step, backend, {"batches": step}, {})
+    checkpointer.wait()
+    assert [p.name for p in stage.list_checkpoints()] == ["step_000002", "step_000004", "step_000006"]
+    assert all(verify_share(p, 0, 1) is None for p in stage.list_checkpoints())
+
+
+def test_failed_async_write_raises_at_publish_and_keeps_latest(tmp_path: Path, model_cfg: ModelConfig) -> None:
+    stage = StageDir(tmp_path, "s1")
+    good = _save(stage, 2, FileBackend(), model_cfg)
+    backend = AsyncFileBackend(fail_on_write=True)
+    backend.gate.set()
+    checkpointer = Checkpointer(stage, model_cfg, keep_last=1)
+    checkpointer.save(4, backend, {}, {})
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*\.step_000004\.tmp: No space left on "
+                                              r"device; latest checkpoint kept: .*step_000002"):
+        checkpointer.wait()
+    assert stage.latest() == good and not stage.step_dir(4).exists()

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from train.checkpoint import StageDir, save_checkpoint
+from train.checkpoint import StageDir
+from train.checkpoint_save import save_checkpoint
 from train.config.compose import load_config
 from train.config.schema import TrainConfig
 from train.preflight import (

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Protocol, runtime_checkable
 import torch
 
 from data.batch import PackedBatch
+from train.backends.snapshot import PendingWrite
 from train.models.weight_source import WeightSource
 
 
@@ -70,6 +71,10 @@ class Backend(Protocol):
     def save(self, directory: Path) -> None:
         """Write the resumable training state (model, optimizer, LR scheduler) into `directory`, which the
         caller created; every rank calls it. Atomicity (temp dir, rename, `latest`) is the caller's job."""
+
+    def save_async(self, directory: Path) -> PendingWrite:
+        """The first half of `save` (collective, on the training thread): copy the state to host memory and
+        plan the files; the returned PendingWrite writes them later (train/backends/snapshot.py)."""
 
     def load(self, directory: Path) -> None:
         """Restore exactly what `save` wrote (same parallel layout)."""

@@ -38,6 +38,9 @@ class StageConfig:
     init_from: Optional[str] = None
     save_every: int = 100
     keep_last: int = 2
+    # Write checkpoints on a background thread from a host-memory snapshot while the steps go on (`latest`
+    # moves once every rank's files are on disk); false: every save blocks until written.
+    async_save: bool = True
     # Non-finite steps are skipped; this many in a row stop the stage (the last good checkpoint is kept).
     max_consecutive_skips: int = 5
     log_every: int = 1

@@ -12,9 +12,10 @@ cursors), so this is how a test sees that a resumed run reads exactly the docume
 reads, none twice.
 --step-sleep S: sleep S s before each optimizer step (the tiny model steps in ~0.2 s; a signal test needs
     time to hit the middle of a stage). Changes no number.
---slow-save-step K --slow-save-s S: after the backend wrote its files for the checkpoint of step K (still in
-    the temp dir, before meta.json, the rename and `latest`), touch <run_dir>/pids/saving_K and sleep S s,
-    so a test can kill the job in the middle of that save.
+--slow-save-step K --slow-save-s S: after the backend's writer thread wrote its files for the checkpoint of
+    step K (still in the temp dir, before meta.json, the rename and `latest`), touch <run_dir>/pids/saving_K
+    and sleep S s on that thread, so a test can kill the job in the middle of that asynchronous save while
+    the steps go on.
 --disk-fault full|readonly --disk-fault-after-step K: right after the checkpoint of step K is complete,
     rank 0 breaks the file system mounted at <run_dir>/<stage>/checkpoints (a tmpfs the test mounted): `full`
     writes <checkpoints>/filler until ENOSPC, `readonly` remounts it read-only. The next save must fail.
@@ -102,15 +103,23 @@ def main() -> int:
         built = build_stage_backend(cfg)
         checkpoints = Path(cfg.run_dir) / cfg.stage.name / "checkpoints"
         if args.slow_save_step:
-            save = built.save
+            snapshot = built.save_async
 
-            def slow_save(path: Path) -> None:
-                save(path)
+            def slow_save_async(path: Path):
+                pending = snapshot(path)
                 if Path(path).name == f".step_{args.slow_save_step:06d}.tmp":
-                    (pids / f"saving_{args.slow_save_step}").write_text(str(os.getpid()))
-                    time.sleep(args.slow_save_s)
+                    write = pending.write
 
-            built.save = slow_save
+                    def slow_write():  # on the checkpoint writer thread: the steps go on meanwhile
+                        written = write()
+                        (pids / f"saving_{args.slow_save_step}").write_text(str(os.getpid()))
+                        time.sleep(args.slow_save_s)
+                        return written
+
+                    pending.write = slow_write
+                return pending
+
+            built.save_async = slow_save_async
         if args.step_sleep:
             plain_step = built.train_step
 
@@ -123,7 +132,8 @@ def main() -> int:
             step, calls = built.train_step, [0]
 
             def step_then_break_disk(micro):
-                # Step k+1 starts only after step k's checkpoint (and `latest`) was written completely.
+                # With stage.async_save=false (as the test runs it), step k+1 starts only after step k's
+                # checkpoint (and `latest`) was written completely.
                 if calls[0] == args.disk_fault_after_step:
                     break_disk(checkpoints, args.disk_fault)
                 calls[0] += 1

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from data.batch import PackedBatch
 from train.backends.base import ParallelInfo, StepMetrics
 from train.backends.deepspeed.checkpoint_io import RecordingEngine
+from train.backends.snapshot import PendingWrite
 from train.backends.deepspeed.config import check_layout, deepspeed_config
 from train.backends.deepspeed.experts import ExpertParallelism
 from train.backends.deepspeed.module import LossModule
@@ -209,18 +210,23 @@ class DeepSpeedBackend:
         return self.experts.plain_checkpointing(self.engine)
 
     def save(self, directory: Path) -> None:
-        self.checkpoint_io.begin(snapshot=False)
+        self.save_async(directory).complete()
+
+    def save_async(self, directory: Path) -> PendingWrite:
+        """DeepSpeed's own save (its collectives, which rank writes which partition) with every file's state
+        copied to host memory instead of written; the returned writer serialises the copies."""
         with self._checkpointing():
             self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"step": self.step},
                                         save_latest=False)
+        files = self.checkpoint_io.take_pending()
         if self.experts is not None:
-            self.experts.save(Path(directory))
+            files.append((self.experts.file(Path(directory)), self.experts.state()))
 
-    def rank_files(self, directory: Path) -> list[Path]:
-        """The files this rank wrote in the last `save` into `directory`."""
-        written = [p for p in self.checkpoint_io.written if p.is_relative_to(directory)]
-        experts = [self.experts.file(directory)] if self.experts is not None else []
-        return written + experts
+        def write() -> list[Path]:
+            for path, state in files:
+                torch.save(state, path)
+            return [path for path, _ in files]
+        return PendingWrite(write)
 
     def load(self, directory: Path) -> None:
         with self._checkpointing():

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from train.backends.snapshot import host_copy
 from train.device import on_group_device
 from train.models.qwen3vl import Qwen3VLModel
 from train.models.qwen3vl.moe import SparseMoeBlock
@@ -117,10 +118,10 @@ class ExpertParallelism:
     def file(self, directory: Path) -> Path:
         return directory / f"experts_rank{dist.get_rank():05d}.pt"
 
-    def save(self, directory: Path) -> None:
-        state = {f"{layer}.{n}": p.detach().cpu() for layer, module in self.layers.items()
-                 for n, p in module.named_parameters()}
-        torch.save(state, self.file(directory))
+    def state(self) -> dict[str, torch.Tensor]:
+        """Host-memory copies of this rank's expert weights (written to `file(directory)` by the backend)."""
+        return {f"{layer}.{n}": host_copy(p) for layer, module in self.layers.items()
+                for n, p in module.named_parameters()}
 
     @torch.no_grad()
     def load(self, directory: Path, optimizer: Any) -> None:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from data.batch import PackedBatch
 from train.backends.base import ParallelInfo, StepMetrics
 from train.backends.megatron.fast_path import ddp_options, run_path
+from train.backends.snapshot import PendingWrite
 from train.backends.megatron.layout import check_config
 from train.backends.megatron.parallel_state import ParallelSizes, destroy_parallel_groups, init_parallel_groups
 from train.config.schema import TrainConfig
@@ -241,17 +242,14 @@ class MegatronBackend:
 
     # ------------------------------------------------------------------------------------------ state
     def save(self, directory: Path) -> None:
+        self.save_async(directory).complete()
+
+    def save_async(self, directory: Path) -> PendingWrite:
+        """Snapshot now, write later (train/backends/snapshot.py); rank 0's common files are written now."""
         from train.backends.megatron.checkpoint import save_training_state
 
         self._sync_params()
-        save_training_state(Path(directory), self.ddp, self.optimizer, self.step, self.state_layout())
-
-    def rank_files(self, directory: Path) -> list[Path]:
-        """The files this rank wrote in the last `save` (dist_checkpointing names them after the global rank;
-        the common files of the coordinator are left to rank 0 by the caller)."""
-        from train.backends.megatron.checkpoint import SUBDIR
-
-        return sorted((Path(directory) / SUBDIR).glob(f"__{dist.get_rank()}_*.distcp"))
+        return save_training_state(Path(directory), self.ddp, self.optimizer, self.step, self.state_layout())
 
     def load(self, directory: Path) -> None:
         """Resume: model, optimizer and step, in the layout they were saved in (else a CheckpointError)."""

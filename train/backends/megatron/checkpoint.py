@@ -10,17 +10,19 @@ with one line; across layouts only the model loads (load_model_state: weights re
 dist_checkpointing, the optimizer starts fresh), as does the layout-independent native handoff
 (Backend.export_tensors / load_model_weights).
 
-Saving starts dist_checkpointing's writer (a spawn Manager that re-imports __main__): scripts that save
-need an `if __name__ == "__main__"` guard; every save stops the writer's Manager again.
+Saves are asynchronous (train/backends/snapshot.py): dist_checkpointing's async save planned on the training
+thread from host copies of the shards, its file writer run on a writer thread (no forked writers, no spawn
+Manager), its finalize step (global metadata) on the training thread once every rank has written.
 """
 from __future__ import annotations
 
+import queue
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from train.backends.megatron.parallel_state import stop_checkpoint_writer_manager
+from train.backends.snapshot import PendingWrite, host_copy
 from train.models.native_io import CheckpointError
 
 SUBDIR = "megatron"
@@ -61,17 +63,68 @@ def _restore_adam_steps(optimizer: Any, steps: list[float]) -> None:
                 state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
-def save_training_state(directory: Path, ddp: Any, optimizer: Any, step: int, layout: dict[str, Any]) -> None:
-    """Every rank calls it; `directory` exists (the caller's temp checkpoint dir). `layout` describes what
-    the optimizer state's sharding depends on (the backend's parallel sizes, optimizer kind, precision)."""
+def save_training_state(directory: Path, ddp: Any, optimizer: Any, step: int, layout: dict[str, Any]) -> PendingWrite:
+    """Snapshot the model and optimizer state for `directory` (which exists: the caller's temp checkpoint
+    dir) and return the writer (train/backends/snapshot.py). Every rank calls it: dist_checkpointing plans
+    the save collectively now (and rank 0 writes common.pt); `write()` writes this rank's .distcp files from
+    the host copies on any thread; `finalize()` (collective) gathers the write results and writes the global
+    metadata. `layout` describes what the optimizer state's sharding depends on."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     target = directory / SUBDIR
     target.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(_state(ddp, optimizer, step, is_loading=False, layout=layout), str(target))
-    # The writer's Manager process would outlive the trainer (which ends ranks with os._exit) and hold the
-    # job's stdout/stderr open: whoever waits for them hangs. Stop it now; the next save starts a new one.
-    stop_checkpoint_writer_manager()
+    # The writer runs on a thread of this process, not in forked workers: an in-process results queue
+    # replaces the spawn Manager dist_checkpointing would start (seconds per save, and it outlives os._exit).
+    filesystem_async._results_queue = queue.Queue()
+    state = _host_snapshot(_state(ddp, optimizer, step, is_loading=False, layout=layout))
+    request = dist_checkpointing.save(state, str(target), async_sharded_save=True)
+    buckets, results = (request.async_fn_args[1], request.async_fn_args[2]) if request.async_fn else ([], None)
+    transforms = request.async_fn.args[0] if request.async_fn else []
+
+    def write() -> list[Path]:
+        _write_buckets(transforms, buckets, results)
+        return [Path(bucket[0]) for bucket in buckets]
+
+    def finalize() -> None:
+        for fn in request.finalize_fns:
+            fn()
+        filesystem_async._results_queue = None
+    return PendingWrite(write, finalize)
+
+
+def _host_snapshot(state: dict[str, Any]) -> dict[str, Any]:
+    """The sharded state with every shard's data replaced by a host copy (the ShardedTensor objects are built
+    per call, so the model's tensors are untouched): the training step may change them while the copies are
+    written. On GPU this is the device-to-host copy dist_checkpointing's async save would make."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+
+    def snapshot(value: Any) -> Any:
+        if isinstance(value, (ShardedTensor, ShardedTensorFactory, ShardedObject)):
+            value.data = host_copy(value.data)
+        return value
+
+    dict_list_map_inplace(snapshot, state)
+    return state
+
+
+def _write_buckets(transforms: list, buckets: list, results: Any) -> None:
+    """dist_checkpointing's per-bucket file writer (write + fsync each file), called in this thread in turn
+    instead of in forked processes; the collected results go where its finalize step reads them."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    local, done = queue.Queue(), queue.Queue()
+    collected: dict[int, Any] = {}
+    for index, bucket in enumerate(buckets):
+        done.put(index)
+        FileSystemWriterAsync.write_preloaded_data(transforms, index, bucket, local, done, True)
+        proc_index, outcome = local.get()
+        if isinstance(outcome, Exception):
+            raise outcome
+        collected[proc_index] = outcome
+    if results is not None:
+        results.put(collected)
 
 
 def _checkpoint_dir(directory: Path) -> Path:
