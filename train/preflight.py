@@ -157,12 +157,13 @@ def tokenizer_path(cfg: TrainConfig) -> str:
     return cfg.data.tokenizer or str(Path(cfg.data_root) / "tokenizer.model")
 
 
-# GPU-path packages the code was written and checked against: (minimum, first unsupported).
+# Packages the code was written and checked against: (minimum, first unsupported), as pyproject.toml pins
+# them (dependencies and the `gpu` extra).
 SUPPORTED_PACKAGES = {
     "megatron-core": ("0.16.1", "0.17"),
     "deepspeed": ("0.16", "0.20"),
-    "transformer-engine": ("2.0", "3.0"),
-    "flash-attn": ("2.6", "3.0"),
+    "transformer-engine": ("2.9", "2.12"),
+    "flash-attn": ("2.7", "3"),
 }
 # The packages a backend imports itself; the optional GPU ones are checked whenever they are installed.
 BACKEND_PACKAGES = {"megatron": ("megatron-core",), "deepspeed": ("deepspeed",)}

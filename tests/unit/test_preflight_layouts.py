@@ -79,3 +79,20 @@ def test_parallel_auto_replans_each_stage_for_the_jobs_gpus(capsys, tmp_path):
     with pytest.raises(Exception, match="parallel=auto needs a CUDA device to plan for, or parallel.auto_gpu"):
         start_up_layouts(stage_configs(["model=tiny", "parallel=auto"]),
                          SimpleNamespace(world_size=1, rank=0, local_rank=0))
+
+
+def test_supported_versions_are_the_ones_pyproject_pins():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from train.preflight import SUPPORTED_PACKAGES
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for spec in [*project["dependencies"], *project["optional-dependencies"]["gpu"]]:
+        match = re.match(r"([A-Za-z0-9_-]+)(?:\[\w+\])?>=([\d.]+),<([\d.]+)", spec)
+        if match:
+            pins[match.group(1)] = (match.group(2), match.group(3))
+    for package, (low, high) in SUPPORTED_PACKAGES.items():
+        assert pins[package] == (low, high), package
