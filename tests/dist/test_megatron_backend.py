@@ -11,6 +11,8 @@ rescale).
   ep: EP=2 MoE (megatron all-to-all dispatcher, the reference's pooled load-balancing loss)
   pp: PP=2 1F1B over 4 micro-batches (DeepStack on the first stage)
   pp_moe: PP=2 MoE with megatron's per-layer load-balancing loss (each stage adds its layers' share)
+  tp_ep: TP=2 + sequence parallel with EP=2 over the TP ranks (expert TP 1: the published 235B fold); the
+      aux loss sees every TP rank's routed rows
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-MODES = ["dp", "tp", "cp", "ep", "pp", "pp_moe"]
+MODES = ["dp", "tp", "cp", "ep", "pp", "pp_moe", "tp_ep"]
 
 
 def run_program(name: str, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:

@@ -33,6 +33,8 @@ MODES = {
     "pp": dict(parallel=dict(pp=2), text=dict(num_hidden_layers=4), deepstack=[0, 1]),
     # MoE over 2 pipeline stages: megatron's per-layer aux loss (each stage adds its own layers' share), with
     # a coefficient large enough that a wrong aux gradient moves the compared parameters
+    # the published 235B fold on 2 ranks: experts over the TP ranks (expert TP 1, EP 2 = TP 2, expert-DP 1)
+    "tp_ep": dict(moe=True, ep=2, parallel=dict(tp=2, sequence_parallel=True)),
     "pp_moe": dict(moe=True, parallel=dict(pp=2), text=dict(router_aux_loss_coef=0.05), deepstack=[0, 1]),
 }
 

@@ -166,7 +166,11 @@ class MegatronQwen3VL(LanguageModule):
 
     # ------------------------------------------------------------------------------------------ set-up
     def _tap_routers(self) -> None:
-        """Record each MoE router's logits of the current forward (the pooled aux loss needs them)."""
+        """Record each MoE router's logits of the current forward (the load-balancing loss needs them).
+        Under sequence parallelism a TP rank routes only its rows: the rows of all TP ranks are gathered, so
+        every TP rank forms the same loss as without TP (backward keeps each rank's rows; megatron sums the
+        replicated router's gradient over TP, as for the cross entropy of the gathered hidden states)."""
+        sequence_parallel = self.config.sequence_parallel
         for layer in self.decoder.layers:
             router = getattr(layer.mlp, "router", None)
             if router is None:
@@ -175,7 +179,11 @@ class MegatronQwen3VL(LanguageModule):
             def tapped(inputs: Tensor, _gating=router.gating) -> Tensor:
                 logits = _gating(inputs)
                 if self._router_sink is not None:  # None during a backward-time recompute
-                    self._router_sink.append(logits.reshape(-1, logits.shape[-1]))
+                    rows = logits
+                    if sequence_parallel:
+                        rows = tensor_parallel.gather_from_sequence_parallel_region(
+                            logits, tensor_parallel_output_grad=False)
+                    self._router_sink.append(rows.reshape(-1, rows.shape[-1]))
                 return logits
             router.gating = tapped
 
