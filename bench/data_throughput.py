@@ -11,14 +11,20 @@ in the order of the same source schedule, so both sides decode the same samples 
 same DocumentEncoder; 1 worker, counting document tokens, no packing and no state. The difference is the
 price of packing and exact resume.
 
-Prints `RESULT data_tokens_per_s_per_worker <v>` (and the HTTP, baseline and ratio figures) and appends to
-bench/RESULTS.md. Usage: python bench/data_throughput.py [--batches N]
+Compact pixels, same run: the loader run in a fresh process that plays the worker (num_workers=0: it reads,
+decodes, holds the packing buffer and packs), once with `data.encode.image.pixel_dtype=float32` (before:
+normalised fp32 pixels, the former path) and once with `uint8` (after: normalised by the model's first op):
+pixel bytes per visual token of the packed batches and the process' peak RSS (VmHWM) while it loads.
+
+Prints `RESULT data_tokens_per_s_per_worker <v>` (and the HTTP, baseline, ratio and compact-pixel figures)
+and appends to bench/RESULTS.md. Usage: python bench/data_throughput.py [--batches N]
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import itertools
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -31,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 import webdataset as wds  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 
+from bench.common import PeakMemory  # noqa: E402
 from bench.loopback_http import serve_directory  # noqa: E402
 from bench.packing import MACHINE, append_results, demo_mix  # noqa: E402
 from data.config import DataConfig  # noqa: E402
@@ -102,6 +109,37 @@ def _passthrough(item):
     return item
 
 
+def _pixel_worker(corpus: str, pixel_dtype: str, batches: int) -> dict[str, float]:
+    """In its own process: load `batches` packed sequences with pixels of `pixel_dtype`; pixel bytes per visual
+    token and peak RSS (MiB) of the loading process."""
+    tok = Tokenizer.load(Path(corpus) / "tokenizer.model")
+    base = EncodeConfig()
+    encode_cfg = replace(base, image=replace(base.image, pixel_dtype=pixel_dtype))
+    encoder = DocumentEncoder(tok, encode_cfg, SEQ_LEN)
+    pixel_bytes = visual_tokens = 0
+    with PeakMemory() as memory:
+        loader = StreamingLoader(demo_mix(corpus, num_workers=0), encoder.encode, SEQ_LEN)
+        for batch in itertools.islice(iter(loader), batches):
+            pixel_bytes += sum(p.numel() * p.element_size() for p in (batch.pixel_values, batch.pixel_values_videos)
+                               if p is not None)
+            visual_tokens += int(((batch.input_ids == tok.image_pad_id) | (batch.input_ids == tok.video_pad_id)).sum())
+    return {"bytes_per_visual_token": pixel_bytes / visual_tokens, "peak_rss_mib": memory.peak_mib,
+            "rss_growth_mib": memory.extra_mib}
+
+
+def compact_pixels(corpus: str, batches: int) -> dict[str, float]:
+    """Before (float32 pixels from the worker) and after (uint8), each in a fresh spawned process."""
+    figures: dict[str, float] = {}
+    ctx = multiprocessing.get_context("spawn")
+    for label, dtype in (("before_fp32", "float32"), ("after_uint8", "uint8")):
+        with ctx.Pool(1) as pool:
+            r = pool.apply(_pixel_worker, (corpus, dtype, batches))
+        figures[f"data_bytes_per_visual_token_{label}"] = r["bytes_per_visual_token"]
+        figures[f"data_worker_peak_rss_mib_{label}"] = r["peak_rss_mib"]
+        figures[f"data_worker_rss_growth_mib_{label}"] = r["rss_growth_mib"]
+    return figures
+
+
 def over_http(cfg: DataConfig, corpus: str, url: str) -> DataConfig:
     """The same mix with every shard read from `url` (the corpus served over HTTP) instead of the disk."""
     datasets = [replace(d, shards=[p.replace(corpus, url, 1) for p in list_shards(d)]) for d in cfg.datasets]
@@ -123,17 +161,20 @@ def main() -> None:
         baseline = sum(plain_webdataset(corpus, encoder, skip, docs) for _ in range(2)) / 2
         http = (http_first + ours(remote, encoder, args.batches)[0]) / 2
         measured = (first + ours(local, encoder, args.batches)[0]) / 2
+        pixels = compact_pixels(corpus, args.batches)
     figures = {"data_tokens_per_s_per_worker": measured,
                "data_tokens_per_s_per_worker_http": http,
                "data_tokens_per_s_per_worker_plain_webdataset": baseline,
                "data_throughput_ratio_vs_plain_webdataset": measured / baseline,
-               "data_http_over_local": http / measured}
+               "data_http_over_local": http / measured, **pixels}
     lines = [f"## bench/data_throughput.py — {datetime.date.today().isoformat()}, {MACHINE}", "",
              f"Demo mix (configs/data/demo.yaml, synth corpus) at {SEQ_LEN} tokens, 1 DataLoader worker, "
              f"{docs} documents each (the same samples in the same order), A-B-C-C-B-A order: StreamingLoader "
              "(packed, resumable) on local shards, the same on the same shards over loopback HTTP (curl via "
              "webdataset.gopen), plain webdataset + the same DocumentEncoder on local shards in the loader's "
-             "shard order (documents, no packing).", ""]
+             "shard order (documents, no packing). Compact pixels: the loader alone in a spawned process "
+             "(num_workers=0), float32 pixels (before) vs uint8 (after), pixel bytes per visual token of the "
+             "packed batches and the process' peak RSS / RSS growth while loading.", ""]
     lines += [f"- {name}: {value:.1f}" if "ratio" not in name and "over" not in name else f"- {name}: {value:.3f}"
               for name, value in figures.items()]
     append_results(lines)

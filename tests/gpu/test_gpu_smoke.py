@@ -69,3 +69,14 @@ def test_doctor_passes_every_check_here() -> None:
                             text=True, timeout=1800)
     assert result.returncode == 0 and "[FAIL]" not in result.stdout, result.stdout + result.stderr[-4000:]
     assert "flash-attn varlen" in result.stdout and "cuda:0" in result.stdout
+
+
+def test_uint8_pixels_normalised_on_the_gpu_equal_the_cpu_bits() -> None:
+    """The patch embedding's first op on CUDA (float64 rescale, float32 mean/std) gives the CPU's bits."""
+    from data.vision import normalize_pixels
+
+    pixels = torch.randint(0, 256, (64, 3 * 2 * 16 * 16), dtype=torch.uint8)
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    on_gpu = normalize_pixels(pixels.cuda(), mean, std)
+    assert on_gpu.device.type == "cuda"
+    assert torch.equal(on_gpu.cpu(), normalize_pixels(pixels, mean, std))
