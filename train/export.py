@@ -114,10 +114,13 @@ class ModelDirReader:
             raise CheckpointError(f"{self.directory}: neither a native model dir ({NATIVE_CONFIG_FILE}) nor an HF "
                                   f"one ({HF_CONFIG_FILE})")
         self.files = safetensors_files(self.directory)
-        self._handles: dict[Path, Any] = {}
-        stored = {name: self._slice(name) for name in self.files}
-        shapes = {name: tuple(s.get_shape()) for name, s in stored.items()}
-        self.dtypes = {name: SAFETENSORS_DTYPES[s.get_dtype()] for name, s in stored.items()}
+        shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        for path in sorted(set(self.files.values())):
+            with _opened(path) as f:
+                for name in [n for n, p in self.files.items() if p == path]:
+                    stored = f.get_slice(name)
+                    shapes[name], self.dtypes[name] = tuple(stored.get_shape()), SAFETENSORS_DTYPES[stored.get_dtype()]
         if native:
             self.cfg = load_model_config_yaml(self.directory / NATIVE_CONFIG_FILE)
             self.plan = hf_read_plan(self.cfg, {hf_name(k): v for k, v in shapes.items()}, str(self.directory))
@@ -143,11 +146,26 @@ class ModelDirReader:
         """`native[index]`, reading only that slice from the files (a WeightSource, train/models)."""
         return self.plan[native].read(lambda hf_key: self._slice(self._stored_name(hf_key)), index)
 
-    def _slice(self, name: str) -> Any:
-        path = self.files[name]
-        if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(path, framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
-        return self._handles[path].get_slice(name)
+    def _slice(self, name: str) -> "_StoredTensor":
+        return _StoredTensor(self.files[name], name)
+
+
+class _StoredTensor:
+    """One stored tensor, sliced by opening its file for that read only. safetensors hands out slices as
+    views of its memory map, and a file's touched pages stay resident (RssFile) for as long as the file is
+    open: keeping every shard open would make a rank's RSS grow towards the whole checkpoint while it reads
+    its shard. Per-read opening keeps only the slices in use mapped."""
+
+    def __init__(self, path: Path, name: str):
+        self.path, self.name = path, name
+
+    def __getitem__(self, index: tuple[slice, ...]) -> torch.Tensor:
+        with _opened(self.path) as f:
+            return f.get_slice(self.name)[index]
+
+
+def _opened(path: Path) -> Any:
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
