@@ -1,26 +1,33 @@
 """Distributed, exactly resumable streaming of a stage's data mix as `PackedBatch`es.
 
 Who reads what: the loader takes the data-parallel rank and size (never the global rank), so the
-tensor/context/pipeline peers of a rank compute identical batches. Each (dp rank, loader worker) pair is a
-"slot"; every data set's shards are dealt to slots (sample-level striding when there are fewer shards than
-slots, see `data.shards.slot_plan`), so within an epoch no sample is read twice or missed.
+tensor/context/pipeline peers of a rank compute identical batches. A stage's data is split into "streams"
+(slots) when it starts: as many as (dp ranks x loader workers) then; every data set's shards are dealt to the
+streams (sample-level striding when there are fewer shards than streams, see `data.shards.slot_plan`), so
+within an epoch no sample is read twice or missed. Worker w of dp rank r serves streams p, p + P, p + 2P...
+(p = r x W + w, P = ranks x workers now): one stream each in the layout the stage started with; several,
+taking turns one batch each, after a resume on fewer ranks or workers (elastic resume). The streams' count
+is world-independent state, as MosaicML Streaming's canonical partition is: a layout change only moves them.
 
-What a worker does (`_WorkerStream`): document k of its stream comes from data set `SourceSchedule.source(k)`
-(a pure function of seed, slot and k), whose `SourceStream` returns the next sample; the sample is encoded
-(bad ones counted and skipped), cut to seq_len (`fit_document`) and handed to the best-fit packer.
+What a stream does (`_WorkerStream`): document k comes from data set `SourceSchedule.source(k)` (a pure
+function of seed, stream and k), whose `SourceStream` returns the next sample; the sample is encoded (bad
+ones counted and skipped), cut to seq_len (`fit_document`) and handed to the stream's best-fit packer.
 
-Exact resume: a worker's whole state is small and explicit: k, per-source cursors (epoch, shard position,
+Exact resume: a stream's whole state is small and explicit: k, per-source cursors (epoch, shard position,
 sample offset), the packing buffer as restore keys (source, shard, offset) that are re-read and re-encoded on
-load, and counters. Each batch travels from its worker with the worker's state *after* producing it, and the
+load, and counters. Each batch travels from its worker with its stream's state *after* producing it, and the
 loader records it only when it hands the batch to the trainer, so `state_dict()` describes what the trainer
 consumed, not what workers prefetched. torch's DataLoader takes batches from workers round-robin; on resume,
-physical worker p plays logical worker (p + next_worker) % W, so the order continues where it stopped.
-A state whose mix fingerprint (data sets, shards, weights, seq_len, seed, world layout...) differs from the
-loader's is refused with a DataError naming every difference: a new stage starts a fresh state.
+physical worker p plays logical worker (p + next_worker) % W and each worker's turn among its streams is
+restored, so the order continues where it stopped. A state saved in another layout (the list of every saved
+rank's state) resumes each stream where it was. A state whose mix fingerprint (data sets, shards, weights,
+seq_len, seed, stream count...) differs from the loader's is refused with a DataError naming every
+difference: a new stage starts a fresh state.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -40,7 +47,7 @@ from data.sources import FetchRetry
 
 log = logging.getLogger(__name__)
 EncodeFn = Callable[[Sample, str, int], Document]  # (webdataset sample, key, source) -> Document
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: per-stream states, resumable in another layout
 STAT_NAMES = ("samples", "bad_samples", "bad_shards", "truncated", "dropped_too_long")
 
 
@@ -71,13 +78,12 @@ class _Stats:
 
 
 class _WorkerStream:
-    """One logical worker: mixture -> source streams -> encode -> fit -> best-fit packer."""
+    """One data stream (a slot): mixture -> source streams -> encode -> fit -> best-fit packer."""
 
-    def __init__(self, spec: "_Spec", logical: int, state: dict[str, Any] | None) -> None:
-        self.spec, self.logical = spec, logical
+    def __init__(self, spec: "_Spec", slot: int, state: dict[str, Any] | None) -> None:
+        self.spec, self.slot = spec, slot
         cfg = spec.cfg
-        slot = spec.dp_rank * spec.num_logical + logical
-        num_slots = spec.dp_size * spec.num_logical
+        num_slots = spec.num_streams
         self.schedule = SourceSchedule(spec.probabilities, cfg.seed, slot)
         retry = FetchRetry(cfg.fetch_retries, cfg.fetch_backoff_s)
         self.streams = [SourceStream(i, d.name, spec.shards[i], slot, num_slots, cfg.seed, cfg.max_epochs,
@@ -167,19 +173,36 @@ class _Spec:
         self.cfg, self.encode, self.seq_len, self.tokens = cfg, encode, seq_len, tokens
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.num_logical = max(1, cfg.num_workers)
+        # Data streams of the stage: fixed when the stage starts (dp_size x workers then) and kept across
+        # resumes in any layout; this rank's worker w serves streams physical_slot, + physical_slots, ...
+        self.num_streams = dp_size * self.num_logical
         self.shards = [list_shards(d) for d in cfg.datasets]
         self.probabilities = mixture_probabilities([d.weight for d in cfg.datasets], cfg.temperature)
 
+    def worker_streams(self, logical: int) -> list[int]:
+        """The streams one of this rank's workers serves, in its round-robin order."""
+        physical = self.dp_rank * self.num_logical + logical
+        return list(range(physical, self.num_streams, self.dp_size * self.num_logical))
+
 
 class _PackedDataset(IterableDataset):
-    def __init__(self, spec: _Spec, states: list[dict[str, Any] | None], rotation: int) -> None:
-        self.spec, self.states, self.rotation = spec, states, rotation
+    def __init__(self, spec: _Spec, states: dict[int, dict[str, Any]], rotation: int, turns: list[int]) -> None:
+        self.spec, self.states, self.rotation, self.turns = spec, states, rotation, turns
 
-    def __iter__(self) -> Iterator[tuple[PackedBatch, int, dict[str, Any]]]:
+    def __iter__(self) -> Iterator[tuple[PackedBatch, int, int, dict[str, Any]]]:
+        """(batch, logical worker, stream, stream state): the worker's streams take turns, one batch each."""
         info = get_worker_info()
         logical = ((info.id if info else 0) + self.rotation) % self.spec.num_logical
-        for batch, state in _WorkerStream(self.spec, logical, self.states[logical]):
-            yield batch, logical, state
+        slots = self.spec.worker_streams(logical)
+        streams = [iter(_WorkerStream(self.spec, slot, self.states.get(slot))) for slot in slots]
+        turn = self.turns[logical] % len(slots)
+        while any(s is not None for s in streams):
+            got = next(streams[turn], None) if streams[turn] is not None else None
+            if got is None:
+                streams[turn] = None
+            else:
+                yield got[0], logical, slots[turn], got[1]
+            turn = (turn + 1) % len(slots)
 
 
 def _last_line(err: DataError) -> str:
@@ -201,7 +224,8 @@ class StreamingLoader:
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
         self.spec = _Spec(cfg, encode, seq_len, dp_rank, dp_size, tokens)  # lists shards: fails fast
-        self._workers: list[dict[str, Any] | None] = [None] * self.spec.num_logical
+        self._streams: dict[int, dict[str, Any]] = {}  # stream -> its state after its last consumed batch
+        self._turns = [0] * self.spec.num_logical  # per worker: which of its streams hands out the next batch
         self._batches = 0
         self._next_worker = 0
 
@@ -219,48 +243,78 @@ class StreamingLoader:
             "shards": [hashlib.sha1("\n".join(names).encode()).hexdigest()[:16] for names in shard_names],
             "temperature": cfg.temperature, "seq_len": spec.seq_len, "seed": cfg.seed,
             "loss_weighting": cfg.loss_weighting, "packing_buffer": cfg.packing_buffer,
-            "buffer_bytes": cfg.buffer_bytes, "max_epochs": cfg.max_epochs, "dp_rank": spec.dp_rank,
-            "dp_size": spec.dp_size,            "num_workers": spec.num_logical, "tokens": asdict(spec.tokens),
+            "buffer_bytes": cfg.buffer_bytes, "max_epochs": cfg.max_epochs, "streams": spec.num_streams,
+            "tokens": asdict(spec.tokens),
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        """What the trainer has consumed: plain ints, lists and strings (no tensors, no pickles)."""
-        return {"version": STATE_VERSION, "mix": self.fingerprint(), "batches": self._batches,
-                "next_worker": self._next_worker, "workers": [dict(w) if w else None for w in self._workers]}
+    def layout(self) -> dict[str, int]:
+        return {"dp_rank": self.spec.dp_rank, "dp_size": self.spec.dp_size, "num_workers": self.spec.num_logical}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}")
+    def state_dict(self) -> dict[str, Any]:
+        """What the trainer has consumed: plain ints, lists and strings (no tensors, no pickles). The state of
+        every stream this rank serves, so any layout can resume it (see load_state_dict)."""
+        return {"version": STATE_VERSION, "mix": self.fingerprint(), "layout": self.layout(),
+                "batches": self._batches, "next_worker": self._next_worker, "turns": list(self._turns),
+                "streams": {str(slot): dict(state) for slot, state in sorted(self._streams.items())}}
+
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Resume from this rank's own state (same layout), or from the states of every rank of a run in
+        another layout (a list: other data-parallel size or worker count). The stage's streams continue
+        where they were, each from its own cursors, mixture position and packing buffer, whichever rank
+        and worker now serves it: over the epoch every sample of every data set is read exactly once."""
+        states = state if isinstance(state, list) else [state]
+        for one in states:
+            if one.get("version") != STATE_VERSION:
+                raise DataError(f"data loader state version {one.get('version')!r} is not {STATE_VERSION}")
+        saved_streams = int(states[0]["mix"].get("streams", -1))
+        self.spec.num_streams = max(1, saved_streams)
         now = self.fingerprint()
-        diffs = [f"{k}: state {state['mix'].get(k)!r}, now {v!r}" for k, v in now.items()
-                 if state["mix"].get(k) != v]
+        diffs = [f"{k}: state {states[0]['mix'].get(k)!r}, now {v!r}" for k, v in now.items()
+                 if states[0]["mix"].get(k) != v]
         if diffs:
+            self.spec.num_streams = self.spec.dp_size * self.spec.num_logical
             raise DataError("data loader state does not fit this data mix (a new mix needs a fresh state, i.e. "
                             "a new stage); differs in " + "; ".join(diffs))
-        self._batches, self._next_worker = int(state["batches"]), int(state["next_worker"])
-        self._workers = [dict(w) if w else None for w in state["workers"]]
+        physical = self.spec.dp_size * self.spec.num_logical
+        if physical > self.spec.num_streams:
+            raise DataError(f"this stage's data was split into {self.spec.num_streams} streams when it started; "
+                            f"{self.spec.dp_size} data-parallel ranks x {self.spec.num_logical} workers = {physical} "
+                            f"cannot share them: resume with at most {self.spec.num_streams}")
+        mine = {slot for logical in range(self.spec.num_logical) for slot in self.spec.worker_streams(logical)}
+        self._streams = {int(slot): dict(s) for one in states for slot, s in one["streams"].items()
+                         if int(slot) in mine}  # only the streams this rank serves now: its counters, its saves
+        same_layout = len(states) == 1 and states[0].get("layout") == self.layout()
+        if same_layout:
+            self._batches, self._next_worker = int(states[0]["batches"]), int(states[0]["next_worker"])
+            self._turns = [int(t) for t in states[0]["turns"]]
+        else:  # batches per rank so far (the global count over the new number of ranks); a fresh rotation
+            ranks = {json.dumps(one.get("layout"), sort_keys=True): one for one in states}
+            total = sum(int(one["batches"]) for one in ranks.values())
+            self._batches, self._next_worker = total // self.spec.dp_size, 0
+            self._turns = [0] * self.spec.num_logical
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Counters per data set (samples, bad samples/shards, cut and dropped documents) for logging,
         summed over the workers as of the last consumed batch."""
         totals = {d.name: dict.fromkeys(STAT_NAMES, 0) for d in self.spec.cfg.datasets}
-        for worker in self._workers:
-            for stat, values in (worker or {}).get("stats", {}).items():
+        for stream in self._streams.values():
+            for stat, values in stream.get("stats", {}).items():
                 for d, value in zip(self.spec.cfg.datasets, values):
                     totals[d.name][stat] += value
         return totals
 
     def __iter__(self) -> Iterator[PackedBatch]:
-        dataset = _PackedDataset(self.spec, list(self._workers), self._next_worker)
+        dataset = _PackedDataset(self.spec, dict(self._streams), self._next_worker, list(self._turns))
         cfg = self.spec.cfg
         items: Any = iter(dataset)
         if cfg.num_workers > 0:
             items = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, collate_fn=_passthrough,
                                prefetch_factor=cfg.prefetch_factor)
         try:
-            for batch, logical, state in items:
+            for batch, logical, slot, state in items:
                 # Record before handing the batch over: once the trainer holds it, it counts as consumed.
-                self._workers[logical] = state
+                self._streams[slot] = state
+                self._turns[logical] = self.spec.worker_streams(logical).index(slot) + 1
                 self._batches += 1
                 self._next_worker = (logical + 1) % self.spec.num_logical
                 yield batch

@@ -187,22 +187,34 @@ def _verify_main(args: list[str]) -> int:
 # ---- load ---------------------------------------------------------------------------------------------
 
 def load_checkpoint(stage_dir: StageDir, ckpt: Path, backend: Any, model_cfg: ModelConfig) -> dict[str, Any]:
-    """Restore backend state and this rank's RNG from `ckpt`; return {"meta": ..., "loader": ...}."""
+    """Restore backend state and this rank's RNG from `ckpt`; return {"meta": ..., "loader": ...}.
+
+    In the layout it was written in, "loader" is this rank's loader state. Written by another number of
+    ranks (a requeued job on fewer or more nodes), it is the list of every saved rank's loader state (the
+    data streams move between ranks, data.loader.StreamingLoader.load_state_dict), the RNG comes from saved
+    rank (rank mod saved world), and the backend reshards its state or refuses in one line."""
     meta = stage_dir.read_meta(ckpt)
     check_fingerprint(meta.get("model", {}), model_cfg, str(ckpt))
-    if meta.get("world_size") != world_size():
-        raise CheckpointError(f"{ckpt} was written by {meta.get('world_size')} ranks, this run has "
-                              f"{world_size()}: resume with the same layout (stages may change it)")
-    rank_file = ckpt / rank_file_name(rank())
-    if not rank_file.is_file():
-        raise CheckpointError(f"{rank_file}: missing (incomplete checkpoint)")
+    saved_world = int(meta.get("world_size", 0))
+    if saved_world < 1:
+        raise CheckpointError(f"{ckpt / META}: world_size={meta.get('world_size')!r} is not a rank count")
+    same_layout = saved_world == world_size()
+    wanted = [rank()] if same_layout else list(range(saved_world))
+    states = {r: _read_rank_file(ckpt / rank_file_name(r)) for r in wanted}
     backend.load(ckpt)
-    try:  # JSON: reading a checkpoint never unpickles (nor runs) anything
-        per_rank = json.loads(rank_file.read_text())
+    set_rng_state(states[rank() % saved_world]["rng"])
+    loader = states[rank()]["loader"] if same_layout else [states[r]["loader"] for r in wanted]
+    return {"meta": meta, "loader": loader}
+
+
+def _read_rank_file(path: Path) -> dict[str, Any]:
+    """A rank's RNG and loader state; JSON: reading a checkpoint never unpickles (nor runs) anything."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (incomplete checkpoint)")
+    try:
+        return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{rank_file}: unreadable ({type(exc).__name__})") from None
-    set_rng_state(per_rank["rng"])
-    return {"meta": meta, "loader": per_rank["loader"]}
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__})") from None
 
 
 # ---- stage handoff: layout-independent full weights ----------------------------------------------------

@@ -45,7 +45,7 @@ def test_synth_mix_resumes_bitwise_with_vision_in_the_buffer(setup):
     assert any(b.pixel_values_videos is not None for b in reference)
     head, first = _run(setup, 11)
     state = first.state_dict()
-    buffered_sources = {tag[0] for w in state["workers"] for tag in w["buffer"]}
+    buffered_sources = {tag[0] for w in state["streams"].values() for tag in w["buffer"]}
     assert {1, 3} & buffered_sources  # images or videos must be rebuilt from restore keys
     tail, _ = _run(setup, 13, state)
     for got, want in zip(head + tail, reference, strict=True):

@@ -27,6 +27,7 @@ from train.backends.deepspeed.experts import ExpertParallelism
 from train.backends.deepspeed.module import LossModule
 from train.backends.deepspeed.weights import iter_native, load_weights
 from train.config.schema import TrainConfig
+from train.models.native_io import CheckpointError
 from train.device import move_batch
 from train.freeze import apply_trainable
 from train.loss import MicroBatchLoss, global_weight_sum, reduce_step_metrics
@@ -229,6 +230,7 @@ class DeepSpeedBackend:
         return PendingWrite(write)
 
     def load(self, directory: Path) -> None:
+        self._check_partition_count(Path(directory))
         with self._checkpointing():
             path, client = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
         if path is None:
@@ -239,6 +241,16 @@ class DeepSpeedBackend:
 
     def export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         return iter_native(self.model, self.cfg.backend.zero_stage == 3, self.experts)
+
+    def _check_partition_count(self, directory: Path) -> None:
+        """ZeRO-1..3 optimizer state is partitioned over the data-parallel ranks that wrote it; another count
+        cannot load it here: one line instead of DeepSpeed's traceback (megatron stages reshard)."""
+        saved = len(list((directory / CHECKPOINT_TAG).glob("*zero_pp_rank_*_optim_states.pt")))
+        if saved and saved != self.engine.dp_world_size:
+            raise CheckpointError(f"{directory / CHECKPOINT_TAG}: DeepSpeed ZeRO state partitioned over {saved} "
+                                  f"data-parallel ranks, this run has {self.engine.dp_world_size}: resume this "
+                                  f"DeepSpeed stage with {saved} (its data state would move; its optimizer "
+                                  f"state cannot yet)")
 
     def load_model_weights(self, weights: WeightSource) -> None:
         check_source_fits(weights, self.cfg.model, "initial weights")

@@ -267,7 +267,7 @@ class MegatronBackend:
     def state_layout(self) -> dict:
         """What the saved optimizer state's sharding depends on: a full load needs all of it unchanged."""
         return {**dataclasses.asdict(self.sizes), "distributed_optimizer": self.cfg.backend.distributed_optimizer,
-                "precision": self.cfg.backend.precision}
+                "precision": self.cfg.backend.precision, "reshardable": True}
 
     def export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         from train.backends.megatron.weights import iter_native

@@ -26,7 +26,10 @@ from train.backends.snapshot import PendingWrite, host_copy
 from train.models.native_io import CheckpointError
 
 SUBDIR = "megatron"
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# The distributed optimizer's state in model space (each parameter's moments in the parameter's global shape):
+# it loads into any TP/PP/DP layout (gathered over the DP group at save).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+RESHARDABLE = ("tp", "pp", "cp", "ep", "dp", "etp", "first", "last")  # layout keys a full load may change
 
 
 def _unwrapped(ddp: Any) -> Any:
@@ -51,6 +54,27 @@ def _adam_steps(optimizer: Any) -> list[float]:
         values = {float(s["step"]) for s in part.optimizer.state.values() if "step" in s}
         steps.append(values.pop() if len(values) == 1 else 0.0)
     return steps
+
+
+def _skip_step_in_reshardable_load(part: Any) -> None:
+    """megatron 0.16's fully reshardable load copies every key of a parameter's torch AdamW state from the
+    checkpoint, which stores no "step" (KeyError): copy the others; _restore_adam_steps sets the step."""
+    setter = getattr(part, "_set_main_param_and_optimizer_states", None)
+    if setter is None or getattr(setter, "skips_step", False):
+        return
+
+    def set_states(model_param: Any, tensors: dict[str, Any]) -> None:
+        group_index, group_order = part.model_param_group_index_map[model_param]
+        state = part.optimizer.state[part.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None)
+        try:
+            setter(model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    set_states.skips_step = True
+    part._set_main_param_and_optimizer_states = set_states
 
 
 def _restore_adam_steps(optimizer: Any, steps: list[float]) -> None:
@@ -143,24 +167,26 @@ def saved_layout(directory: Path) -> dict[str, Any]:
 
 
 def load_training_state(directory: Path, ddp: Any, optimizer: Any, layout: dict[str, Any]) -> int:
-    """Restore what save_training_state wrote, model and optimizer; returns the saved step. Only in the
-    layout it was saved in: the dp_reshardable optimizer shards follow the saving run's TP/PP/EP split and
-    do not survive a change of it, so any difference is refused up front (load_model_state loads the
-    weights alone). Checkpoints written before layouts were recorded (no "layout") are loaded unchecked."""
+    """Restore what save_training_state wrote, model and optimizer; returns the saved step. The parallel
+    sizes may differ from the saving run's (dist_checkpointing reshards the model and the fully reshardable
+    optimizer state); precision and optimizer kind may not, nor anything for checkpoints saved before the
+    state was reshardable (dp_reshardable): refused up front in one line (load_model_state loads the weights
+    alone). Checkpoints written before layouts were recorded (no "layout") are loaded unchecked."""
     from megatron.core import dist_checkpointing
 
     target = _checkpoint_dir(directory)
     saved = saved_layout(directory)
-    if saved and saved != layout:
-        changed = ", ".join(f"{k} {saved.get(k)}->{layout.get(k)}" for k in sorted({*saved, *layout})
-                            if saved.get(k) != layout.get(k))
+    keys = {*saved, *layout} - (set(RESHARDABLE) if saved.get("reshardable") else set())
+    changed = ", ".join(f"{k} {saved.get(k)}->{layout.get(k)}" for k in sorted(keys) if saved.get(k) != layout.get(k))
+    if saved and changed:
         raise CheckpointError(f"{target}: optimizer state was saved in another layout ({changed}); it only "
-                              f"resumes in the same layout: load the weights alone (a new stage) instead")
+                              f"resumes with those unchanged: load the weights alone (a new stage) instead")
     for part in _optimizer_parts(optimizer):
         # A fresh distributed optimizer has no Adam state yet; dist_checkpointing loads into existing tensors.
         init = getattr(part, "_init_optimizer_states_with_dummy_values", None)
         if init is not None:
             init()
+        _skip_step_in_reshardable_load(part)
     with torch.no_grad():
         state = dist_checkpointing.load(_state(ddp, optimizer, 0, is_loading=True, layout=layout), str(target))
         _unwrapped(ddp).load_state_dict(state["model"])
