@@ -195,13 +195,15 @@ def check_packages(cfg: TrainConfig, version_of: Callable[[str], str | None] = i
                                  f"(pip install '{package}>={low},<{high}')")
 
 
-def check_memory(cfg: TrainConfig, world_size: int, gpu: Any) -> None:
-    """The configured layout fits in `gpu`'s memory by the planner's estimate (launch/plan.py)."""
+def check_memory(cfg: TrainConfig, world_size: int, gpu: Any, stats: Any = None) -> None:
+    """The configured layout fits in `gpu`'s memory by the planner's estimate (launch/plan.py). `stats`:
+    the model's parameter inventory when the caller has it (stages of a pipeline share the model)."""
     from launch.plan import configured_layout, evaluate, usable_bytes
-    from launch.planner.estimate import GIB
+    from launch.planner.estimate import DEFAULT_MFU, GIB
     from launch.planner.model_stats import model_stats
 
-    plan = evaluate(cfg, model_stats(cfg.model), configured_layout(cfg, world_size), gpu, 0.4)
+    stats = stats or model_stats(cfg.model)
+    plan = evaluate(cfg, stats, configured_layout(cfg, world_size), gpu, DEFAULT_MFU)
     if plan.memory is not None and not plan.fits:
         raise PreflightError(
             f"stage {cfg.stage.name}: {plan.layout.describe()} needs {plan.memory.total / GIB:.1f} GiB per GPU "
@@ -225,12 +227,18 @@ def local_gpu(local_rank: int = 0) -> Any:
 def check_layouts(configs: Sequence[TrainConfig], world_size: int, gpu: Any = None) -> None:
     """The layout checks of every stage: what runs before any process group exists. With `gpu` (the
     local CUDA device) the planner's memory estimate of each stage's layout must fit it."""
+    inventories: dict[str, Any] = {}  # the model's parameter inventory, once per model shape
     for cfg in configs:
         check_packages(cfg)
         check_layout(cfg, world_size)
         check_seq_len(cfg)
         if gpu is not None:
-            check_memory(cfg, world_size, gpu)
+            from launch.planner.model_stats import model_stats
+
+            key = repr(cfg.model)
+            if key not in inventories:
+                inventories[key] = model_stats(cfg.model)
+            check_memory(cfg, world_size, gpu, inventories[key])
 
 
 def preflight(configs: Sequence[TrainConfig], world_size: int) -> None:

@@ -96,3 +96,10 @@ def test_supported_versions_are_the_ones_pyproject_pins():
             pins[match.group(1)] = (match.group(2), match.group(3))
     for package, (low, high) in SUPPORTED_PACKAGES.items():
         assert pins[package] == (low, high), package
+
+
+def test_check_layouts_estimates_memory_on_the_given_gpu():
+    configs = stage_configs(["pipeline=qwen3vl_8b"])  # its layouts are planned for 64 H100s
+    check_layouts(configs, 64, GPUS["h100"])
+    with pytest.raises(PreflightError, match="stage s1: .* needs 64.7 GiB per GPU .* h100-40gb has 36.0 GiB usable"):
+        check_layouts(configs, 64, GPU("h100-40gb", 40 * 2 ** 30, 989e12))
