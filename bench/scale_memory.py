@@ -2,7 +2,7 @@
 
 (a) Build + load `qwen3vl_2b` (bf16) from a sharded HF checkpoint whose random weights transformers makes in
     this run (no download), through each backend's own construction (meta device / deepspeed.zero.Init,
-    then each rank's slices read from the checkpoint by train.export.ModelDirReader):
+    then each rank's slices read from the checkpoint by train.models.checkpoint_sources):
       megatron_1          1 rank
       megatron_tp2        2 ranks, TP=2
       megatron_tp2_pp2    4 ranks, TP=2 x PP=2
@@ -106,15 +106,13 @@ def same_tensors(a: Path, b: Path) -> list[str]:
     """Names whose tensors differ (dtype, shape or any bit) between two safetensors directories, plus names
     only one side has; read one tensor at a time."""
     import torch
-    from safetensors import safe_open
 
-    from train.models.native_io import safetensors_files
+    from train.models.checkpoint_sources import read_directory
 
-    files_a, files_b = safetensors_files(a), safetensors_files(b)
-    bad = sorted(set(files_a) ^ set(files_b))
-    for name in sorted(set(files_a) & set(files_b)):
-        with safe_open(files_a[name], "pt") as fa, safe_open(files_b[name], "pt") as fb:
-            x, y = fa.get_tensor(name), fb.get_tensor(name)
+    stored_a, stored_b = read_directory(a), read_directory(b)
+    bad = sorted(set(stored_a) ^ set(stored_b))
+    for name in sorted(set(stored_a) & set(stored_b)):
+        x, y = stored_a[name][None], stored_b[name][None]
         if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x.view(torch.uint8), y.view(torch.uint8)):
             bad.append(name)
     return bad
@@ -134,7 +132,8 @@ def worker(layout: str, name: str, hf_dir: str, export_dir: str, out: str) -> No
     ranks, backend_name, sizes, zero, moe = LAYOUTS[layout]
     from train.backends import build_backend
     from train.config.schema import TrainConfig
-    from train.export import ModelDirReader, write_model_dir
+    from train.export import write_model_dir
+    from train.models.checkpoint_sources import open_model_dir
 
     cfg = TrainConfig()
     cfg.model = model_config(name, moe)
@@ -172,7 +171,7 @@ def worker(layout: str, name: str, hf_dir: str, export_dir: str, out: str) -> No
 
     Backend._build_model = measured_build
     try:
-        build_backend(cfg, weights=ModelDirReader(hf_dir))
+        build_backend(cfg, weights=open_model_dir(hf_dir)[1])
     except _Built:
         pass
     everyone = [None] * dist.get_world_size()

@@ -25,9 +25,11 @@ from typing import Sequence
 import torch
 
 from train.config.model import ConfigError, ModelConfig
-from train.export import DTYPES, ModelDirReader, stored_name, write_model_dir
+from train.export import DTYPES, stored_name, write_model_dir
+from train.models.checkpoint_sources import open_model_dir
 from train.models.native_io import (DEFAULT_MAX_SHARD_SIZE, CheckpointError, expected_native_shapes,
                                     load_model_config_yaml, model_config_from_dict, parse_size)
+from train.models.weight_source import check_source_fits
 
 MEGATRON_SUBDIR, META = "megatron", "meta.json"  # train/backends/megatron/checkpoint.py, train/checkpoint.py
 
@@ -35,11 +37,14 @@ MEGATRON_SUBDIR, META = "megatron", "meta.json"  # train/backends/megatron/check
 def convert_dir(src: str, dst: str, fmt: str, force: bool = False,
                 max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, dtype: torch.dtype | None = None) -> None:
     """A native or HF directory to `fmt` (dtype None: each tensor keeps its stored dtype)."""
-    reader = ModelDirReader(src)
-    names = [name for name in expected_native_shapes(reader.cfg) if stored_name(reader.cfg, fmt, name) is not None]
-    dtypes = dtype or {name: reader.dtype(name) for name in names}
-    write_model_dir(dst, reader.cfg, ((name, reader.read(name)) for name in names), fmt=fmt, dtype=dtypes,
-                    force=force, max_shard_size=max_shard_size)
+    if not Path(src).is_dir():
+        raise CheckpointError(f"{src}: not a directory")
+    cfg, source = open_model_dir(src)
+    check_source_fits(source, cfg, src)
+    names = [name for name in expected_native_shapes(cfg) if stored_name(cfg, fmt, name) is not None]
+    dtypes = dtype or {name: source.dtype(name) for name in names}
+    write_model_dir(dst, cfg, ((name, source.read(name)) for name in names), fmt=fmt, dtype=dtypes, force=force,
+                    max_shard_size=max_shard_size)
 
 
 def convert_megatron(src: str, dst: str, fmt: str, force: bool = False,

@@ -178,12 +178,13 @@ def _os_error_line(err: OSError, cfg: TrainConfig) -> str:
 def export_hf(cfg: TrainConfig) -> Path:
     """<run_dir>/hf from the last stage's final/ native dir, in `pipeline.hf_dtype` (bf16 by default): rank 0
     converts tensor by tensor (atomic directory); the other ranks keep pace in a barrier per tensor."""
-    from train.export import ModelDirReader, in_lockstep, parse_dtype, stored_name, write_model_dir
+    from train.export import in_lockstep, parse_dtype, stored_name, write_model_dir
+    from train.models.checkpoint_sources import open_model_dir
     from train.models.native_io import expected_native_shapes
 
     destination = Path(cfg.run_dir) / HF_EXPORT_DIR
     dtype = parse_dtype(cfg.pipeline.hf_dtype, "pipeline.hf_dtype")
-    source = ModelDirReader(StageDir(cfg.run_dir, cfg.stage.name).final) if rank() == 0 else None
+    source = open_model_dir(StageDir(cfg.run_dir, cfg.stage.name).final)[1] if rank() == 0 else None
     names = [n for n in expected_native_shapes(cfg.model) if stored_name(cfg.model, "hf", n) is not None]
     tensors = in_lockstep(names, source.read if source is not None else None)
     write_model_dir(destination, cfg.model, tensors, fmt="hf", dtype=dtype, writer=source is not None, force=True)

@@ -131,6 +131,9 @@ class SafetensorsSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.stored[name].shape
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self.stored[name].dtype
+
     def read(self, name: str, index: Index | None = None) -> torch.Tensor:
         return self.stored[name][index]
 
@@ -155,6 +158,9 @@ class HFSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.plan[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.stored[self.plan[name].hf_names[0]].dtype
 
     def read(self, name: str, index: Index | None = None) -> torch.Tensor:
         return self.plan[name].read(self.stored.__getitem__, index)
