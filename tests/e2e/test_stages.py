@@ -66,9 +66,10 @@ def test_shortened_demo_pipeline(demo_corpus: Path, tmp_path: Path) -> None:
     config = json.loads((run_dir / "hf" / "config.json").read_text())
     assert config["model_type"] == "qwen3_vl" and (run_dir / "hf" / "model.safetensors").is_file()
     assert re.search(r"final model \(HF format\): .*/hf", result.stdout)
-    # A stage's final/ is a native model dir that the converter accepts; it gives the same HF export.
+    # A stage's final/ is a native model dir that the converter accepts; in hf/'s dtype (pipeline.hf_dtype,
+    # bf16; final/ keeps fp32) it gives the same HF export.
     converted = run([str(REPO / "train" / "convert.py"), "native-to-hf", str(run_dir / "s3" / "final"),
-                     str(tmp_path / "converted")])
+                     str(tmp_path / "converted"), "--dtype", "bf16"])
     assert converted.returncode == 0, converted.stderr[-2000:]
     assert (tmp_path / "converted" / "model.safetensors").read_bytes() == \
         (run_dir / "hf" / "model.safetensors").read_bytes()
