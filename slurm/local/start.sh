@@ -46,7 +46,7 @@ start_munge() {
 
 write_conf() {
     local cpus mem_mb sockets cores threads
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS (often 1 in tests)
     mem_mb=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)
     # The node's topology must match `slurmd -C`, else slurmd drains it ("reconfigured socket/core boundaries").
     read -r sockets cores threads < <(slurmd -C | head -n1 | tr ' ' '\n' |
@@ -72,7 +72,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=1
-# A job on `high` preempts (requeues) a job on `debug`; preempt_send_user_signal first sends the job's
+# A job on 'high' preempts (requeues) a job on 'debug'; preempt_send_user_signal first sends the job's
 # --signal (B:USR1 in pretrain.sbatch) so it can checkpoint during GraceTime.
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
