@@ -100,6 +100,8 @@ class DeepSpeedBackend:
             self._register_external_parameters(module)
         self.checkpoint_io = RecordingEngine(self.engine.checkpoint_engine)
         self.engine.checkpoint_engine = self.checkpoint_io
+        copy_scripts = self.engine._copy_recovery_script
+        self.engine._copy_recovery_script = lambda path: self.checkpoint_io.defer(lambda: copy_scripts(path))
 
     def _build_model(self, ds_config: dict, weights: WeightSource) -> Qwen3VLModel:
         """This rank's model, filled from `weights` (whose names and shapes are checked first)."""
@@ -219,11 +221,13 @@ class DeepSpeedBackend:
         with self._checkpointing():
             self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"step": self.step},
                                         save_latest=False)
-        files = self.checkpoint_io.take_pending()
+        files, deferred = self.checkpoint_io.take_pending()
         if self.experts is not None:
             files.append((self.experts.file(Path(directory)), self.experts.state()))
 
         def write() -> list[Path]:
+            for other in deferred:
+                other()
             for path, state in files:
                 torch.save(state, path)
             return [path for path, _ in files]

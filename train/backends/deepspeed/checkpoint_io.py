@@ -10,7 +10,7 @@ partition, the MoE files, the client state) stays DeepSpeed's own.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from train.backends.snapshot import host_copy
 
@@ -21,6 +21,13 @@ class RecordingEngine:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.pending: list[tuple[Path, Any]] = []  # (path, host copy) of the save in progress
+        self.deferred: list[Callable[[], None]] = []  # other file writes of the save, run by the writer
+
+    def defer(self, write: Callable[[], None]) -> None:
+        """A write DeepSpeed makes outside the engine (rank 0's recovery scripts): done by the writer too,
+        so a full disk fails it there, where every rank agrees on failures, not inside DeepSpeed's
+        collective save on one rank only (which would leave the others waiting in its barrier)."""
+        self.deferred.append(write)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -28,6 +35,6 @@ class RecordingEngine:
     def save(self, state_dict: Any, path: str) -> None:
         self.pending.append((Path(path), host_copy(state_dict)))
 
-    def take_pending(self) -> list[tuple[Path, Any]]:
-        pending, self.pending = self.pending, []
-        return pending
+    def take_pending(self) -> tuple[list[tuple[Path, Any]], list[Callable[[], None]]]:
+        pending, deferred, self.pending, self.deferred = self.pending, self.deferred, [], []
+        return pending, deferred
