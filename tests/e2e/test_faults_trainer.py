@@ -102,6 +102,14 @@ def latest(run_dir: Path) -> str:
     return (run_dir / "s1" / "checkpoints" / "latest").read_text().strip()
 
 
+def published_step(run_dir: Path) -> int:
+    """The step `latest` names, 0 before the first checkpoint is published."""
+    try:
+        return int(latest(run_dir).removeprefix("step_"))
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
 @pytest.fixture(scope="module")
 def reference(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted run every fault run is compared with."""
@@ -125,8 +133,11 @@ def assert_same_as_reference(run_dir: Path, reference: Path, resumed_from: int) 
 def test_kill_9_of_one_rank_then_restart_resumes_exactly(demo_corpus: Path, reference: Path,
                                                          tmp_path: Path) -> None:
     proc = torchrun(demo_corpus, tmp_path)
-    wait_until(lambda: logged_batches(tmp_path, 1) >= 5, RUN_TIMEOUT, "rank 1 to take its 5th batch", proc)
-    os.kill(int((tmp_path / "pids" / "rank1").read_text()), signal.SIGKILL)  # in the middle of step 5
+    # Saves are asynchronous: the step-4 checkpoint is published a step or two after step 4 (the writer runs
+    # while step 5 trains), so wait for both before the kill, which then lands mid-step (5 or later).
+    wait_until(lambda: logged_batches(tmp_path, 1) >= 5 and published_step(tmp_path) >= 4, RUN_TIMEOUT,
+               "rank 1 to take its 5th batch and the step-4 checkpoint", proc)
+    os.kill(int((tmp_path / "pids" / "rank1").read_text()), signal.SIGKILL)
     code, out = finish(proc)
     assert code != 0, "torchrun must report the killed rank"
     assert not (tmp_path / "s1" / "summary.json").exists(), "the kill came before the stage finished"

@@ -3,12 +3,11 @@
 One dist_checkpointing directory (`<checkpoint>/megatron/`) holds the sharded model (megatron's own
 sharded_state_dict: TP/PP/EP shards with global layer and expert numbering, so the model part reshards
 across layouts, e.g. saved TP=2 and loaded TP=1), the optimizer state and the step. The distributed
-optimizer's state is saved "dp_reshardable" (fully parallel, no gather): it restores exactly within the
-same layout, which is what resuming a stage needs, and does not survive a TP change. So the save records
-its layout (parallel sizes, distributed optimizer, precision) and a full load in another layout is refused
-with one line; across layouts only the model loads (load_model_state: weights resharded by
-dist_checkpointing, the optimizer starts fresh), as does the layout-independent native handoff
-(Backend.export_tensors / load_model_weights).
+optimizer's state is saved "fully_reshardable" (each parameter's moments in model space), so a full load
+(elastic resume) may change DP, TP, PP, CP and EP sizes. The save records its layout; a change of what
+cannot be resharded (precision, optimizer kind) is refused in one line. A new stage loads the model alone
+(load_model_state: weights resharded by dist_checkpointing, the optimizer starts fresh), as does the
+layout-independent native handoff (Backend.export_tensors / load_model_weights).
 
 Saves are asynchronous (train/backends/snapshot.py): dist_checkpointing's async save planned on the training
 thread from host copies of the shards, its file writer run on a writer thread (no forked writers, no spawn
