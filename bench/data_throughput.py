@@ -58,12 +58,19 @@ def ours(cfg: DataConfig, encoder: DocumentEncoder, batches: int) -> tuple[float
     loader = StreamingLoader(cfg, encoder.encode, SEQ_LEN)
     it = iter(loader)
     next(it)
-    drawn_before = loader.state_dict()["workers"][0]["k"]
+    drawn_before = drawn_documents(loader)
     start, tokens = time.perf_counter(), 0
     for batch in itertools.islice(it, batches):
         tokens += batch.seq_len - batch.num_pad
     seconds = time.perf_counter() - start
-    return tokens / seconds, drawn_before, loader.state_dict()["workers"][0]["k"] - drawn_before
+    return tokens / seconds, drawn_before, drawn_documents(loader) - drawn_before
+
+
+def drawn_documents(loader: StreamingLoader) -> int:
+    """Documents the loader's single stream (one rank, one worker) has drawn from the mixture so far."""
+    streams = loader.state_dict()["streams"]
+    assert len(streams) == 1, f"the bench reads one stream, the loader serves {len(streams)}"
+    return next(iter(streams.values()))["k"]
 
 
 class _ScheduledMix(IterableDataset):

@@ -59,3 +59,15 @@ def test_append_section_adds_a_dated_entry(tmp_path):
     text = path.read_text()
     assert text.startswith("# Benchmark results") and "## Thing (bench/thing.py) — " in text
     assert common.MACHINE in text and text.rstrip().endswith("- x: 1")
+
+
+def test_data_throughput_measures_our_loader_on_the_demo_mix(tmp_path):
+    """bench/data_throughput.py's timed side runs against the loader as it is (its state format included):
+    2 packed sequences, their documents counted from the loader's own state. ~6 s."""
+    import data_throughput as bench
+
+    bench.make_corpus(str(tmp_path))
+    encoder = bench.DocumentEncoder(bench.Tokenizer.load(tmp_path / "tokenizer.model"), bench.EncodeConfig(),
+                                    bench.SEQ_LEN)
+    tokens_per_s, drawn_before, drawn = bench.ours(bench.demo_mix(str(tmp_path), num_workers=1), encoder, 2)
+    assert tokens_per_s > 0 and drawn_before > 0 and drawn > 0
