@@ -25,6 +25,7 @@ from train.backends.snapshot import PendingWrite
 from train.backends.deepspeed.config import check_layout, deepspeed_config
 from train.backends.deepspeed.experts import ExpertParallelism
 from train.backends.deepspeed.module import LossModule
+from train.backends.deepspeed.reshard import load_resharded, saved_partitions
 from train.backends.deepspeed.weights import iter_native, load_weights
 from train.config.schema import TrainConfig
 from train.models.native_io import CheckpointError
@@ -234,9 +235,14 @@ class DeepSpeedBackend:
         return PendingWrite(write)
 
     def load(self, directory: Path) -> None:
-        self._check_partition_count(Path(directory))
+        folder = Path(directory) / CHECKPOINT_TAG
+        saved = saved_partitions(folder)
         with self._checkpointing():
-            path, client = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+            if saved and saved != self.engine.dp_world_size:
+                self._check_reshardable(folder, saved)
+                path, client = load_resharded(self.engine, folder)
+            else:
+                path, client = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
         if path is None:
             raise FileNotFoundError(f"no deepspeed checkpoint under {directory}")
         if self.experts is not None:
@@ -246,15 +252,13 @@ class DeepSpeedBackend:
     def export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         return iter_native(self.model, self.cfg.backend.zero_stage == 3, self.experts)
 
-    def _check_partition_count(self, directory: Path) -> None:
-        """ZeRO-1..3 optimizer state is partitioned over the data-parallel ranks that wrote it; another count
-        cannot load it here: one line instead of DeepSpeed's traceback (megatron stages reshard)."""
-        saved = len(list((directory / CHECKPOINT_TAG).glob("*zero_pp_rank_*_optim_states.pt")))
-        if saved and saved != self.engine.dp_world_size:
-            raise CheckpointError(f"{directory / CHECKPOINT_TAG}: DeepSpeed ZeRO state partitioned over {saved} "
-                                  f"data-parallel ranks, this run has {self.engine.dp_world_size}: resume this "
-                                  f"DeepSpeed stage with {saved} (its data state would move; its optimizer "
-                                  f"state cannot yet)")
+    def _check_reshardable(self, folder: Path, saved: int) -> None:
+        """A DP change goes through DeepSpeed's universal checkpoint (reshard.py); our expert-parallel files
+        are per EP rank and not part of it: one line instead of a traceback."""
+        if self.experts is not None:
+            raise CheckpointError(f"{folder}: DeepSpeed ZeRO state of an expert-parallel model partitioned over "
+                                  f"{saved} data-parallel ranks, this run has {self.engine.dp_world_size}: "
+                                  f"resume this MoE stage with {saved}")
 
     def load_model_weights(self, weights: WeightSource) -> None:
         check_source_fits(weights, self.cfg.model, "initial weights")
