@@ -1,8 +1,10 @@
-"""Elastic resume on backend=megatron through the real trainer: a stage checkpointed on 2 ranks (DP=2,
-distributed optimizer) resumes on 1 rank, and that run's checkpoint on 2 ranks again.
+"""Elastic resume through the real trainer, on both backends: a stage checkpointed on 2 ranks (DP=2)
+resumes on 1 rank, and that run's checkpoint on 2 ranks again.
 
-The distributed optimizer's state is saved fully reshardable (model space) and dist_checkpointing reshards
-model and optimizer into the new DP size; the data streams move between ranks (data/loader.py). With a
+Megatron: the distributed optimizer's state is saved fully reshardable (model space) and dist_checkpointing
+reshards model and optimizer into the new DP size. DeepSpeed (ZeRO-3 here; ZeRO 1-3 in
+tests/dist/test_deepspeed_reshard.py): the load goes through DeepSpeed's universal checkpoint. The data
+streams move between ranks (data/loader.py). With a
 global batch of 2 and one stream per rank at the start, the 1-rank run takes the same two streams' batches
 in the same order, so every step's loss equals the uninterrupted 2-rank run's within 1e-4 (only the
 reduction order differs), and the documents read over the three runs are exactly those of the uninterrupted
@@ -47,8 +49,10 @@ def taken(stage: Path, rank: int, batches: int | None = None) -> list[str]:
     return [key for row in rows[:batches] for key in row]
 
 
-def test_two_ranks_to_one_to_two(demo_corpus: Path, tmp_path: Path) -> None:
-    common = [OBSERVED, "stage=s1", "backend=megatron", "model=tiny", f"data_root={demo_corpus}", *QUICK,
+@pytest.mark.parametrize("backend", [["backend=megatron"], ["backend=deepspeed", "backend.zero_stage=3"]],
+                         ids=["megatron", "deepspeed-zero3"])
+def test_two_ranks_to_one_to_two(backend: list[str], demo_corpus: Path, tmp_path: Path) -> None:
+    common = [OBSERVED, "stage=s1", *backend, "model=tiny", f"data_root={demo_corpus}", *QUICK,
               f"stage.max_steps={STEPS}", "stage.save_every=2", "stage.keep_last=3"]
     straight, one, two = tmp_path / "straight", tmp_path / "one", tmp_path / "two"
     _ok(run([*common, f"run_dir={straight}"], ranks=2))
