@@ -7,6 +7,9 @@ step, so a signal lands mid-stage. One uninterrupted job is the reference for:
 - USR1 from `scancel --batch` (what SLURM sends before the time limit) and real preemption by a job on the
   `high` partition: the ranks checkpoint, the batch shell requeues the job, the restart resumes and ends
   with per-step losses identical to the reference and exactly the reference's documents, none twice;
+- a requeue onto fewer tasks (2 -> 1, held while pending and shrunk, as a job requeued onto fewer nodes): the
+  1-task restart reshards the DeepSpeed ZeRO state, ends with per-step losses within 1e-4 of the reference's
+  (another reduction order) and has read exactly the reference's documents, none twice;
 - the pipeline chain: submit_pipeline.sh with pipeline=demo runs s0 -> s1 as two dependent jobs, each
   `pipeline.only=<stage>` (the pipeline's per-stage config, the previous stage's final/ as init_from).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import replace
 import subprocess
 import sys
@@ -146,6 +150,43 @@ def test_preemption_by_high_partition_resumes_like_uninterrupted(slurm_cluster: 
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), slurm_out(tmp_path)[-3000:]
     assert "USR1 received" in slurm_out(tmp_path)
     assert_resumed_like_reference(tmp_path, reference)
+
+
+def all_doc_keys(run_dir: Path) -> list[str]:
+    """Every document key any rank took, over every attempt of the job."""
+    return [key for path in sorted((run_dir / "s1").glob("docs_rank*.jsonl"))
+            for line in path.read_text().splitlines() for key in json.loads(line)["doc_keys"]]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_requeue_on_fewer_tasks_resumes_exactly_once(slurm_cluster: Cluster, corpus: Path, reference: Path,
+                                                     tmp_path: Path) -> None:
+    job = submit_stage(slurm_cluster, corpus, tmp_path, step_sleep=0.5)
+    wait_for(lambda: batches_taken(tmp_path) >= 3, JOB_TIMEOUT, "the job to take 3 batches",
+             lambda: slurm_out(tmp_path)[-2000:])
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job))
+    # The batch shell checkpoints and requeues; the requeued job waits PENDING (cred_expire) before it
+    # restarts: hold it there and shrink it to one task, as a requeue onto fewer nodes would.
+    wait_for(lambda: slurm_cluster.job(job)["JobState"] == "PENDING", JOB_TIMEOUT, "the job to be requeued",
+             lambda: slurm_out(tmp_path)[-2000:])
+    slurm_cluster.run("scontrol", "hold", str(job))
+    slurm_cluster.run("scontrol", "update", f"JobId={job}", "NumTasks=1", "NumCPUs=1")
+    slurm_cluster.run("scontrol", "release", str(job))
+    info = slurm_cluster.wait_job(job, timeout=JOB_TIMEOUT)
+    out = slurm_out(tmp_path)
+    assert (info["JobState"], info["Restarts"], info["NumTasks"]) == ("COMPLETED", "1", "1"), out[-3000:]
+    resumed_from = summary(tmp_path)["resumed_from"]
+    assert 0 < resumed_from < STEPS and f"stopped by signal after step {resumed_from}" in out, out[-3000:]
+    got, want = losses(tmp_path), losses(reference)
+    assert [row[0] for row in got] == list(range(1, STEPS + 1))
+    for (_, loss, _, lr), (_, ref_loss, _, ref_lr) in zip(got, want):
+        assert abs(loss - ref_loss) <= 1e-4 * abs(ref_loss) and lr == ref_lr, (got, want)
+    taken = [len((tmp_path / "s1" / f"docs_rank{rank}.jsonl").read_text().splitlines()) for rank in (0, 1)]
+    assert taken == [resumed_from + 2 * (STEPS - resumed_from), resumed_from], "1 batch/rank/step, then 2 on 1"
+    keys = all_doc_keys(tmp_path)
+    assert len(keys) == len(set(keys)), "no document was trained on twice"
+    assert Counter(keys) == Counter(all_doc_keys(reference)), "exactly the uninterrupted job's documents"
 
 
 @pytest.mark.slurm
