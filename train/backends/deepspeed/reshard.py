@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from train.device import comm_tensor
 from train.models.native_io import CheckpointError
 
 
@@ -43,7 +44,7 @@ def _convert(folder: Path, out: Path) -> None:
 
 def _agree(failure: str) -> None:
     """Raise on every rank if any rank failed (rank 0's conversion), instead of leaving the others waiting."""
-    failed = torch.tensor([float(bool(failure))])
+    failed = comm_tensor([float(bool(failure))])
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if failed.item():
         raise CheckpointError(failure or "converting the DeepSpeed checkpoint to a universal one failed on rank 0")
