@@ -9,14 +9,20 @@ saved by ranks r, r + W, r + 2W, ... (W = this run's world size), so every file 
 layout of the run that resumes.
 
 The digest is xxh3-64 (xxhash; ~10x faster than crc32 from zlib, which is the fallback): the point is to catch
-truncation and bit rot, not an adversary.
+truncation and bit rot, not an adversary. Files the writer serialises itself (`save_hashed`) are hashed as the
+bytes go out, so they are never read back, and torch.save's own per-record crc32 (a second checksum of the
+same bytes, computed on the writer's CPU time) is turned off for them.
 """
 from __future__ import annotations
 
+import io
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 try:
     import xxhash
@@ -27,29 +33,86 @@ CHUNK = 8 << 20
 Manifest = dict[str, list[Any]]  # relative path -> [size in bytes, "algorithm:hexdigest"]
 
 
+class _Digest:
+    """A running digest (xxh3-64, or crc32 without xxhash) and byte count."""
+
+    def __init__(self) -> None:
+        self.hasher = xxhash.xxh3_64() if xxhash is not None else None
+        self.crc, self.size = 0, 0
+
+    def update(self, data: Any) -> None:
+        self.size += memoryview(data).nbytes
+        if self.hasher is not None:
+            self.hasher.update(data)
+        else:
+            self.crc = zlib.crc32(data, self.crc)
+
+    def result(self) -> str:
+        return f"xxh3_64:{self.hasher.hexdigest()}" if self.hasher is not None else f"crc32:{self.crc:08x}"
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """A file whose size and digest were taken while it was written (and which was fsync'ed)."""
+
+    path: Path
+    size: int
+    digest: str
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only stream that hashes every byte on its way into `file` (torch.save writes sequentially)."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__()
+        self.file, self.digest = file, _Digest()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+
+def save_hashed(obj: Any, path: Path) -> WrittenFile:
+    """torch.save `obj` to `path`, hashing the bytes as they are written, then fsync: one pass over the data
+    instead of write + read back. Loads like any torch.save file."""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)  # the digest below covers every byte already
+    try:
+        with open(path, "wb") as f:
+            stream = _HashingWriter(f)
+            torch.save(obj, stream)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        torch.serialization.set_crc32_options(previous)
+    return WrittenFile(path, stream.digest.size, stream.digest.result())
+
+
 def file_digest(path: Path, sync: bool = False) -> tuple[int, str]:
     """(size, "algo:hex") of a file, read once in chunks; fsync it too when `sync` (the writer's pass)."""
-    hasher = xxhash.xxh3_64() if xxhash is not None else None
-    crc, size = 0, 0
+    digest = _Digest()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
-            size += len(chunk)
-            if hasher is not None:
-                hasher.update(chunk)
-            else:
-                crc = zlib.crc32(chunk, crc)
+            digest.update(chunk)
         if sync:
             os.fsync(f.fileno())
-    return size, f"xxh3_64:{hasher.hexdigest()}" if hasher is not None else f"crc32:{crc:08x}"
+    return digest.size, digest.result()
 
 
-def digest_files(root: Path, paths: list[Path], sync: bool = True) -> Manifest:
-    """Manifest of `paths` (files under `root`), each hashed and, by default, fsync'ed."""
+def digest_files(root: Path, files: list[Path | WrittenFile], sync: bool = True) -> Manifest:
+    """Manifest of `files` (under `root`): a WrittenFile as recorded, a path hashed and, by default, fsync'ed."""
     manifest: Manifest = {}
-    for path in sorted(set(paths)):
-        size, digest = file_digest(path, sync=sync)
+    for item in files:
+        if isinstance(item, WrittenFile):
+            size, digest, path = item.size, item.digest, item.path
+        else:
+            path = item
+            size, digest = file_digest(path, sync=sync)
         manifest[path.relative_to(root).as_posix()] = [size, digest]
-    return manifest
+    return dict(sorted(manifest.items()))
 
 
 def all_files(root: Path, exclude: set[str]) -> list[Path]:

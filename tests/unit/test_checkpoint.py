@@ -20,7 +20,8 @@ import torch
 from train.checkpoint import (
     StageDir, check_fingerprint, load_checkpoint, model_fingerprint, resume_checkpoint, verify_share,
 )
-from train.backends.snapshot import PendingWrite, host_copy
+from train.backends.snapshot import PendingWrite, SnapshotBuffers
+from train.checkpoint_files import WrittenFile, file_digest, save_hashed
 from train.checkpoint_save import Checkpointer, save_checkpoint
 from train.config.model import ModelConfig, TextConfig
 from train.models.native_io import CheckpointError
@@ -222,23 +223,49 @@ def test_verify_command(tmp_path: Path, model_cfg: ModelConfig) -> None:
 # ---- asynchronous saves --------------------------------------------------------------------------------
 
 class AsyncFileBackend(FileBackend):
-    """FileBackend with the snapshot/write split of a real backend; `gate` holds the writer thread."""
+    """FileBackend with the snapshot/write split of a real backend (reused host buffers, files hashed as they
+    are written, as the DeepSpeed backend does); `gate` holds the writer thread."""
 
     def __init__(self, fail_on_write: bool = False) -> None:
         super().__init__()
         self.gate = threading.Event()
         self.fail_on_write = fail_on_write
+        self.buffers = SnapshotBuffers()
 
     def save_async(self, directory: Path) -> PendingWrite:
-        state = host_copy({"model": self.model.state_dict(), "optim": self.optim.state_dict()})
+        state = self.buffers.copy("state.pt", {"model": self.model.state_dict(), "optim": self.optim.state_dict()})
 
-        def write() -> list[Path]:
+        def write() -> list[WrittenFile]:
             self.gate.wait(60)
             if self.fail_on_write:
                 raise OSError(28, "No space left on device")
-            torch.save(state, directory / "state.pt")
-            return [directory / "state.pt"]
+            return [save_hashed(state, directory / "state.pt")]
         return PendingWrite(write)
+
+
+def test_snapshot_buffers_are_refilled_not_reallocated() -> None:
+    buffers = SnapshotBuffers()
+    live = {"w": torch.randn(4, 3), "steps": [torch.tensor(1.0), 7], "t": torch.randn(3).t()}
+    first = buffers.copy("f", live)
+    pointers = first["w"].data_ptr(), first["steps"][0].data_ptr()
+    live["w"].add_(1.0)
+    assert not torch.equal(first["w"], live["w"])  # a copy: later updates do not reach it
+    second = buffers.copy("f", live)
+    assert (second["w"].data_ptr(), second["steps"][0].data_ptr()) == pointers
+    assert torch.equal(second["w"], live["w"]) and second["steps"][1] == 7
+    live["w"] = torch.randn(5, 3)  # another shape: a new buffer
+    third = buffers.copy("f", live)
+    assert third["w"].data_ptr() != pointers[0] and torch.equal(third["w"], live["w"])
+    assert buffers.copy("other", live)["w"].data_ptr() != third["w"].data_ptr()
+
+
+def test_save_hashed_records_what_is_on_disk(tmp_path: Path) -> None:
+    state = {"w": torch.randn(1000, 10), "n": 3}
+    written = save_hashed(state, tmp_path / "s.pt")
+    assert (written.size, written.digest) == file_digest(tmp_path / "s.pt")
+    loaded = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert torch.equal(loaded["w"], state["w"]) and loaded["n"] == 3
+    assert torch.serialization.get_crc32_options()  # torch.save's default is restored
 
 
 def test_async_save_snapshots_then_publishes_after_the_write(tmp_path: Path, model_cfg: ModelConfig) -> None:

@@ -22,6 +22,7 @@ from data.batch import PackedBatch
 from train.backends.base import ParallelInfo, StepMetrics
 from train.backends.deepspeed.checkpoint_io import RecordingEngine
 from train.backends.snapshot import PendingWrite
+from train.checkpoint_files import WrittenFile, save_hashed
 from train.backends.deepspeed.config import check_layout, deepspeed_config
 from train.backends.deepspeed.experts import ExpertParallelism
 from train.backends.deepspeed.module import LossModule
@@ -226,12 +227,10 @@ class DeepSpeedBackend:
         if self.experts is not None:
             files.append((self.experts.file(Path(directory)), self.experts.state()))
 
-        def write() -> list[Path]:
+        def write() -> list[WrittenFile]:
             for other in deferred:
                 other()
-            for path, state in files:
-                torch.save(state, path)
-            return [path for path, _ in files]
+            return [save_hashed(state, path) for path, state in files]
         return PendingWrite(write)
 
     def load(self, directory: Path) -> None:

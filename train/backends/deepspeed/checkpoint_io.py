@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from train.backends.snapshot import host_copy
+from train.backends.snapshot import SnapshotBuffers
 
 
 class RecordingEngine:
@@ -22,6 +22,7 @@ class RecordingEngine:
         self.inner = inner
         self.pending: list[tuple[Path, Any]] = []  # (path, host copy) of the save in progress
         self.deferred: list[Callable[[], None]] = []  # other file writes of the save, run by the writer
+        self.buffers = SnapshotBuffers()  # by file name: the same files every save
 
     def defer(self, write: Callable[[], None]) -> None:
         """A write DeepSpeed makes outside the engine (rank 0's recovery scripts): done by the writer too,
@@ -33,7 +34,7 @@ class RecordingEngine:
         return getattr(self.inner, name)
 
     def save(self, state_dict: Any, path: str) -> None:
-        self.pending.append((Path(path), host_copy(state_dict)))
+        self.pending.append((Path(path), self.buffers.copy(Path(path).name, state_dict)))
 
     def take_pending(self) -> tuple[list[tuple[Path, Any]], list[Callable[[], None]]]:
         pending, deferred, self.pending, self.deferred = self.pending, self.deferred, [], []
