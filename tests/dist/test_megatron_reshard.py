@@ -1,6 +1,7 @@
 """Stage handoff across layouts through dist_checkpointing, on the Qwen3-VL MegatronBackend (2 ranks,
 programs/megatron_reshard.py, ~30 s): saved at TP=2 + sequence parallel, loaded at TP=1 (DP=2) and at PP=2.
-  - the full load (model + fully reshardable optimizer state) gives the saved weights bitwise, and its next
+  - the full load (model + fully reshardable optimizer state) gives the saved weights bitwise, saved again it
+    gives every checkpoint tensor in model space bitwise (fp32 masters, Adam's moments), and its next
     step continues the saving run's (within 1e-5; a fresh optimizer would differ by far more),
   - the weights-only load exports bitwise the saved weights, gives the logits of the same layout handed
     those weights natively (bitwise) and of the saving TP=2 model (<= 1e-6, reduction order), and its next
@@ -35,6 +36,7 @@ def test_tp2_checkpoint_weights_load_in_other_layout(reshard_run, layout):
     assert loaded and "max weight diff 0;" in loaded[0] and "vs native load 0," in loaded[0], _context(reshard_run)
     full = [line for line in lines if "full load: weights diff 0," in line]
     assert full and "next step vs tp2's next step" in full[0], _context(reshard_run)
+    assert " 0 unequal" in full[0] and " 0 exp_avg_sq" not in full[0], _context(reshard_run)
 
 
 @pytest.mark.dist

@@ -9,7 +9,9 @@ the exported native state dict and the full logits of a probe sequence are what 
 reproduce. Then for TP=1 and PP=2, each from another seed (checked to differ first, else the test would be
 vacuous):
   - backend.load (model + fully reshardable distributed-optimizer state): the export equals the saved one
-    bitwise, and the next step equals the saving run's next step within 1e-5 (another reduction order),
+    bitwise; saved again at once, every tensor of the checkpoint in model space (weights, fp32 master
+    copies, Adam's exp_avg and exp_avg_sq, each gathered whole by dist_checkpointing.load_plain_tensors)
+    equals the original checkpoint's bitwise; and the next step equals the saving run's next step within 1e-5 (another reduction order),
     while a fresh optimizer on the same weights is far from it (so the moments really were loaded),
   - load_model_weights_from_checkpoint: the export equals the saved one bitwise; the logits equal bitwise
     those of the same layout handed the saved weights natively (load_model_weights), and those of the
@@ -31,6 +33,7 @@ from megatron_backend import mode_config, train
 from rank_harness import finish, start
 from train.backends.base import gathered_state_dict
 from train.backends.megatron.backend import MegatronBackend
+from train.backends.megatron.checkpoint import SUBDIR
 from train.models.weight_source import StateDictSource
 
 TOLERANCE = 1e-7  # exported weights (they come out bitwise equal)
@@ -86,6 +89,34 @@ def compare_logits(got: torch.Tensor | None, want: torch.Tensor | None, failures
     return diff.item()
 
 
+def compare_model_space(got_dir: Path, want_dir: Path, failures: list[str], what: str) -> str:
+    """Every tensor of two megatron checkpoints, whole (keys are layout-free: global layer numbers, model-space
+    optimizer state), compared bitwise; the optimizer moments must be among them."""
+    from megatron.core.dist_checkpointing import load_plain_tensors
+
+    got, want = (load_plain_tensors(str(d / SUBDIR)) for d in (got_dir, want_dir))
+    flat_got, flat_want = _flatten(got), _flatten(want)
+    if flat_got.keys() != flat_want.keys():
+        failures.append(f"{what}: keys differ: {sorted(set(flat_got) ^ set(flat_want))[:4]}")
+    moments = [k for k in flat_want if "exp_avg_sq" in k]
+    if not moments:
+        failures.append(f"{what}: no Adam moments in the checkpoint: {sorted(flat_want)[:4]}")
+    unequal = [k for k in flat_want.keys() & flat_got.keys() if not torch.equal(flat_got[k], flat_want[k])]
+    if unequal:
+        failures.append(f"{what}: {len(unequal)} tensors differ, e.g. {sorted(unequal)[:3]}")
+    return f"{len(flat_want)} checkpoint tensors ({len(moments)} exp_avg_sq) {len(unequal)} unequal"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, torch.Tensor):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def check_full_load(name: str, ckpt: Path, want_state: dict, want_logits: torch.Tensor, probe, step_batches,
                     want_next: dict, failures: list[str]) -> str:
     """backend.load (model + optimizer, fully reshardable) into this layout: the weights come back bitwise,
@@ -93,6 +124,9 @@ def check_full_load(name: str, ckpt: Path, want_state: dict, want_logits: torch.
     backend = MegatronBackend(layout_config(name, seed=3000))
     backend.load(ckpt)
     weights = compare_exports(gathered_state_dict(backend), want_state, failures, f"{name} full-load weights")
+    resaved = ckpt.with_name(f"{ckpt.name}_{name}")
+    backend.save(resaved)
+    moments = compare_model_space(resaved, ckpt, failures, f"{name} full-load state in model space")
     logits = compare_logits(full_logits(backend, probe), want_logits, failures, f"{name} full-load logits",
                             CROSS_LAYOUT_LOGITS)
     train(backend, step_batches)
@@ -100,7 +134,7 @@ def check_full_load(name: str, ckpt: Path, want_state: dict, want_logits: torch.
     backend.close()
     step_diff = compare_states(stepped, want_next, NEXT_STEP, failures, f"{name} step after full load") \
         if dist.get_rank() == 0 else 0.0
-    return f"weights diff {weights:.3g}, logits vs tp2 {logits:.3g}, next step vs tp2's next step {step_diff:.3g}"
+    return f"weights diff {weights:.3g}, {moments}, logits vs tp2 {logits:.3g}, next step vs tp2's next step {step_diff:.3g}"
 
 
 def check_layout(name: str, ckpt: Path, want_state: dict, want_logits: torch.Tensor, probe, step_batches,
