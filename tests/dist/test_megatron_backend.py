@@ -8,7 +8,8 @@ rescale).
       (loss and weights), and a NaN loss weight on one rank skips the step without touching the weights
   tp: TP=2 + sequence parallel (vocab-parallel embedding / lm_head, DeepStack scattered with the sequence)
   cp: CP=2 load-balanced split after the vision merge, ContextParallelAttention on packed documents
-  ep: EP=2 MoE (megatron all-to-all dispatcher, the reference's pooled load-balancing loss)
+  ep: EP=2 MoE (megatron all-to-all dispatcher, the reference's pooled load-balancing loss); its model has
+      a dense layer among the MoE ones (mlp_only_layers), and resumes bitwise like dp
   pp: PP=2 1F1B over 4 micro-batches (DeepStack on the first stage)
   pp_moe: PP=2 MoE with megatron's per-layer load-balancing loss (each stage adds its layers' share)
   tp_ep: TP=2 + sequence parallel with EP=2 over the TP ranks (expert TP 1: the published 235B fold); the
@@ -58,11 +59,16 @@ def test_layout_matches_one_process(backend_run, mode):
 
 
 @pytest.mark.dist
-def test_resume_is_bitwise_and_nan_step_is_skipped(backend_run):
+@pytest.mark.parametrize("mode", ["dp", "ep"])
+def test_resume_is_bitwise(backend_run, mode):
     out = backend_run.stdout
     assert backend_run.returncode == 0 and "ALL OK" in out, _context(backend_run)
-    resume = [line for line in out.splitlines() if line.startswith("[dp] resume")]
+    resume = [line for line in out.splitlines() if line.startswith(f"[{mode}] resume")]
     assert resume, _context(backend_run)
     got, want = resume[0].split("loss ")[1].split(" vs uninterrupted ")
     assert float(got) == float(want)
-    assert "[dp] NaN step skipped=True grad_norm=nan" in out, _context(backend_run)
+
+
+@pytest.mark.dist
+def test_nan_step_is_skipped(backend_run):
+    assert "[dp] NaN step skipped=True grad_norm=nan" in backend_run.stdout, _context(backend_run)

@@ -5,8 +5,8 @@
 
 Every mode: load_model_weights of the reference's initial weights, 3 steps on the same global batches,
 each step's loss within 1e-5 relative and the exported parameters within 1e-5 of the reference; the
-pre-clip grad norms too. dp also: save after step 2, step 3, load, step 3 again -> bitwise the same loss
-and weights (exact resume), then a step with a NaN loss weight on one rank is skipped without touching the
+pre-clip grad norms too. dp and ep also: save after step 2, step 3, load, step 3 again -> bitwise the same
+loss and weights (exact resume); dp then a step with a NaN loss weight on one rank is skipped without touching the
 weights.
 """
 from __future__ import annotations
@@ -37,6 +37,8 @@ MODES = {
     "tp_ep": dict(moe=True, ep=2, parallel=dict(tp=2, sequence_parallel=True)),
     "pp_moe": dict(moe=True, parallel=dict(pp=2), text=dict(router_aux_loss_coef=0.05), deepstack=[0, 1]),
 }
+# save after step 2, load, redo step 3 bitwise; ep's model mixes a dense layer (mlp_only_layers) with MoE ones
+RESUMED = ("dp", "ep")
 
 
 def mode_config(mode: str):
@@ -58,7 +60,8 @@ def train(backend, batches):
     return backend.train_step(batches[info.dp_rank::info.dp_size])
 
 
-def resume_check(backend, ckpt: Path, batches, want_loss: float, want_state: dict, failures: list[str]) -> None:
+def resume_check(backend, ckpt: Path, batches, want_loss: float, want_state: dict, failures: list[str],
+                 mode: str) -> None:
     """Load the checkpoint written before the last step and redo that step: bitwise the same loss and
     weights as the uninterrupted run."""
     backend.load(ckpt)
@@ -67,8 +70,8 @@ def resume_check(backend, ckpt: Path, batches, want_loss: float, want_state: dic
         failures.append(f"resumed step loss {got!r} != uninterrupted {want_loss!r}")
     exported = gathered_state_dict(backend)
     if dist.get_rank() == 0:
-        compare_states(exported, want_state, 0.0, failures, "resumed step")
-        print(f"[dp] resume: loss {got!r} vs uninterrupted {want_loss!r}", flush=True)
+        compare_states(exported, want_state, 0.0, failures, f"{mode} resumed step")
+        print(f"[{mode}] resume: loss {got!r} vs uninterrupted {want_loss!r}", flush=True)
 
 
 def nan_skip_check(backend, cfg, failures: list[str]) -> None:
@@ -100,7 +103,7 @@ def run_mode(mode: str, ckpt: Path, failures: list[str]) -> None:
         check_random_init(backend, cfg, failures, f"{mode} construction")
     backend.load_model_weights(StateDictSource(init))
     metrics = [train(backend, steps[0]), train(backend, steps[1])]
-    if mode == "dp":
+    if mode in RESUMED:
         backend.save(ckpt)
     metrics.append(train(backend, steps[2]))
     exported = gathered_state_dict(backend)
@@ -108,8 +111,9 @@ def run_mode(mode: str, ckpt: Path, failures: list[str]) -> None:
     loss_diff = compare_losses(losses, ref_losses, 1e-5, failures, mode)
     compare_losses([m.grad_norm for m in metrics], ref_norms, 1e-5, failures, f"{mode} grad norms")
     param_diff = compare_states(exported, ref_state, 1e-5, failures, mode) if dist.get_rank() == 0 else 0.0
+    if mode in RESUMED:
+        resume_check(backend, ckpt, steps[2], losses[2], exported, failures, mode)
     if mode == "dp":
-        resume_check(backend, ckpt, steps[2], losses[2], exported, failures)
         nan_skip_check(backend, cfg, failures)
     if dist.get_rank() == 0:
         print(f"[{mode}] losses {losses} reference {ref_losses} max rel loss diff {loss_diff:.2e} "

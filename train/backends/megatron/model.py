@@ -84,6 +84,11 @@ def transformer_config(model_cfg: ModelConfig, sizes: ParallelSizes, precision: 
                       moe_router_pre_softmax=not text.norm_topk_prob, moe_router_load_balancing_type="none",
                       moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False,
                       moe_router_dtype="fp32" if precision == "fp32" else None)
+        pattern = [int(text.is_moe_layer(i)) for i in range(text.num_hidden_layers)]
+        if not all(pattern):  # dense layers among MoE ones (mlp_only_layers, decoder_sparse_step): megatron's
+            # own form, which also makes dist checkpoints key layers one by one (a stacked key would miss
+            # the dense layers' MLP and fail its sharding validation at the first save)
+            kwargs.update(moe_layer_freq=pattern)
     kwargs.update(config_options(path, text.is_moe))
     return TransformerConfig(**kwargs)
 
