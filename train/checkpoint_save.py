@@ -8,7 +8,8 @@ A save has three parts (`Checkpointer`):
    hashed and fsync-ed by the rank that wrote it (train/checkpoint_files.py); no collectives.
 3. publish, on the training thread once every rank's writer is done (`poll()` after every step, or `wait()`):
    the backend's collective finalize, the manifests gathered, then rank 0 writes meta.json, fsyncs the
-   directories, renames the temp dir into place, replaces `latest` (write temp, fsync, os.replace) and prunes.
+   directories, renames the temp dir into place, replaces `latest` (write temp, fsync, os.replace) and retires
+   checkpoints beyond keep_last (renamed hidden at once, deleted on a thread after an asynchronous save).
 So `latest` only ever names a checkpoint whose every file is on disk; a crash (kill -9) at any point leaves
 the previous checkpoint and `latest` as they were. A save waits for the previous one; a stop (preemption,
 the last step) waits for the pending one. A write that fails on any rank raises CheckpointError on every
@@ -81,6 +82,7 @@ class Checkpointer:
         self.stage_dir, self.model_cfg, self.keep_last = stage_dir, model_cfg, keep_last
         self.asynchronous = asynchronous
         self._in_flight: _InFlight | None = None
+        self._deleter: threading.Thread | None = None
 
     @property
     def pending(self) -> bool:
@@ -119,11 +121,15 @@ class Checkpointer:
         return self._publish()
 
     def wait(self) -> Path | None:
-        """Block until the pending save (if any) is written and published."""
-        if self._in_flight is None:
-            return None
-        self._in_flight.thread.join()
-        return self._publish()
+        """Block until the pending save (if any) is written and published, and retired checkpoints deleted."""
+        published = None
+        if self._in_flight is not None:
+            self._in_flight.thread.join()
+            published = self._publish()
+        if self._deleter is not None:
+            self._deleter.join()
+            self._deleter = None
+        return published
 
     def _publish(self) -> Path:
         job, self._in_flight = self._in_flight, None
@@ -139,10 +145,23 @@ class Checkpointer:
             _fsync_dirs(job.tmp)
             _replace_dir(job.tmp, job.final)
             _write_latest(self.stage_dir.checkpoints, job.final.name)
-            _prune(self.stage_dir, self.keep_last, keep=job.final)
+            retired.extend(_retire(self.stage_dir, self.keep_last, keep=job.final))
 
+        retired: list[Path] = []
         _agree_on_write(publish if rank() == 0 else None, job.tmp, self.stage_dir)
+        self._start_deleting(retired)
         return job.final
+
+    def _start_deleting(self, paths: list[Path]) -> None:
+        """Delete retired checkpoints: inline for a synchronous save; for an asynchronous one on a thread
+        (unlinking a large checkpoint's files is most of a publish's time) joined by the next wait()."""
+        if not paths:
+            return
+        if not self.asynchronous:
+            _delete(paths)
+            return
+        self._deleter = threading.Thread(target=_delete, args=(paths,), name="checkpoint-delete", daemon=True)
+        self._deleter.start()
 
 
 def save_checkpoint(stage_dir: StageDir, step: int, backend: Any, loader_state: dict[str, Any],
@@ -216,11 +235,18 @@ def _write_latest(directory: Path, name: str) -> None:
     fsync_path(directory)
 
 
-def _prune(stage_dir: StageDir, keep_last: int, keep: Path) -> None:
-    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names)."""
+def _retire(stage_dir: StageDir, keep_last: int, keep: Path) -> list[Path]:
+    """Hide all but the newest `keep_last` checkpoints (never the one `latest` names) by renaming them to
+    `.step_N.deleting` (one rename each: at once invisible to listings and resumes), and return every such
+    hidden directory, including leftovers of a run that died while deleting, for `_delete`."""
     others = [p for p in stage_dir.list_checkpoints() if p != keep]
-    old = others[: max(0, len(others) - (keep_last - 1))]
-    for path in old:
+    for path in others[: max(0, len(others) - (keep_last - 1))]:
+        path.rename(path.with_name(f".{path.name}.deleting"))
+    return sorted(stage_dir.checkpoints.glob(".step_*.deleting"))
+
+
+def _delete(paths: list[Path]) -> None:
+    for path in paths:
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -22,6 +22,7 @@ from train.checkpoint import (
 )
 from train.backends.snapshot import PendingWrite, SnapshotBuffers
 from train.checkpoint_files import WrittenFile, file_digest, save_hashed
+import train.checkpoint_save as checkpoint_save
 from train.checkpoint_save import Checkpointer, save_checkpoint
 from train.config.model import ModelConfig, TextConfig
 from train.models.native_io import CheckpointError
@@ -307,3 +308,35 @@ def test_failed_async_write_raises_at_publish_and_keeps_latest(tmp_path: Path, m
                                               r"device; latest checkpoint kept: .*step_000002"):
         checkpointer.wait()
     assert stage.latest() == good and not stage.step_dir(4).exists()
+
+
+def test_retired_checkpoints_are_hidden_at_once_and_deleted_off_the_step_loop(tmp_path: Path, model_cfg: ModelConfig,
+                                                                           monkeypatch) -> None:
+    stage = StageDir(tmp_path, "s1")
+    backend = AsyncFileBackend()
+    backend.gate.set()
+    checkpointer = Checkpointer(stage, model_cfg, keep_last=1)
+    checkpointer.save(2, backend, {}, {})
+    checkpointer.wait()
+    leftover = stage.checkpoints / ".step_000001.deleting"  # a run that died while deleting
+    (leftover / "sub").mkdir(parents=True)
+    release = threading.Event()
+    deleting: list[list[Path]] = []
+
+    def slow_delete(paths: list[Path]) -> None:  # holds the deletion so the test sees it in flight
+        deleting.append(list(paths))
+        release.wait(60)
+        original_delete(paths)
+
+    original_delete = checkpoint_save._delete
+    monkeypatch.setattr(checkpoint_save, "_delete", slow_delete)
+    checkpointer.save(4, backend, {}, {})
+    checkpointer._in_flight.thread.join()
+    assert checkpointer.poll() == stage.step_dir(4)  # published while the old one is still on disk
+    assert [p.name for p in stage.list_checkpoints()] == ["step_000004"]
+    assert stage.latest() == stage.step_dir(4) and resume_checkpoint(stage) == stage.step_dir(4)
+    assert sorted(p.name for p in deleting[0]) == [".step_000001.deleting", ".step_000002.deleting"]
+    assert (stage.checkpoints / ".step_000002.deleting").is_dir()
+    release.set()
+    checkpointer.wait()
+    assert sorted(p.name for p in stage.checkpoints.iterdir()) == ["latest", "step_000004"]
