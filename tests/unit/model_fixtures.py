@@ -10,6 +10,7 @@ token sequences and pixel tensors for images and videos by hand, in the HF layou
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from train.config.model import ModelConfig, TextConfig, VisionConfig
 
@@ -126,3 +127,19 @@ def char_tokens(text: str) -> list[int]:
 def mm_token_type_ids(input_ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """transformers' modality ids: 0 text, 1 image, 2 video."""
     return (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Elements of the largest tensor an op allocated while active (views of an op's inputs not counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in args if isinstance(t, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_fixtures import build_hf_model, tiny_dense_config, tiny_moe_config
+from model_fixtures import LargestAllocation, build_hf_model, tiny_dense_config, tiny_moe_config
 from train.checkpoint import read_model_dir
 from train.models.checkpoint_sources import open_model_dir
 from train.models.hf import load_hf_checkpoint
 from train.models.materialize import fill_native, materialize
-from train.models.native_io import CheckpointError, save_native_checkpoint
+from train.models.native_io import EMBED, CheckpointError, save_native_checkpoint
 from train.models.qwen3vl import Qwen3VLModel
-from train.models.weight_source import RandomInit, check_source_fits
+from train.models.weight_source import RandomInit, check_source_fits, flat_range_into, read_into
 
 transformers = pytest.importorskip("transformers")
 
@@ -63,6 +63,39 @@ def _native_dir(path: Path, cfg) -> Path:
     state = {k: RandomInit(cfg, 0).read(k) for k in RandomInit(cfg, 0).names()}
     save_native_checkpoint(path, cfg, state, max_shard_size="256KB")
     return path
+
+
+def test_reads_go_straight_into_the_destination(tmp_path, hf_moe_dir, monkeypatch):
+    monkeypatch.setattr("train.models.checkpoint_sources.READ_BLOCK_BYTES", 4096)  # many blocks at toy size
+    cfg = tiny_dense_config()
+    _, source = open_model_dir(_native_dir(tmp_path / "n", cfg))
+    want = RandomInit(cfg, 0)
+    name = "language_model.embed_tokens.weight"
+    full = want.read(name)
+    flat, out, full_out = full.reshape(-1), torch.full((full.numel(),), float("nan")), torch.empty_like(full)
+    cuts = [0, 5, full.numel() // 3 + 7, full.numel()]  # uneven ZeRO-3-like partitions
+    with LargestAllocation() as probe:
+        for a, b in zip(cuts, cuts[1:]):
+            flat_range_into(source, name, a, out[a:b])
+        read_into(source, name, full_out)
+    assert torch.equal(out, flat) and torch.equal(full_out, full)
+    assert probe.largest == 0  # stored dtype into contiguous memory: no buffer at all
+    index = (slice(3, 90), slice(8, 40))  # a column slice (a TP piece) and a dtype conversion
+    cols, half = torch.empty(87, 32), torch.empty(full.shape, dtype=torch.bfloat16)
+    with LargestAllocation() as probe:
+        read_into(source, name, cols, index)
+        read_into(source, name, half)
+    assert torch.equal(cols, full[index]) and torch.equal(half, full.to(torch.bfloat16))
+    assert 0 < probe.largest <= 4096 // 4  # one block in between (fp32 stored)
+    with pytest.raises(ValueError, match=f"{name}: the weight source gives shape \\[87, 32\\], the model holds"):
+        read_into(source, name, torch.empty(87, 31), index)
+    hf_cfg, hf = open_model_dir(hf_moe_dir)  # renamed HF tensors read directly, re-laid-out experts by slice
+    _, whole = load_hf_checkpoint(hf_moe_dir)
+    for name in (EMBED, "language_model.layers.1.mlp.experts.gate_up_proj"):
+        out = torch.empty(whole[name].numel(), dtype=whole[name].dtype)
+        flat_range_into(hf, name, 0, out[:11])
+        flat_range_into(hf, name, 11, out[11:])
+        assert torch.equal(out, whole[name].reshape(-1)), name
 
 
 def test_checkpoint_of_another_model_is_refused_naming_file_and_tensor(tmp_path):

@@ -5,13 +5,12 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from model_fixtures import tiny_dense_config, tiny_moe_config
+from model_fixtures import LargestAllocation, tiny_dense_config, tiny_moe_config
 from train.models.materialize import materialize
 from train.models.qwen3vl import Qwen3VLModel
 from train.models.weight_source import (BLOCK_ELEMENTS, RandomInit, StateDictSource, check_source_fits,
-                                        flat_range)
+                                        flat_range_into)
 from train.models.native_io import CheckpointError
 
 
@@ -43,21 +42,10 @@ def test_any_slice_equals_the_slice_of_the_whole_tensor(name, index, monkeypatch
     assert torch.equal(source.read(name, index), full[index])
     flat = full.reshape(-1)
     cuts = [0, 7, flat.numel() // 2 + 3, flat.numel()]  # uneven ZeRO-3-like partitions
-    parts = [flat_range(source, name, a, b) for a, b in zip(cuts, cuts[1:])]
-    assert torch.equal(torch.cat(parts), flat)
-
-
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
+    out = torch.full_like(flat, float("nan"))
+    for a, b in zip(cuts, cuts[1:]):
+        flat_range_into(source, name, a, out[a:b])
+    assert torch.equal(out, flat)
 
 
 def test_a_slice_costs_one_block_plus_the_slice():
@@ -65,7 +53,7 @@ def test_a_slice_costs_one_block_plus_the_slice():
     source = RandomInit(cfg, seed=0)
     name = "language_model.embed_tokens.weight"
     full = math.prod(source.shape(name))
-    with _LargestTensor() as probe:
+    with LargestAllocation() as probe:
         part = source.read(name, (slice(20000, 20480),))
     assert part.shape == (480, 64)
     assert probe.largest <= BLOCK_ELEMENTS + part.numel() < full // 2

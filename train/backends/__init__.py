@@ -10,7 +10,7 @@ from train.models.weight_source import WeightSource
 def build_backend(cfg: TrainConfig, weights: WeightSource | None = None) -> Backend:
     """The backend named by cfg.backend.name, built on the initialised torch.distributed world.
 
-    Each rank builds only its shard of the model (meta device / deepspeed.zero.Init) and fills it from
+    Each rank builds only its shard of the model (meta device; ZeRO-3: partitions only) and fills it from
     `weights` (default: the random initialisation RandomInit(cfg.model, cfg.seed), the same values in every
     layout); the stage's frozen groups (cfg.stage.trainable) are frozen by name before the optimizer exists."""
     if cfg.backend.name == "deepspeed":

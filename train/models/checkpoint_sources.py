@@ -20,14 +20,16 @@ from train.config.model import ModelConfig
 from train.models.native_io import (EMBED, INDEX_FILE, LM_HEAD, NATIVE_CONFIG_FILE, SINGLE_FILE, CheckpointError,
                                     load_model_config_yaml)
 from train.models.streaming_writer import SAFETENSORS_DTYPES
-from train.models.weight_source import Index, WeightSource, full_index, sliced_shape
+from train.models.hf import RENAME
+from train.models.weight_source import Index, WeightSource, flat_range_by_rows, full_index, sliced_shape
 
 READ_BLOCK_BYTES = 64 << 20  # rows are read in blocks of about this size
 
 
 
 class StoredTensor:
-    """One tensor of a safetensors file: `stored[index]` reads only the rows the index covers."""
+    """One tensor of a safetensors file: `stored[index]` reads only the rows the index covers, `read_into`
+    reads them straight into a caller's tensor."""
 
     def __init__(self, path: Path, name: str, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> None:
         self.path, self.name, self.dtype, self.shape, self.offset = path, name, dtype, shape, offset
@@ -35,28 +37,61 @@ class StoredTensor:
     def __getitem__(self, index: Index | None) -> torch.Tensor:
         index = full_index(index, self.shape)
         out = torch.empty(sliced_shape(index), dtype=self.dtype)
-        if out.numel() == 0:
-            return out
-        if not self.shape:  # a scalar
-            return self._rows(0, 1).reshape(())
-        row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
-        per_block = max(1, READ_BLOCK_BYTES // max(1, row_bytes))
-        rows = index[0]
-        for start in range(rows.start, rows.stop, per_block):
-            stop = min(rows.stop, start + per_block)
-            block = self._rows(start, stop).reshape(stop - start, *self.shape[1:])
-            out[start - rows.start: stop - rows.start] = block[(slice(None), *index[1:])]
+        self.read_into(out, index)
         return out
 
-    def _rows(self, start: int, stop: int) -> torch.Tensor:
-        row_elements = math.prod(self.shape[1:]) if self.shape else 1
-        size = self.dtype.itemsize
+    @torch.no_grad()
+    def read_into(self, out: torch.Tensor, index: Index | None = None) -> None:
+        """`self[index]` into `out` (its shape, any dtype). Whole rows into a contiguous `out` are one flat
+        range (read_flat_into); a slice of the trailing dimensions goes through one block of rows at a time."""
+        index = full_index(index, self.shape)
+        if tuple(out.shape) != sliced_shape(index):
+            raise ValueError(f"{self.path}: tensor {self.name!r}[{index}] has shape {list(sliced_shape(index))}, "
+                             f"the destination {list(out.shape)}")
+        if out.numel() == 0:
+            return
+        row = math.prod(self.shape[1:]) if self.shape else 1
+        first = index[0].start if self.shape else 0
+        if out.is_contiguous() and all(s.stop - s.start == d for s, d in zip(index[1:], self.shape[1:])):
+            self.read_flat_into(first * row, out.view(-1))
+            return
+        rows = index[0]
+        per_block = max(1, READ_BLOCK_BYTES // (row * self.dtype.itemsize))
+        for start in range(rows.start, rows.stop, per_block):
+            stop = min(rows.stop, start + per_block)
+            block = torch.empty((stop - start) * row, dtype=self.dtype)
+            self.read_flat_into(start * row, block)
+            block = block.view(stop - start, *self.shape[1:])[(slice(None), *index[1:])]
+            out[start - rows.start: stop - rows.start].copy_(block)
+
+    @torch.no_grad()
+    def read_flat_into(self, start: int, out: torch.Tensor) -> None:
+        """Elements [start, start + out.numel()) of the flattened tensor into the 1-D `out`: positioned
+        reads straight into out's memory when it is contiguous on the CPU in the stored dtype, else through
+        one block (READ_BLOCK_BYTES) converted into it."""
+        count = out.numel()
+        if start < 0 or start + count > math.prod(self.shape):
+            raise ValueError(f"{self.path}: tensor {self.name!r} has {math.prod(self.shape)} elements, asked for "
+                             f"[{start}, {start + count})")
+        direct = out.dtype == self.dtype and out.is_contiguous() and out.device.type == "cpu"
+        per_block = max(1, READ_BLOCK_BYTES // self.dtype.itemsize)
         with open(self.path, "rb") as f:
-            data = os.pread(f.fileno(), (stop - start) * row_elements * size,
-                            self.offset + start * row_elements * size)
-        if len(data) != (stop - start) * row_elements * size:
-            raise CheckpointError(f"{self.path}: tensor {self.name!r} is cut short (file truncated)")
-        return torch.frombuffer(bytearray(data), dtype=self.dtype)
+            for done in range(0, count, per_block):
+                size = min(per_block, count - done)
+                target = out[done: done + size] if direct else torch.empty(size, dtype=self.dtype)
+                self._pread(f.fileno(), start + done, target)
+                if not direct:
+                    out[done: done + size].copy_(target)
+
+    def _pread(self, fd: int, element: int, target: torch.Tensor) -> None:
+        """Fill the contiguous 1-D CPU tensor `target` with the stored elements from `element` on."""
+        view = memoryview(target.view(torch.uint8).numpy()).cast("B")
+        position, filled = self.offset + element * self.dtype.itemsize, 0
+        while filled < len(view):
+            got = os.preadv(fd, [view[filled:]], position + filled)
+            if got == 0:
+                raise CheckpointError(f"{self.path}: tensor {self.name!r} is cut short (file truncated)")
+            filled += got
 
 
 def read_header(path: Path) -> dict[str, StoredTensor]:
@@ -137,6 +172,12 @@ class SafetensorsSource:
     def read(self, name: str, index: Index | None = None) -> torch.Tensor:
         return self.stored[name][index]
 
+    def read_into(self, name: str, out: torch.Tensor, index: Index | None = None) -> None:
+        self.stored[name].read_into(out, index)
+
+    def read_flat_into(self, name: str, start: int, out: torch.Tensor) -> None:
+        self.stored[name].read_flat_into(start, out)
+
     def location(self, name: str) -> str:
         return str(self.stored[name].path)
 
@@ -164,6 +205,26 @@ class HFSource:
 
     def read(self, name: str, index: Index | None = None) -> torch.Tensor:
         return self.plan[name].read(self.stored.__getitem__, index)
+
+    def read_into(self, name: str, out: torch.Tensor, index: Index | None = None) -> None:
+        """Renamed tensors straight from the file; re-laid-out experts through their slice."""
+        stored = self._renamed(name)
+        if stored is not None:
+            stored.read_into(out, index)
+        else:
+            out.copy_(self.read(name, index))
+
+    def read_flat_into(self, name: str, start: int, out: torch.Tensor) -> None:
+        stored = self._renamed(name)
+        if stored is not None:
+            stored.read_flat_into(start, out)
+        else:
+            flat_range_by_rows(self, name, start, out)
+
+    def _renamed(self, name: str) -> StoredTensor | None:
+        """The stored tensor `name` is (same layout, another name), None for the expert re-layouts."""
+        plan = self.plan[name]
+        return self.stored[plan.hf_names[0]] if plan.layout == RENAME else None
 
     def location(self, name: str) -> str:
         return str(self.stored[self.plan[name].hf_names[0]].path)

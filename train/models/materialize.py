@@ -7,13 +7,12 @@ The one construction path of every backend (README "Model construction"):
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from train.models.weight_source import Index, WeightSource
+from train.models.weight_source import Index, WeightSource, read_into
 
 
 def materialize(module: nn.Module, device: torch.device | str = "cpu") -> None:
@@ -51,6 +50,7 @@ def fill(targets: Iterable[tuple[str, torch.Tensor, Callable[[], torch.Tensor]]]
 def fill_native(model: nn.Module, source: WeightSource,
                 index_of: Callable[[str], Index | None] = lambda name: None) -> None:
     """Fill a module that uses native parameter names (the reference model, DeepSpeed's wrapped copy):
-    `index_of(name)` is the slice of the full tensor this rank holds (None: all of it)."""
-    fill((name, param, functools.partial(source.read, name, index_of(name)))
-         for name, param in model.named_parameters())
+    `index_of(name)` is the slice of the full tensor this rank holds (None: all of it), read straight
+    into the parameter (read_into: one block in between, never a second copy of the slice)."""
+    for name, param in model.named_parameters():
+        read_into(source, name, param.data, index_of(name))

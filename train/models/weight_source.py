@@ -61,14 +61,68 @@ def sliced_shape(index: Index) -> tuple[int, ...]:
     return tuple(s.stop - s.start for s in index)
 
 
-def flat_range(source: WeightSource, name: str, start: int, stop: int) -> torch.Tensor:
-    """Elements [start, stop) of the flattened tensor `name`, reading only the dim-0 rows they lie in
-    (what a ZeRO-3 partition holds)."""
-    shape = source.shape(name)
+def row_blocks(shape: tuple[int, ...], rows: slice, elements: int) -> Iterator[tuple[int, int]]:
+    """(first, stop) dim-0 row ranges covering `rows`, cut at multiples of about `elements` elements of the
+    full tensor (fixed boundaries, whatever the slice: RandomInit's blocks)."""
     row = math.prod(shape[1:]) if len(shape) > 1 else 1
-    first, last = start // row, -(-stop // row)
-    rows = source.read(name, (slice(first, last),)).reshape(-1)
-    return rows[start - first * row: stop - first * row]
+    per_block = max(1, elements // row)
+    for b in range(rows.start // per_block, -(-rows.stop // per_block)):
+        yield max(rows.start, b * per_block), min(rows.stop, (b + 1) * per_block, shape[0])
+
+
+def _check_out(name: str, out: torch.Tensor, index: Index) -> None:
+    if tuple(out.shape) != sliced_shape(index):
+        raise ValueError(f"{name}: the weight source gives shape {list(sliced_shape(index))}, the model holds "
+                         f"{list(out.shape)}")
+
+
+@torch.no_grad()
+def read_into(source: WeightSource, name: str, out: torch.Tensor, index: Index | None = None) -> None:
+    """Copy `tensor[index]` of `source` into `out` (converted to out's dtype). Sources on disk write
+    straight into `out` (a 64 MB block at most in between); others give the slice one block of dim-0
+    rows at a time, so the transient is one block, never the whole slice."""
+    shape = tuple(source.shape(name))
+    index = full_index(index, shape)
+    _check_out(name, out, index)
+    direct = getattr(source, "read_into", None)
+    if direct is not None:
+        direct(name, out, index)
+    elif not shape or out.numel() == 0:
+        out.copy_(source.read(name, index))
+    else:
+        rows = index[0]
+        for first, stop in row_blocks(shape, rows, BLOCK_ELEMENTS):
+            out[first - rows.start: stop - rows.start].copy_(source.read(name, (slice(first, stop), *index[1:])))
+
+
+@torch.no_grad()
+def flat_range_into(source: WeightSource, name: str, start: int, out: torch.Tensor) -> None:
+    """Elements [start, start + out.numel()) of the flattened tensor `name` into the 1-D `out` (what a
+    ZeRO-3 partition holds), reading only the dim-0 rows they lie in, a block at a time."""
+    shape = tuple(source.shape(name))
+    stop = start + out.numel()
+    if out.dim() != 1 or stop > math.prod(shape):
+        raise ValueError(f"{name}: flat range [{start}, {stop}) into a tensor of shape {list(out.shape)}, the "
+                         f"source's tensor has {math.prod(shape)} elements")
+    direct = getattr(source, "read_flat_into", None)
+    if direct is not None:
+        direct(name, start, out)
+    else:
+        flat_range_by_rows(source, name, start, out)
+
+
+def flat_range_by_rows(source: WeightSource, name: str, start: int, out: torch.Tensor) -> None:
+    """flat_range_into through `source.read` of one block of dim-0 rows at a time."""
+    shape = tuple(source.shape(name))
+    stop = start + out.numel()
+    if not shape or out.numel() == 0:
+        out.copy_(source.read(name).reshape(-1)[start:stop])
+        return
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    for first, last in row_blocks(shape, slice(start // row, -(-stop // row)), BLOCK_ELEMENTS):
+        lo, hi = max(start, first * row), min(stop, last * row)
+        block = source.read(name, (slice(first, last),)).reshape(-1)
+        out[lo - start: hi - start].copy_(block[lo - first * row: hi - first * row])
 
 
 def check_source_fits(source: WeightSource, cfg: ModelConfig, where: str) -> None:
@@ -138,14 +192,14 @@ class RandomInit:
     def _blocks(self, name: str, rows: slice) -> Iterator[tuple[torch.Tensor, int, int]]:
         """(block of rows, first wanted row in it, stop) for every row block overlapping `rows`."""
         shape = self.shapes[name]
-        row = math.prod(shape[1:]) if len(shape) > 1 else 1
-        per_block = max(1, BLOCK_ELEMENTS // row) if len(shape) > 1 else BLOCK_ELEMENTS
-        for b in range(rows.start // per_block, -(-rows.stop // per_block)):
+        per_block = max(1, BLOCK_ELEMENTS // (math.prod(shape[1:]) if len(shape) > 1 else 1))
+        for first, stop in row_blocks(shape, rows, BLOCK_ELEMENTS):
+            b = first // per_block
             begin = b * per_block
             count = min(per_block, shape[0] - begin)
             generator = torch.Generator().manual_seed(_block_seed(self.seed, name, b))
             block = torch.empty((count, *shape[1:])).normal_(0.0, self.std, generator=generator)
-            yield block, max(rows.start, begin) - begin, min(rows.stop, begin + count) - begin
+            yield block, first - begin, stop - begin
 
 
 def _block_seed(seed: int, name: str, block: int) -> int:

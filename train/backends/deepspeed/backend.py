@@ -26,6 +26,7 @@ from train.checkpoint_files import WrittenFile, save_hashed
 from train.backends.deepspeed.config import check_layout, deepspeed_config
 from train.backends.deepspeed.experts import ExpertParallelism
 from train.backends.deepspeed.module import LossModule
+from train.backends.deepspeed.partition import build_partitioned
 from train.backends.deepspeed.reshard import load_resharded, saved_partitions
 from train.backends.deepspeed.weights import iter_native, load_weights
 from train.config.schema import TrainConfig
@@ -60,9 +61,9 @@ def _consecutive_groups(size: int) -> dist.ProcessGroup | None:
 class DeepSpeedBackend:
     """Backend protocol (train/backends/base.py) on a DeepSpeed engine.
 
-    Construction (README "Model construction"): ZeRO-3 builds the model under deepspeed.zero.Init, so every
-    parameter is partitioned as its module is created, and each rank fills only its partitions from the
-    weight source. ZeRO 0-2 replicate the parameters by design: the model is built on the meta device,
+    Construction (README "Model construction"): ZeRO-3 builds the model on the meta device and gives every
+    parameter only this rank's ZeRO-3 partition (partition.py), which it fills straight from the weight
+    source. ZeRO 0-2 replicate the parameters by design: the model is built on the meta device,
     this rank's experts cut out (expert parallelism), then allocated and filled. `weights` defaults to the
     random initialisation RandomInit(cfg.model, cfg.seed)."""
 
@@ -107,14 +108,11 @@ class DeepSpeedBackend:
 
     def _build_model(self, ds_config: dict, weights: WeightSource) -> Qwen3VLModel:
         """This rank's model, filled from `weights` (whose names and shapes are checked first)."""
-        import deepspeed
-
         cfg = self.cfg
         zero3 = cfg.backend.zero_stage == 3
         check_source_fits(weights, cfg.model, "initial weights")
-        if zero3:  # no expert parallelism under ZeRO-3 (check_layout)
-            with deepspeed.zero.Init(config_dict_or_path=ds_config):
-                model = Qwen3VLModel(cfg.model, initialize=False)
+        if zero3:  # no expert parallelism under ZeRO-3 (check_layout); partitions only, filled below
+            model = build_partitioned(lambda: Qwen3VLModel(cfg.model), ds_config)
             self.experts = None
         else:
             with torch.device("meta"):

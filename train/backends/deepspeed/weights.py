@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 import torch.distributed as dist
 
-from train.models.materialize import fill, fill_native
+from train.models.materialize import fill_native
 from train.models.qwen3vl import Qwen3VLModel
-from train.models.weight_source import WeightSource, flat_range
+from train.models.weight_source import WeightSource, flat_range_into, read_into
 
 if TYPE_CHECKING:
     from train.backends.deepspeed.experts import ExpertParallelism
@@ -54,22 +54,24 @@ def iter_native(model: Qwen3VLModel, zero3: bool, experts: "ExpertParallelism | 
 
 def load_weights(model: Qwen3VLModel, source: WeightSource, zero3: bool,
                  experts: "ExpertParallelism | None") -> None:
-    """Fill this rank's share of the model from `source`, reading only that share: under ZeRO-3 each
-    parameter's own partition (a flat range of the tensor), with expert parallelism the rank's experts,
-    otherwise (ZeRO 0-2 replicate parameters by design) every tensor. Every rank calls it."""
+    """Fill this rank's share of the model from `source`, reading only that share straight into it: under
+    ZeRO-3 each parameter's own partition (a flat range of the tensor; no gather, no collective), with
+    expert parallelism the rank's experts, otherwise (ZeRO 0-2 replicate parameters by design) every
+    tensor. Every rank calls it."""
     if not zero3:
         fill_native(model, source, lambda name: experts.local_index(name) if experts is not None else None)
         return
-    fill((name, *_partition(param, source, name)) for name, param in model.named_parameters())
     for name, param in model.named_parameters():
+        start, stop = partition_range(param)
+        flat_range_into(source, name, start, param.ds_tensor.narrow(0, 0, stop - start))
         if param.numel() and getattr(param, "ds_persist", False):  # a persistent, already gathered copy
-            with torch.no_grad():
-                param.data.copy_(source.read(name))
+            read_into(source, name, param.data)
 
 
-def _partition(param: torch.Tensor, source: WeightSource, name: str):
-    """(this rank's ZeRO-3 partition tensor, a reader of the flat element range of the full tensor it holds)."""
+def partition_range(param: torch.Tensor) -> tuple[int, int]:
+    """[start, stop) of the flattened full tensor that this rank's ZeRO-3 partition holds: DeepSpeed pads
+    the flattened tensor to a multiple of the group size and gives rank r the r-th equal part
+    (partition_parameters.py `_partition_param`); the padding (last ranks) holds no element."""
     size = param.ds_tensor.ds_numel
     start = dist.get_rank(param.ds_process_group) * size
-    stop = max(start, min(start + size, param.ds_numel))
-    return param.ds_tensor.narrow(0, 0, stop - start), lambda: flat_range(source, name, start, stop)
+    return start, max(start, min(start + size, param.ds_numel))

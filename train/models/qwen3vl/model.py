@@ -46,9 +46,8 @@ def sequential_positions(cu_seqlens: torch.Tensor, offset: int = 0) -> torch.Ten
 
 
 class Qwen3VLModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, initialize: bool = True) -> None:
-        """`initialize=False` leaves the weights to the caller (e.g. built under deepspeed.zero.Init and
-        filled partition by partition); a meta-device build is never initialised."""
+    def __init__(self, cfg: ModelConfig) -> None:
+        """A meta-device build is never initialised (the backends fill what each rank holds)."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -60,7 +59,7 @@ class Qwen3VLModel(nn.Module):
         # the run's choice (train/backends/megatron/layout.py aux_loss_form).
         self.aux_loss_form = "pooled"
         self.tie_weights()
-        if initialize and self.lm_head.weight.device.type != "meta":
+        if self.lm_head.weight.device.type != "meta":
             self.init_weights()
 
     # ----------------------------------------------------------------------------------------- set-up
