@@ -210,8 +210,11 @@ GENERATORS: dict[str, tuple[str, Callable[[random.Random], tuple[dict[str, bytes
     "video": ("video", video_sample), "needle": ("video", needle_sample),
     **{name: ("video", functools.partial(needle_sample, seconds=seconds, sample_fps=1.0))
        for name, seconds in NEEDLE_SECONDS.items()}}
-# Samples per data set at --scale 1: the demo corpus (about 4 MB) and the needle-heavy one.
-PRESETS = {"demo": BASE_COUNTS, "needle": {"caption": 400, "needle_short": 800, "needle_mid": 400, "needle_long": 400}}
+# Samples per data set at --scale 1: the demo corpus (about 4 MB), the needle-heavy one, and a small needle
+# corpus for quick checks (tests/e2e/test_needle.py): enough captions and short haystacks for the first two
+# stages to learn to find the needle, few of the long haystacks that take most of the build time.
+PRESETS = {"demo": BASE_COUNTS, "needle": {"caption": 400, "needle_short": 800, "needle_mid": 400, "needle_long": 400},
+           "needle_small": {"caption": 100, "needle_short": 200, "needle_mid": 20, "needle_long": 20}}
 
 
 def _samples(name: str, count: int, seed: int) -> Iterator[tuple[str, dict[str, bytes], str]]:
@@ -263,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards-per-set", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                        help="demo: every data set; needle: captions + short and long needle haystacks")
+                        help="demo: every data set; needle: captions + short and long needle haystacks; "
+                             "needle_small: the same with a quarter of the captions and short haystacks and "
+                             "1/20 of the long ones")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     manifest = make_corpus(args.out, args.seed, args.scale, args.shards_per_set, args.vocab_size, args.preset)
