@@ -43,7 +43,7 @@ def _tensor_copy(tensor: torch.Tensor, reuse: Any) -> torch.Tensor:
             and reuse.stride() == tensor.stride() and reuse.device.type == "cpu"):
         return reuse.copy_(tensor)
     if tensor.device.type == "cuda":  # pinned host memory: the D2H copy runs at full PCIe speed
-        return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+        return torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor)
     return tensor.to("cpu", copy=True)
 
 
