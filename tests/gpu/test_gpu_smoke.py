@@ -80,3 +80,16 @@ def test_uint8_pixels_normalised_on_the_gpu_equal_the_cpu_bits() -> None:
     on_gpu = normalize_pixels(pixels.cuda(), mean, std)
     assert on_gpu.device.type == "cuda"
     assert torch.equal(on_gpu.cpu(), normalize_pixels(pixels, mean, std))
+
+
+def test_snapshot_of_cuda_state_is_pinned_and_refilled() -> None:
+    from train.backends.snapshot import SnapshotBuffers
+
+    buffers = SnapshotBuffers()
+    live = {"w": torch.randn(64, 32, device="cuda"), "e": torch.randn(1, 32, device="cuda").expand(8, 32)}
+    first = buffers.copy("f", live)
+    assert first["w"].is_pinned() and first["e"].is_pinned() and first["e"].is_contiguous()
+    live["w"].add_(1.0)
+    second = buffers.copy("f", live)
+    assert second["w"].data_ptr() == first["w"].data_ptr() and torch.equal(second["w"], live["w"].cpu())
+    assert torch.equal(second["e"], live["e"].cpu())
