@@ -20,8 +20,8 @@ Memory per GPU (worst pipeline stage), P = parameters this GPU holds, T = its tr
              (a tied head is copied there when pp > 1); decoder layers as megatron-core places them
              (train/backends/megatron/layout.py: even, or parallel.first/last_stage_layers; the search
              gives the first and last stage fewer layers when pp does not divide them, 94/8 -> 11,12x6,11).
-             LLM matrices / tp; ViT, mergers, norms, biases, routers replicated (the megatron backend runs
-             the reference ViT unsplit); routed experts / (ep x expert_tp).
+             LLM, ViT and merger matrices / tp (train/backends/megatron/vision_tp.py); norms, row-parallel
+             biases, routers, patch embedding, position table replicated; routed experts / (ep x expert_tp).
   weights    2 B x P (bf16); DeepSpeed ZeRO-3: / shard
   grads      Megatron 4 B x T (fp32 main_grad buffer); DeepSpeed 2 B x T (bf16), ZeRO-2/3: / shard
   optimizer  12 B x T (fp32 master copy + Adam m + v); distributed optimizer or ZeRO >= 1: / shard

@@ -7,9 +7,10 @@ parallelism:
 
   place  "vision" (ViT + mergers: first pipeline stage), "embed" (first stage), "head" (last stage),
          "layer" (decoder layer i), "final_norm" (last stage)
-  split  "tp" (LLM matrices: column/row split over tensor parallel ranks), "rep" (the vision tower and
-         mergers, which the megatron backend runs unsplit; norm weights, biases, routers: replicated over
-         TP), "expert" (routed experts: split over the expert parallel x expert tensor parallel ranks)
+  split  "tp" (LLM matrices and the ViT / merger linear layers: column/row split over tensor parallel
+         ranks, train/backends/megatron/vision_tp.py), "rep" (norm weights, row-parallel biases, routers,
+         the patch embedding and position table: replicated over TP), "expert" (routed experts: split over
+         the expert parallel x expert tensor parallel ranks)
   group  the stage-freezing group of train/freeze.py (vision / merger / llm)
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from train.backends.megatron.vision_tp import vision_split
 from train.config.model import ModelConfig
 from train.freeze import param_group
 from train.models.native_io import EMBED, LM_HEAD, expected_native_shapes
@@ -70,9 +72,10 @@ def _place(name: str) -> str:
 def _split(name: str, shape: tuple[int, ...]) -> str:
     if ".mlp.experts." in name:
         return "expert"
-    # Routers (mlp.gate) are replicated in Megatron; so are all 1-D tensors (norms, biases) and the vision
-    # tower (the reference module, reused unsplit on the first stage).
-    if len(shape) == 1 or name.endswith(".mlp.gate.weight") or name.startswith("visual."):
+    if name.startswith("visual."):  # the megatron backend's vision TP table
+        return "rep" if vision_split(name) is None else "tp"
+    # Routers (mlp.gate) are replicated in Megatron; so are all 1-D tensors (norms, biases).
+    if len(shape) == 1 or name.endswith(".mlp.gate.weight"):
         return "rep"
     return "tp"
 

@@ -1,5 +1,5 @@
 """The native <-> megatron weight map (train/backends/megatron/weights.py) without megatron: layouts of the
-fused QKV and SwiGLU tensors, TP shards that reassemble exactly, expert slices, and a whole-model round
+fused QKV and SwiGLU tensors (and the ViT's fused qkv), TP shards that reassemble exactly, expert slices, and a whole-model round
 trip native -> per-rank megatron shards (TP=2 x EP=2) -> native that is the identity."""
 from __future__ import annotations
 
@@ -44,7 +44,14 @@ def test_glu_shards_hold_their_part_of_gate_and_up():
     ("decoder.layers.1.mlp.experts.local_experts.1.linear_fc2.weight",
      ("language_model.layers.3.mlp.experts.down_proj",), "expert", 1),
     ("embedding.word_embeddings.weight", ("language_model.embed_tokens.weight",), "copy", 0),
-    ("visual.blocks.0.attn.qkv.weight", ("visual.blocks.0.attn.qkv.weight",), "copy", None),
+    ("visual.blocks.0.attn.qkv.weight", ("visual.blocks.0.attn.qkv.weight",), "vit_qkv", 0),
+    ("visual.blocks.0.attn.proj.weight", ("visual.blocks.0.attn.proj.weight",), "copy", 1),
+    ("visual.blocks.0.attn.proj.bias", ("visual.blocks.0.attn.proj.bias",), "copy", None),
+    ("visual.deepstack_merger_list.1.linear_fc1.bias", ("visual.deepstack_merger_list.1.linear_fc1.bias",),
+     "copy", 0),
+    ("visual.merger.linear_fc2.weight", ("visual.merger.linear_fc2.weight",), "copy", 1),
+    ("visual.merger.norm.weight", ("visual.merger.norm.weight",), "copy", None),
+    ("visual.patch_embed.proj.weight", ("visual.patch_embed.proj.weight",), "copy", None),
 ])
 def test_rules_name_native_tensors_with_stage_offsets(name, natives, kind, dim):
     rule = rule_for(name, tiny_moe_config(), layer_offset=2, expert_offset=2)
@@ -53,8 +60,18 @@ def test_rules_name_native_tensors_with_stage_offsets(name, natives, kind, dim):
         assert rule.expert == 3
 
 
+def test_vision_qkv_shards_hold_their_heads_of_q_k_and_v():
+    rule = rule_for("visual.blocks.0.attn.qkv.weight", tiny_moe_config())
+    q, k, v = (base + torch.arange(8.0)[:, None] for base in (0, 100, 200))  # 4 heads of 2 rows each
+    full = torch.cat([q, k, v])
+    pieces = [shard(rule, full, r, 2) for r in range(2)]
+    assert torch.equal(pieces[1], torch.cat([q[4:], k[4:], v[4:]]))
+    assert torch.equal(unshard(rule, pieces), full)
+
+
 def _megatron_names(cfg, coords: ShardCoords, layers: range, experts_per_rank: int) -> list[str]:
     names = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]
+    names += [name for name in Qwen3VLModel(cfg).state_dict() if name.startswith("visual.")]
     for j, i in enumerate(layers):
         base = f"decoder.layers.{j}."
         names += [base + n for n in ("input_layernorm.weight", "pre_mlp_layernorm.weight",
@@ -72,7 +89,7 @@ def _megatron_names(cfg, coords: ShardCoords, layers: range, experts_per_rank: i
 def test_tp2_ep2_shards_round_trip_to_the_native_state_dict():
     cfg = tiny_moe_config()
     torch.manual_seed(0)
-    state = {k: v for k, v in Qwen3VLModel(cfg).state_dict().items() if k.startswith("language_model.")}
+    state = {k: v for k, v in Qwen3VLModel(cfg).state_dict().items() if k.startswith(("language_model.", "visual."))}
     back = {}
     for ep_rank in range(2):
         per_tp = []
@@ -94,7 +111,8 @@ def test_random_init_pieces_read_by_slices_equal_the_pieces_of_the_full_tensors(
     the TP=1 tensors (so every layout starts from the same weights)."""
     cfg = tiny_moe_config()
     source = RandomInit(cfg, seed=9)
-    full_state = {name: source.read(name) for name in source.names() if name.startswith("language_model.")}
+    full_state = {name: source.read(name) for name in source.names()
+                  if name.startswith(("language_model.", "visual."))}
     per_rank = cfg.text.num_experts // ep
     for ep_rank in range(ep):
         for tp_rank in range(tp):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from train.config.model import ConfigError, ModelConfig
+from train.backends.megatron.vision_tp import check_vision_tp
 
 PRECISIONS = ("fp32", "bf16")
 AUX_LOSS_FORMS = ("pooled", "per_layer")
@@ -153,6 +154,7 @@ def check_layout(model_cfg: ModelConfig, sizes: ParallelSizes, precision: str = 
                         f"{text.num_attention_heads} and num_key_value_heads={text.num_key_value_heads}")
     if text.vocab_size % sizes.tp:
         problems.append(f"parallel.tp={sizes.tp} must divide model.text.vocab_size={text.vocab_size}")
+    problems += check_vision_tp(model_cfg.vision, sizes.tp)
     try:
         counts = stage_layer_counts(text.num_hidden_layers, sizes.pp, sizes.first, sizes.last)
         if counts[0] < deepstack:

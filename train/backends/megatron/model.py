@@ -8,7 +8,8 @@
   CP, else `ContextParallelAttention`: the only local attention that honours packed-document boundaries
   (cu_seqlens) and the load-balanced CP split of the whole packed sequence.
 - Vision tower and mergers: the reference model's own `VisionTower` module (reused, not rebuilt), on the
-  first pipeline stage, with the reference `embed` placing the features at the placeholders.
+  first pipeline stage, with the reference `embed` placing the features at the placeholders; its linear
+  layers tensor-parallel over the TP group (train/backends/megatron/vision_tp.py).
 - DeepStack: features added at the visual positions after the first k decoder layers of the first stage.
 - Interleaved MRoPE: angles computed with the reference rope helpers and handed to every layer as
   `rotary_pos_emb` (megatron's own mrope is the contiguous Qwen2-VL layout; its `rotary_interleaved` is
@@ -48,6 +49,7 @@ from train.backends.megatron.cp_attention import ContextParallelAttention
 from train.backends.megatron.cpu_compat import SequenceParallelTorchNorm
 from train.backends.megatron.fast_path import LOCAL_PATH, MegatronPath, config_options, packed_seq_params
 from train.backends.megatron.parallel_state import ParallelSizes, config_kwargs
+from train.backends.megatron.vision_tp import parallelize_vision, vision_sharded_state_dict
 from train.config.model import ModelConfig
 from train.models.qwen3vl import Qwen3VLModel
 from train.models.qwen3vl.common import maybe_checkpoint
@@ -155,7 +157,7 @@ class MegatronQwen3VL(LanguageModule):
         if pre_process:
             if visual is None:
                 raise ValueError("the first pipeline stage needs the vision tower")
-            self.visual = visual
+            self.visual = parallelize_vision(visual, mpu.get_tensor_model_parallel_world_size())
             # Only its vocab-parallel word embedding is used: the vision merge must come before any split.
             self.embedding = LanguageModelEmbedding(config, text.vocab_size, text.max_position_embeddings,
                                                     position_embedding_type="none",
@@ -191,6 +193,14 @@ class MegatronQwen3VL(LanguageModule):
                     self._router_sink.append(rows.reshape(-1, rows.shape[-1]))
                 return logits
             router.gating = tapped
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> dict:
+        """megatron's, with the vision tower's TP shards (megatron would file a plain module as replicated)."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.pre_process:
+            state.update(vision_sharded_state_dict(self.visual, f"{prefix}visual.", sharded_offsets, metadata))
+        return state
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor] | None) -> None:
         """The pipeline schedule hands a non-first stage its input activations here."""

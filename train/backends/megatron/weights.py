@@ -9,8 +9,11 @@ Each megatron parameter has a `Rule`: which native tensors it is made of and how
                not a contiguous block. The MoE experts' native gate_up_proj rows are the same [gate; up].
   experts      native stacks experts on dim 0 (experts.gate_up_proj [E, 2I, H], down_proj [E, H, I]);
                megatron holds `local_experts.{e}` for this EP rank's experts only.
+  vision       same names as native; the ViT and mergers' linear layers are TP-split as
+               train/backends/megatron/vision_tp.py `vision_split` says; the fused ViT qkv ("vit_qkv") holds
+               the rank's heads of each of q, k and v, [q_r; k_r; v_r], not a contiguous block.
 Everything else is a renamed tensor, split along its TP dim (row-parallel: 1, column/vocab-parallel: 0) or
-replicated (norms, router, the vision tower).
+replicated (norms, router, the rest of the vision tower).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from torch import nn
 
 from train.config.model import ModelConfig
 from train.device import comm_empty, on_group_device
+from train.backends.megatron.vision_tp import QKV, merge_qkv_pieces, qkv_rows, vision_split
 from train.models.materialize import fill
 from train.models.weight_source import WeightSource
 
@@ -52,7 +56,7 @@ class Rule:
     """How one megatron parameter is made of native tensors."""
 
     natives: tuple[str, ...]
-    kind: str = "copy"  # copy | qkv (natives q, k, v) | glu (natives gate, up) | expert_glu | expert
+    kind: str = "copy"  # copy | qkv (natives q, k, v) | glu (natives gate, up) | expert_glu | expert | vit_qkv
     tp_dim: int | None = None  # dim split over the (expert) tensor-parallel group; None: replicated
     expert: int | None = None  # global expert index (expert kinds)
 
@@ -69,7 +73,10 @@ def rule_for(name: str, cfg: ModelConfig, layer_offset: int = 0, expert_offset: 
     """The rule of megatron parameter `name` (unwrapped model) on a stage whose first layer is global layer
     `layer_offset` and whose first local expert is global expert `expert_offset`."""
     if name.startswith("visual."):
-        return Rule((name,))
+        split = vision_split(name)
+        if split is None:
+            return Rule((name,))
+        return Rule((name,), kind="vit_qkv" if split[0] == QKV else "copy", tp_dim=split[1])
     if name == "embedding.word_embeddings.weight":
         return Rule(("language_model.embed_tokens.weight",), tp_dim=0)
     if name == "output_layer.weight":
@@ -142,6 +149,8 @@ def shard(rule: Rule, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
         return full
     if rule.is_glu:  # [gate; up] -> [gate_r; up_r]
         return torch.cat([half.chunk(size, dim=0)[rank] for half in full.chunk(2, dim=0)], dim=0)
+    if rule.kind == "vit_qkv":  # [q; k; v] -> [q_r; k_r; v_r]
+        return torch.cat([full[rows] for rows in qkv_rows(full.shape[0], size, rank)])
     return full.chunk(size, dim=rule.tp_dim)[rank]
 
 
@@ -152,6 +161,8 @@ def unshard(rule: Rule, pieces: list[torch.Tensor]) -> torch.Tensor:
     if rule.is_glu:
         halves = [p.chunk(2, dim=0) for p in pieces]
         return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])], dim=0)
+    if rule.kind == "vit_qkv":
+        return merge_qkv_pieces(pieces)
     return torch.cat(pieces, dim=rule.tp_dim)
 
 
@@ -206,6 +217,8 @@ def read_local(rule: Rule, source: WeightSource, cfg: ModelConfig, coords: Shard
                           for name in rule.natives])
     name = rule.natives[0]
     shape = source.shape(name)
+    if rule.kind == "vit_qkv":  # this rank's heads of each of q, k and v
+        return torch.cat([source.read(name, (rows,)) for rows in qkv_rows(shape[0], size, rank)])
     if rule.kind == "expert_glu":  # rows [gate; up] of one expert, each half cut over expert-TP
         half = shape[1] // 2
         rows = chunk_slice(half, size, rank)
@@ -247,7 +260,7 @@ def gather_tp(tensor: torch.Tensor, rule: Rule, size: int, group: dist.ProcessGr
     # head, the largest tensors) it is already the full tensor, so no second full-size copy is made.
     gathered = tensor.new_empty((size * tensor.shape[0], *tensor.shape[1:]))
     dist.all_gather_into_tensor(gathered, tensor, group=group)
-    if rule.tp_dim == 0 and not rule.is_glu:
+    if rule.tp_dim == 0 and not rule.is_glu and rule.kind != "vit_qkv":
         return gathered
     return unshard(rule, list(gathered.chunk(size)))
 
