@@ -6,6 +6,8 @@ step's loss within 1e-5 relative, parameters after 3 steps within 1e-5.
   dp: DP=2, megatron DDP + distributed optimizer (finalize_model_grads reduces the grads)
   tp: TP=2 + sequence parallel (torch norms tagged sequence_parallel, grads all-reduced over TP)
   pp: PP=2, 1F1B over 2 micro-batches through get_forward_backward_func
+  vpp: PP=2 x VPP=2 (4 layers, 2 model chunks per rank at megatron's layer offsets), the interleaved 1F1B
+       schedule, one DDP per chunk and one optimizer over both
   cp: CP=2, ContextParallelAttention on packed sequences (documents cut by the load-balanced chunks)
   ep: EP=2, MoE GPT with the all-to-all token dispatcher
 and ContextParallelAttention alone (GQA, packed and batched): output and q/k/v grads within 1e-5 of one
@@ -22,7 +24,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-LABELS = {"dp": "dp2+distopt", "tp": "tp2+sp", "pp": "pp2 1f1b", "cp": "cp2 packed", "ep": "ep2 moe alltoall"}
+LABELS = {"dp": "dp2+distopt", "tp": "tp2+sp", "pp": "pp2 1f1b", "vpp": "pp2 vpp2 interleaved", "cp": "cp2 packed", "ep": "ep2 moe alltoall"}
 
 
 def run_megatron_program(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -28,13 +28,14 @@ def tiny_config(**overrides):
     return TransformerConfig(**base)
 
 
-def build_gpt(config, layer_spec=None, pre_process: bool = True, post_process: bool = True):
+def build_gpt(config, layer_spec=None, pre_process: bool = True, post_process: bool = True,
+              vp_stage: int | None = None):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = layer_spec if layer_spec is not None else get_gpt_layer_local_spec()
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ * 4,
-                    pre_process=pre_process, post_process=post_process)
+                    pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
 
 
 def random_batches(steps: int, batch: int, seq: int = SEQ, seed: int = 7) -> list[dict]:
@@ -105,27 +106,32 @@ def local_slice(param: torch.Tensor, full: torch.Tensor, tp_rank: int, tp_size: 
     return full
 
 
-def shard_offsets(model, num_layers_total: int) -> tuple[int, int, int, int]:
+def shard_offsets(model, num_layers_total: int, layer_offset: int | None = None) -> tuple[int, int, int, int]:
+    """(layer offset, expert offset, tp rank, tp size); `layer_offset` overrides the even PP split's (a
+    virtual-pipeline chunk's offset is megatron's get_transformer_layer_offset)."""
     from megatron.core import parallel_state as mpu
 
-    pp_rank, pp_size = mpu.get_pipeline_model_parallel_rank(), mpu.get_pipeline_model_parallel_world_size()
-    layer_offset = pp_rank * (num_layers_total // pp_size)
+    if layer_offset is None:
+        pp_rank, pp_size = mpu.get_pipeline_model_parallel_rank(), mpu.get_pipeline_model_parallel_world_size()
+        layer_offset = pp_rank * (num_layers_total // pp_size)
     cfg = model.config
     experts = getattr(cfg, "num_moe_experts", None) or 0
     expert_offset = mpu.get_expert_model_parallel_rank() * (experts // mpu.get_expert_model_parallel_world_size())
     return layer_offset, expert_offset, mpu.get_tensor_model_parallel_rank(), mpu.get_tensor_model_parallel_world_size()
 
 
-def load_full_weights(model, full: dict[str, torch.Tensor], num_layers_total: int) -> None:
-    layer_off, expert_off, tp_rank, tp_size = shard_offsets(model, num_layers_total)
+def load_full_weights(model, full: dict[str, torch.Tensor], num_layers_total: int,
+                      layer_offset: int | None = None) -> None:
+    layer_off, expert_off, tp_rank, tp_size = shard_offsets(model, num_layers_total, layer_offset)
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(local_slice(param, full[full_name(name, layer_off, expert_off)], tp_rank, tp_size))
 
 
-def max_param_diff(model, full: dict[str, torch.Tensor], num_layers_total: int) -> float:
+def max_param_diff(model, full: dict[str, torch.Tensor], num_layers_total: int,
+                   layer_offset: int | None = None) -> float:
     """Largest |param - reference| over this rank's shard, then over all ranks."""
-    layer_off, expert_off, tp_rank, tp_size = shard_offsets(model, num_layers_total)
+    layer_off, expert_off, tp_rank, tp_size = shard_offsets(model, num_layers_total, layer_offset)
     worst = 0.0
     for name, param in model.named_parameters():
         ref = local_slice(param, full[full_name(name, layer_off, expert_off)], tp_rank, tp_size)

@@ -1,4 +1,4 @@
-"""torchrun program: megatron parallelisms (dp | tp | pp | cp | ep) on 2 ranks vs the same GPT on 1 process,
+"""torchrun program: megatron parallelisms (dp | tp | pp | vpp | cp | ep) on 2 ranks vs the same GPT on 1 process,
 and ContextParallelAttention alone (cp_attn). Usage: megatron_parallel.py <mode>...
 
 Phase 1 trains the single-process reference on every rank (all parallel sizes 1, no communication: plain
@@ -41,8 +41,10 @@ def forward_step(data_iterator, model):
     return output, loss_func
 
 
-def train_parallel(chunks, optimizer, steps: list[list[dict]]):
-    """Megatron's own training step; returns per step (global mean loss, grad norm)."""
+def train_parallel(chunks, optimizer, steps: list[list[dict]], vpp: int = 1):
+    """Megatron's own training step; returns per step (global mean loss, grad norm). With virtual pipeline
+    stages the interleaved schedule wants one data iterator per model chunk (only the first and last chunk
+    read theirs: each gets its own iterator over the same micro-batches)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     out = []
@@ -52,7 +54,8 @@ def train_parallel(chunks, optimizer, steps: list[list[dict]]):
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         reports = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(microbatches), model=chunks,
+            forward_step_func=forward_step, model=chunks,
+            data_iterator=[iter(microbatches) for _ in chunks] if vpp > 1 else iter(microbatches),
             num_microbatches=len(microbatches), seq_length=microbatches[0]["tokens"].shape[1],
             micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=False)
         _, grad_norm, _ = optimizer.step()
@@ -98,6 +101,37 @@ def run_layout(failures, label, sizes, config_kwargs, ref_spec, spec, full_batch
     optimizer = mc.megatron_optimizer([ddp], distributed_optimizer)
     results = train_parallel([ddp], optimizer, local_steps)
     compare(failures, label, results, ref_losses, ref_norms, mc.max_param_diff(model, final, config.num_layers))
+    destroy_parallel_groups()
+
+
+def run_vpp(failures):
+    """PP=2 x VPP=2 (megatron's interleaved 1F1B): 4 layers, each rank builds one GPT chunk per virtual stage
+    (vp_stage v of pipeline rank p holds global layer 2v + p), one DDP per chunk, one optimizer over all."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    layers, vpp = 4, 2
+    batches = mc.random_batches(STEPS, batch=4)
+    local = [[rows(b, 0, 2), rows(b, 2, 4)] for b in batches]  # 2 micro-batches = pp: one group per vp stage
+    initial, final, ref_losses, ref_norms = reference_phase({"num_layers": layers}, None, batches)
+    sizes = init_parallel_groups(ParallelSizes(pp=2), virtual_pipeline_size=vpp)
+    config = mc.tiny_config(num_layers=layers, virtual_pipeline_model_parallel_size=vpp,
+                            **parallel_config_kwargs(sizes))
+    chunks, offsets = [], []
+    for stage in range(vpp):
+        model = mc.build_gpt(config, pre_process=mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                             post_process=mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                             vp_stage=stage)
+        offsets.append(get_transformer_layer_offset(config, vp_stage=stage))
+        mc.load_full_weights(model, initial, layers, layer_offset=offsets[-1])
+        chunks.append(mc.wrap_ddp(config, model, False))
+    if dist.get_rank() == 0:
+        print(f"pp2 vpp2 rank-0 chunk layer offsets {offsets}", flush=True)
+    optimizer = mc.megatron_optimizer(chunks, False)
+    results = train_parallel(chunks, optimizer, local, vpp=vpp)
+    diff = max(mc.max_param_diff(chunk.module, final, layers, layer_offset=offset)
+               for chunk, offset in zip(chunks, offsets))
+    compare(failures, "pp2 vpp2 interleaved", results, ref_losses, ref_norms, diff)
     destroy_parallel_groups()
 
 
@@ -248,7 +282,8 @@ def run_cp_attention(failures):
     destroy_parallel_groups()
 
 
-MODES = {"dp": run_dp, "tp": run_tp, "pp": run_pp, "ep": run_ep, "cp": run_cp, "cp_attn": run_cp_attention}
+MODES = {"dp": run_dp, "tp": run_tp, "pp": run_pp, "ep": run_ep, "cp": run_cp, "cp_attn": run_cp_attention,
+         "vpp": run_vpp}
 
 
 def main() -> None:
