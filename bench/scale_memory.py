@@ -160,7 +160,8 @@ def worker(layout: str, name: str, hf_dir: str, export_dir: str, out: str) -> No
         with PeakMemory() as peak:
             model = build(self, *args)
         figures["build_extra_mib"] = peak.extra_mib
-        figures["local_param_mib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        held = [getattr(p, "ds_tensor", p) for p in model.parameters()]  # ZeRO-3: the partition
+        figures["local_param_mib"] = sum(t.numel() * t.element_size() for t in held) / 2**20
         dist.barrier()
         if layout in EXPORTED:
             with PeakMemory() as peak:

@@ -24,6 +24,7 @@ from train.backends.base import Backend
 from train.checkpoint import StageDir, barrier, latest_kept, rank
 from train.config.model import ConfigError
 from train.config.schema import TrainConfig
+from train.models.weight_source import WeightSource
 from train.trainer import (
     Preempted, StageResult, StageRuntime, TrainingStopped, build_stage_loader, train_stage,
 )
@@ -38,12 +39,13 @@ def default_runtime() -> StageRuntime:
     return StageRuntime(build_backend=build_stage_backend, build_loader=build_stage_loader)
 
 
-def build_stage_backend(cfg: TrainConfig) -> Backend:
-    """The configured backend (randomly initialised; the trainer then resumes or loads stage.init_from),
-    the stage's frozen groups frozen by name before its optimizer exists."""
+def build_stage_backend(cfg: TrainConfig, weights: WeightSource | None = None) -> Backend:
+    """The configured backend filled from `weights` (the trainer passes stage.init_from's; None: the random
+    initialisation, which a resumed checkpoint then overwrites), the stage's frozen groups frozen by name
+    before its optimizer exists."""
     from train.backends import build_backend
 
-    return build_backend(cfg)
+    return build_backend(cfg, weights)
 
 
 def run_pipeline(configs: Sequence[TrainConfig], runtime: StageRuntime | None = None) -> int:

@@ -32,6 +32,7 @@ from train.checkpoint_save import Checkpointer
 from train.config.schema import TrainConfig
 from train.device import comm_tensor, compute_device
 from train.fast_path import describe as describe_run_path
+from train.models.weight_source import WeightSource
 from train.metrics import MetricsLogger, StepTimer, global_data_counts, make_record, read_history
 from train.parallel.vision_balance import balance_micro_batches
 
@@ -78,7 +79,8 @@ class StageResult:
 class StageRuntime:
     """What the loop needs besides the config; tests replace the factories with stand-ins."""
 
-    build_backend: Callable[[TrainConfig], Backend]
+    # (cfg, initial weights or None for the random initialisation) -> backend
+    build_backend: Callable[[TrainConfig, WeightSource | None], Backend]
     # (cfg, ParallelInfo, seed) -> resumable loader: an iterable of PackedBatch with state_dict(),
     # load_state_dict() and stats() (counters per data set, see data.loader.StreamingLoader.stats)
     build_loader: Callable[[TrainConfig, Any, int], Any]
@@ -100,10 +102,14 @@ def train_stage(cfg: TrainConfig, runtime: StageRuntime) -> StageResult:
     if stage_dir.is_done():
         return StageResult.load(stage_dir.summary)
     seed_everything(cfg.seed)  # the same initial weights on every rank and in every run
-    backend = runtime.build_backend(cfg)
+    latest = resume_checkpoint(stage_dir)
+    # A fresh stage with init_from is built from those weights directly (never randomly initialised first);
+    # a resumed one from the random initialisation, which its checkpoint then overwrites.
+    initial = read_model_dir(cfg.stage.init_from, cfg.model) if latest is None and cfg.stage.init_from else None
+    backend = runtime.build_backend(cfg, initial)
     info = backend.info
     loader = runtime.build_loader(cfg, info, cfg.data.seed)
-    resumed_meta = _resume_or_init(cfg, stage_dir, backend, loader)
+    resumed_meta = _resume(cfg, stage_dir, latest, backend, loader)
     start_step = int(resumed_meta["step"]) if resumed_meta else 0
     # The held-out batches are drawn after resuming, from their own loader: they never shift training data.
     eval_batches = _eval_batches(cfg, runtime, info)
@@ -141,17 +147,14 @@ def train_stage(cfg: TrainConfig, runtime: StageRuntime) -> StageResult:
     return result
 
 
-def _resume_or_init(cfg: TrainConfig, stage_dir: StageDir, backend: Backend,
-                    loader: Any) -> dict[str, Any] | None:
-    """Restore the latest checkpoint and return its meta, or load init_from weights and return None."""
-    latest = resume_checkpoint(stage_dir)
-    if latest is not None:
-        restored = load_checkpoint(stage_dir, latest, backend, cfg.model)
-        loader.load_state_dict(restored["loader"])
-        return restored["meta"]
-    if cfg.stage.init_from:
-        backend.load_model_weights(read_model_dir(cfg.stage.init_from, cfg.model))
-    return None
+def _resume(cfg: TrainConfig, stage_dir: StageDir, latest: Path | None, backend: Backend,
+            loader: Any) -> dict[str, Any] | None:
+    """Restore the latest checkpoint (if any) and return its meta, else None."""
+    if latest is None:
+        return None
+    restored = load_checkpoint(stage_dir, latest, backend, cfg.model)
+    loader.load_state_dict(restored["loader"])
+    return restored["meta"]
 
 
 def _run_steps(cfg: TrainConfig, backend: Backend, loader: Any, stage_dir: StageDir, logger: MetricsLogger,

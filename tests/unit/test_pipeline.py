@@ -27,13 +27,17 @@ from train.trainer import StageResult, StageRuntime
 class StandInBackend:
     """The Backend protocol on a tiny Qwen3VLModel whose 'step' moves trainable tensors by a fixed amount."""
 
-    def __init__(self, cfg: TrainConfig, log: list, skip_from: int = 0, skip_stage: str = "s0") -> None:
+    def __init__(self, cfg: TrainConfig, log: list, skip_from: int = 0, skip_stage: str = "s0",
+                 weights: WeightSource | None = None) -> None:
         torch.manual_seed(cfg.seed)
         self.model = Qwen3VLModel(cfg.model)
         self.cfg, self.log, self.steps = cfg, log, 0
         self.skip_from = skip_from if cfg.stage.name == skip_stage else 0  # steps from here on are non-finite
         self.info = ParallelInfo(rank=0, world_size=1, dp_rank=0, dp_size=1)
-        self.loaded: dict[str, torch.Tensor] | None = None
+        self.loaded: dict[str, torch.Tensor] | None = None  # the weights it was built from, if not random
+        self.built_from_weights = weights is not None
+        if weights is not None:
+            self.load_model_weights(weights)
         log.append(self)
 
     def train_step(self, micro: list[PackedBatch]) -> StepMetrics:
@@ -90,7 +94,7 @@ class StandInLoader:
 
 
 def _runtime(log: list, skip_from: int = 0, skip_stage: str = "s0") -> StageRuntime:
-    return StageRuntime(build_backend=lambda cfg: StandInBackend(cfg, log, skip_from, skip_stage),
+    return StageRuntime(build_backend=lambda cfg, weights: StandInBackend(cfg, log, skip_from, skip_stage, weights),
                         build_loader=lambda cfg, info, seed: StandInLoader(cfg.stage.seq_len))
 
 
@@ -121,6 +125,7 @@ def test_stages_run_in_order_and_hand_over_final_weights(data_root: Path, tmp_pa
     assert run_pipeline(_configs(data_root, tmp_path), _runtime(log)) == 0
     assert [b.cfg.stage.name for b in log] == ["s0", "s1", "s2", "s3"]  # a fresh backend (optimizer) per stage
     assert log[0].loaded is None
+    assert [b.built_from_weights for b in log] == [False, True, True, True]  # no random init to discard
     for previous, current in zip(log, log[1:]):
         exported = gathered_state_dict(previous)
         assert current.loaded is not None and exported.keys() == current.loaded.keys()
@@ -206,7 +211,7 @@ def test_bad_data_past_the_limit_stops_the_run_in_one_line_naming_the_data_set(d
     cfg = configs[0]
     cfg.stage.max_steps, cfg.stage.save_every, cfg.data.bad_sample_grace = 12, 2, 0
     names = [d.name for d in cfg.data.datasets]
-    runtime = StageRuntime(build_backend=lambda c: StandInBackend(c, []),
+    runtime = StageRuntime(build_backend=lambda c, weights: StandInBackend(c, [], weights=weights),
                            build_loader=lambda c, info, seed: BadDataLoader(c.stage.seq_len, names, names[-1], 6))
     assert run_pipeline(configs, runtime) == EXIT_STOPPED
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("longvl:")]
@@ -229,8 +234,8 @@ def test_bad_data_past_the_limit_stops_the_run_in_one_line_naming_the_data_set(d
 class SignallingBackend(StandInBackend):
     """Sends its own process SIGUSR1 during step `at` of stage `stage`, as SLURM's warning would."""
 
-    def __init__(self, cfg: TrainConfig, log: list, stage: str, at: int) -> None:
-        super().__init__(cfg, log)
+    def __init__(self, cfg: TrainConfig, log: list, stage: str, at: int, weights: WeightSource | None) -> None:
+        super().__init__(cfg, log, weights=weights)
         self.signal_at = at if cfg.stage.name == stage else 0
 
     def train_step(self, micro: list[PackedBatch]) -> StepMetrics:
@@ -250,7 +255,7 @@ def test_usr1_requeues_only_a_run_with_steps_left(data_root: Path, tmp_path: Pat
     marker, run_dir = tmp_path / "requeue", tmp_path / "run"
     monkeypatch.setenv("LONGVL_REQUEUE_FILE", str(marker))
     log: list[StandInBackend] = []
-    runtime = StageRuntime(build_backend=lambda cfg: SignallingBackend(cfg, log, stage, at),
+    runtime = StageRuntime(build_backend=lambda cfg, weights: SignallingBackend(cfg, log, stage, at, weights),
                            build_loader=lambda cfg, info, seed: StandInLoader(cfg.stage.seq_len))
     assert run_pipeline(_configs(data_root, run_dir), runtime) == 0
     assert marker.exists() == requeue

@@ -99,8 +99,8 @@ def main() -> int:
     pids.mkdir(parents=True, exist_ok=True)
     (pids / f"rank{me}").write_text(str(os.getpid()))
 
-    def backend(cfg):
-        built = build_stage_backend(cfg)
+    def backend(cfg, weights):
+        built = build_stage_backend(cfg, weights)
         checkpoints = Path(cfg.run_dir) / cfg.stage.name / "checkpoints"
         if args.slow_save_step:
             snapshot = built.save_async

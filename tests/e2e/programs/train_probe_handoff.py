@@ -3,11 +3,11 @@ previous stage's final/ inside a pipeline), what the backend holds right after l
 
     python train_probe_handoff.py HYDRA_OVERRIDES...
 
-Right after `Backend.load_model_weights` returns, every rank calls `gathered_state_dict(backend)` (collective: it
-gathers TP/PP/DP shards) and rank 0 writes it as a native model dir <run_dir>/<stage>/loaded/, in the same
+Right after the backend is built from them (the trainer hands a fresh stage's initial weights to the build),
+every rank calls `gathered_state_dict(backend)` (collective: it gathers TP/PP/DP shards) and rank 0 writes it as a native model dir <run_dir>/<stage>/loaded/, in the same
 format as final/. A test compares loaded/ with the directory the stage was initialised from: equal bitwise
 means the handoff (native -> this backend's layout -> native) lost nothing, whichever backend wrote the dir.
-Loading happens before the first step, so the probe changes no number of the run.
+Building happens before the first step, so the probe changes no number of the run.
 Everything else is the real pipeline: real config, loader, backend, checkpoints, final/, hf/.
 """
 from __future__ import annotations
@@ -28,19 +28,14 @@ LOADED = "loaded"
 def main() -> int:
     configs = stage_configs(sys.argv[1:])
 
-    def backend(cfg):
-        built = build_stage_backend(cfg)
-        load = built.load_model_weights
-
-        def load_then_export(weights):
-            load(weights)
+    def backend(cfg, weights):
+        built = build_stage_backend(cfg, weights)
+        if weights is not None:  # built from the stage's initial weights: what it holds now
             exported = gathered_state_dict(built)  # every rank: the gather is collective
             if rank() == 0:
                 save_native_checkpoint(Path(cfg.run_dir) / cfg.stage.name / LOADED, cfg.model, exported,
                                        force=True)
             barrier()
-
-        built.load_model_weights = load_then_export
         return built
 
     return run_pipeline(configs, StageRuntime(build_backend=backend, build_loader=build_stage_loader))

@@ -58,8 +58,8 @@ def main() -> int:
     for cfg, steps in zip(configs, filter(None, args.max_steps.split(","))):
         cfg.stage.max_steps = int(steps)
 
-    def backend(cfg):
-        built = build_stage_backend(cfg)
+    def backend(cfg, weights):
+        built = build_stage_backend(cfg, weights)
         if args.signal_after:
             step, steps = built.train_step, [0]
 
