@@ -1,6 +1,6 @@
 """Backends built from a sharded transformers directory on 2 ranks (megatron TP=2 and EP=2, DeepSpeed ZeRO-3):
-each rank reads only its slices and allocates only its shard (element counts); the weights right after
-construction equal transformers' bitwise.
+each rank reads only its slices and allocates only its shard (element counts; ZeRO-3: no tensor larger than
+its largest partition while building); the weights right after construction equal transformers' bitwise.
 One torchrun (programs/load_hf_dir.py)."""
 from __future__ import annotations
 

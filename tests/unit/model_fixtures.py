@@ -130,7 +130,8 @@ def mm_token_type_ids(input_ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor
 
 
 class LargestAllocation(TorchDispatchMode):
-    """Elements of the largest tensor an op allocated while active (views of an op's inputs not counted)."""
+    """Elements of the largest tensor an op allocated while active (views of an op's inputs and meta tensors,
+    which hold no memory, not counted)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -140,6 +141,6 @@ class LargestAllocation(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage().data_ptr() for t in args if isinstance(t, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+            if isinstance(t, torch.Tensor) and not t.is_meta and t.untyped_storage().data_ptr() not in inputs:
                 self.largest = max(self.largest, t.numel())
         return out

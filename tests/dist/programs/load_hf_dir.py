@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megatron_backend import mode_config
 from deepspeed_common import make_config
-from model_fixtures import build_hf_model
+from model_fixtures import LargestAllocation, build_hf_model
 from rank_harness import finish, start
 from train.backends import build_backend
 from train.backends.base import gathered_state_dict
@@ -50,9 +50,28 @@ def held_fraction(backend) -> float:
     return held / full
 
 
+def largest_partition(backend) -> int:
+    """Elements of the largest ZeRO-3 partition of the model (0 for other layouts)."""
+    return max((p.ds_tensor.numel() for p in backend.model.parameters() if hasattr(p, "ds_tensor")), default=0)
+
+
+def probe_deepspeed_build() -> LargestAllocation:
+    """The largest tensor allocated while DeepSpeed builds and fills the model (not its optimizer)."""
+    from train.backends.deepspeed.backend import DeepSpeedBackend
+
+    probe, build = LargestAllocation(), DeepSpeedBackend._build_model
+
+    def probed(self, *args):
+        with probe:
+            return build(self, *args)
+    DeepSpeedBackend._build_model = probed
+    return probe
+
+
 def main(work: Path) -> None:
     start()
     failures: list[str] = []
+    probe = probe_deepspeed_build()
     for name, make in CASES.items():
         cfg = make()
         directory = work / name.replace(" ", "_")
@@ -61,6 +80,10 @@ def main(work: Path) -> None:
         dist.barrier()
         backend = build_backend(cfg, weights=read_model_dir(directory, cfg.model))
         held = held_fraction(backend)
+        if name == "deepspeed zero3" and probe.largest > largest_partition(backend):
+            # zero.Init's way: every parameter whole (default init, broadcast), then cut
+            failures.append(f"{name}: a tensor of {probe.largest} elements was allocated while building, the "
+                            f"largest partition has {largest_partition(backend)}")
         exported = gathered_state_dict(backend)
         close = getattr(backend, "close", None)
         if close is not None:
