@@ -5,7 +5,8 @@
     then each rank's slices read from the checkpoint by train.models.checkpoint_sources):
       megatron_1          1 rank
       megatron_tp2        2 ranks, TP=2
-      megatron_tp2_pp2    4 ranks, TP=2 x PP=2
+      megatron_tp2_pp2    4 ranks, TP=2 x PP=2, first/last stage layers as the planner balances them by bytes
+                          (launch/planner/stages.py; qwen3vl_2b: 10 / 18, the first stage holds the ViT)
       megatron_tp2_ep2    2 ranks, TP=2 dense x EP=2 experts, on a 2B-class MoE shape of our own (MOE_SHAPE)
       deepspeed_z3_dp2    2 ranks, ZeRO-3
       deepspeed_z3_dp4    4 ranks, ZeRO-3
@@ -123,6 +124,16 @@ class _Built(Exception):
     """Raised after the measured build (and export): the optimizer is not built."""
 
 
+def planned_stage_split(cfg, ranks: int) -> tuple[int | None, int | None]:
+    """The planner's first/last stage layer counts for this layout (balanced by bytes; None: even or pp=1)."""
+    from launch.plan import configured_layout
+    from launch.planner.model_stats import model_stats
+    from launch.planner.stages import balanced_stage_split
+
+    layout = balanced_stage_split(cfg, model_stats(cfg.model), configured_layout(cfg, ranks))
+    return layout.first, layout.last
+
+
 def worker(layout: str, name: str, hf_dir: str, export_dir: str, out: str) -> None:
     import torch
     import torch.distributed as dist
@@ -140,6 +151,8 @@ def worker(layout: str, name: str, hf_dir: str, export_dir: str, out: str) -> No
     cfg.backend.name, cfg.backend.precision, cfg.backend.zero_stage = backend_name, "bf16", zero
     for key, value in sizes.items():
         setattr(cfg.parallel, key, value)
+    if backend_name == "megatron":
+        cfg.parallel.first_stage_layers, cfg.parallel.last_stage_layers = planned_stage_split(cfg, ranks)
     if backend_name == "deepspeed":
         from train.backends.deepspeed.backend import DeepSpeedBackend as Backend
         from train.backends.deepspeed.weights import iter_native
@@ -152,7 +165,8 @@ def worker(layout: str, name: str, hf_dir: str, export_dir: str, out: str) -> No
 
         def tensors(model):
             return iter_native(model, cfg.model)
-    figures: dict = {"rank": dist.get_rank()}
+    figures: dict = {"rank": dist.get_rank(),
+                     "stage_layers": [cfg.parallel.first_stage_layers, cfg.parallel.last_stage_layers]}
     build = Backend._build_model
 
     def measured_build(self, *args):
@@ -212,7 +226,9 @@ def measure(name: str, layouts: list[str], work: Path) -> tuple[dict[str, float]
         ratio = max(r["build_extra_mib"] * 2**20 for r in per_rank) / shard
         figures[f"scale_build_peak_over_shard_{layout}"] = ratio
         figures[f"scale_baseline_mib_{layout}"] = max(r["baseline_mib"] for r in per_rank)
-        notes.append(f"{layout}: shard {shard / 2**20:.0f} MiB (model bytes / {ranks}); per rank: " + ", ".join(
+        first, last = per_rank[0]["stage_layers"]
+        split = "" if first is None else f", first/last stage layers {first}/{last}"
+        notes.append(f"{layout}: shard {shard / 2**20:.0f} MiB (model bytes / {ranks}){split}; per rank: " + ", ".join(
             f"r{r['rank']} baseline {r['baseline_mib']:.0f} MiB, build peak +{r['build_extra_mib']:.0f} MiB, "
             f"holds {r['local_param_mib']:.0f} MiB" for r in per_rank))
         if ratio > BUILD_BOUND and name != "tiny":

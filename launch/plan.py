@@ -19,7 +19,8 @@ Memory per GPU (worst pipeline stage), P = parameters this GPU holds, T = its tr
   placement  ViT, mergers and token embedding on the first stage; LM head and final norm on the last
              (a tied head is copied there when pp > 1); decoder layers as megatron-core places them
              (train/backends/megatron/layout.py: even, or parallel.first/last_stage_layers; the search
-             gives the first and last stage fewer layers when pp does not divide them, 94/8 -> 11,12x6,11).
+             picks first/last by bytes, launch/planner/stages.py: the heaviest stage's weights + grads +
+             optimizer as small as possible, e.g. qwen3vl_2b at tp=2 pp=2: 10 / 18 layers).
              LLM, ViT and merger matrices / tp (train/backends/megatron/vision_tp.py); norms, row-parallel
              biases, routers, patch embedding, position table replicated; routed experts / (ep x expert_tp).
   weights    2 B x P (bf16); DeepSpeed ZeRO-3: / shard
@@ -57,6 +58,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from launch.planner.stages import balanced_stage_split
 from launch.planner.estimate import (DEFAULT_MFU, GIB, GPUS, GPUS_PER_NODE, USABLE_FRACTION, GPU, Layout,
                                      Memory, check_layout, memory)
 from launch.planner.flops import StepCost, step_cost
@@ -170,7 +172,7 @@ def propose(cfg: TrainConfig, stats: ModelStats, args: PlanArgs, backends: Seque
     """The smallest fitting layout: fewest model-parallel ranks, then fastest, then least memory."""
     best: tuple | None = None
     for layout in candidates(cfg, args.gpus, backends):
-        plan = evaluate(cfg, stats, layout, args.gpu, args.mfu)
+        plan = evaluate(cfg, stats, balanced_stage_split(cfg, stats, layout), args.gpu, args.mfu)
         if not plan.fits:
             continue
         assert plan.cost is not None and plan.memory is not None

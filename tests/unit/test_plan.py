@@ -9,6 +9,7 @@ import pytest
 from launch.plan import PlanArgs, candidates, evaluate, main, propose
 from launch.planner.estimate import GIB, GPUS, Layout, check_layout, memory
 from launch.planner.model_stats import model_stats
+from launch.planner.stages import balanced_stage_split, split_options, stage_state_bytes
 from train.backends.megatron.layout import stage_layer_counts, suggest_stage_split
 from train.config.compose import load_config
 from train.config.model import ConfigError
@@ -111,6 +112,20 @@ def test_stage_layers_split_every_layer_once():
     assert suggest_stage_split(94, 8) == [11, 12, 12, 12, 12, 12, 12, 11]
     assert stage_layer_counts(94, 8, 11, 11) == [11, 12, 12, 12, 12, 12, 12, 11]
     assert sum(suggest_stage_split(94, 16)) == 94 and stage_layer_counts(4, 1) == [4]
+
+
+def test_pipeline_stages_are_balanced_by_bytes():
+    """The first stage carries the ViT + embedding, the last the head (a tied copy): 2B at TP=2 x PP=2 gets
+    10 / 18 layers, no split has a lighter heaviest stage, and the even 14 / 14 is >= 15% heavier."""
+    cfg, stats = _setup("s1", "qwen3vl_2b")
+    layout = balanced_stage_split(cfg, stats, Layout("megatron", 2, 2, 1, 1, 1, 0, False))
+    assert (layout.first, layout.last) == (10, 18)
+    heaviest = {f: max(stage_state_bytes(cfg, stats, layout, [f, 28 - f])) for f in range(3, 28)}
+    assert heaviest[10] == min(heaviest.values())
+    assert heaviest[14] > 1.15 * heaviest[10]
+    for first, last in split_options(94, 8):  # the end stages never hold more than a middle one
+        counts = stage_layer_counts(94, 8, first, last)
+        assert sum(counts) == 94 and max(first, last) <= counts[1]
 
 
 def test_cli_prints_requested_and_proposed_layouts(capsys):
