@@ -75,10 +75,13 @@ def _model(*overrides: str):
     (ParallelSizes(pp=2, dp=1), {"aux_loss_form": "pooled"}, "backend.moe_aux_loss=per_layer"),
     (ParallelSizes(cp=2, dp=1), {"seq_len": 102}, "stage.seq_len=102 is not divisible by 2*cp=4"),
     (ParallelSizes(tp=2, dp=1), {"seq_len": 65, "sequence_parallel": True}, "sequence parallel splits"),
+    (ParallelSizes(tp=2, dp=1), {"model": ("model.vision.intermediate_size=65",)},
+     "parallel.tp=2 must divide model.vision.intermediate_size=65 (the ViT is tensor-parallel)"),
 ])
 def test_model_rules_name_the_key_to_change(sizes, kwargs, fragment):
+    model = _model(*kwargs.pop("model", ()))
     with pytest.raises(ParallelLayoutError) as err:
-        check_layout(_model(), sizes, **kwargs)
+        check_layout(model, sizes, **kwargs)
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
