@@ -44,7 +44,7 @@ def _check_supported(init) -> None:
     """Partition-first construction covers the plain layout this project configures, nothing else."""
     unsupported = {"hpZ (zero_hpz_partition_size > 1)": init.zero_param_process_group is not None,
                    "quantized weights": bool(init.quantized_weights or init.quantized_nontrainable_weights),
-                   "NVMe parameter offload": str(init.remote_device) == "nvme"}
+                   "NVMe parameter offload": init.remote_device == "nvme"}  # a str enum
     chosen = [what for what, on in unsupported.items() if on]
     if chosen:
         raise ConfigError(f"deepspeed zero_optimization: {chosen[0]} is not supported by this backend's ZeRO-3 "
@@ -66,6 +66,10 @@ def _partitioned(init, meta: nn.Parameter) -> nn.Parameter:
     size = aligned // init._partition_world_size(param)
     device = init.local_device if param.ds_persist else init.remote_device
     part = torch.empty(size, dtype=init.dtype, device=device)
+    if getattr(device, "type", device) == "cpu" and init.pin_memory:  # parameter offload to host memory, as DeepSpeed pins it
+        from deepspeed.accelerator import get_accelerator
+
+        part = get_accelerator().pin_memory(part)
     start = init._partition_rank(param) * size
     part[max(0, min(size, param.ds_numel - start)):].zero_()  # padding past the last element
     part.requires_grad = False
