@@ -136,7 +136,7 @@ def configured_layout(cfg: TrainConfig, world: int) -> Layout:
     zero = backend.zero_stage if backend.name == "deepspeed" else int(backend.distributed_optimizer)
     dp = max(1, world // (par.tp * par.pp * par.cp))
     return Layout(backend.name, par.tp, par.pp, par.cp, par.ep, dp, zero, backend.activation_checkpointing,
-                  par.expert_tp, par.first_stage_layers, par.last_stage_layers)
+                  par.expert_tp, par.first_stage_layers, par.last_stage_layers, par.vpp)
 
 
 def _divisors(n: int, limit: int) -> list[int]:

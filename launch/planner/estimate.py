@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from launch.planner.model_stats import ModelStats
-from train.backends.megatron.layout import stage_layer_counts
+from train.backends.megatron.layout import stage_layers
 from train.config.model import ConfigError
 from train.config.schema import TrainConfig
 
@@ -38,6 +38,7 @@ class Layout:
     etp: int = 1  # megatron expert tensor-parallel size
     first: int | None = None  # megatron: decoder layers of the first / last pipeline stage (None: even)
     last: int | None = None
+    vpp: int | None = None  # megatron: virtual pipeline stages per rank (interleaved 1F1B; None: plain 1F1B)
 
     @property
     def world(self) -> int:
@@ -47,6 +48,7 @@ class Layout:
         opt = f"zero{self.zero}" if self.backend == "deepspeed" else ("distopt" if self.zero else "no-distopt")
         split = "" if self.first is None and self.last is None else f" stage layers {self.first}/../{self.last}"
         etp = f" expert_tp={self.etp}" if self.etp != 1 else ""
+        etp += f" vpp={self.vpp}" if self.vpp is not None else ""
         return (f"{self.backend} {opt} tp={self.tp} pp={self.pp} cp={self.cp} ep={self.ep}{etp} dp={self.dp}"
                 f"{split} recompute={'on' if self.recompute else 'off'}")
 
@@ -58,7 +60,7 @@ class Layout:
         else:
             backend = replace(backend, distributed_optimizer=bool(self.zero))
         parallel = replace(cfg.parallel, tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep, expert_tp=self.etp,
-                           first_stage_layers=self.first, last_stage_layers=self.last, auto=False,
+                           first_stage_layers=self.first, last_stage_layers=self.last, vpp=self.vpp, auto=False,
                            sequence_parallel=self.tp > 1 if self.backend == "megatron" else False)
         return replace(cfg, backend=backend, parallel=parallel)
 
@@ -96,9 +98,10 @@ def check_layout(layout: Layout, cfg: TrainConfig, world: int) -> None:
         raise ConfigError(str(err)) from None
 
 
-def _stage_params(stats: ModelStats, layout: Layout, stage: int, first_layer: int, n_layers: int,
+def _stage_params(stats: ModelStats, layout: Layout, stage: int, layers: list[int],
                   trainable: set[str]) -> dict[tuple[str, bool], float]:
-    """Per-GPU parameter counts of one pipeline stage, keyed by (kind "dense"/"expert", trainable)."""
+    """Per-GPU parameter counts of one pipeline stage holding decoder `layers` (global indices, all its
+    model chunks), keyed by (kind "dense"/"expert", trainable)."""
     out: dict[tuple[str, bool], float] = {("dense", True): 0.0, ("dense", False): 0.0,
                                           ("expert", True): 0.0, ("expert", False): 0.0}
     last = stage == layout.pp - 1
@@ -110,7 +113,7 @@ def _stage_params(stats: ModelStats, layout: Layout, stage: int, first_layer: in
         tied = sum(n for (place, _, _), n in stats.outside.items() if place == "embed")
         out[("dense", "llm" in trainable)] += tied / layout.tp  # Megatron keeps a copy of the tied head
     llm = "llm" in trainable
-    for layer in stats.layers[first_layer:first_layer + n_layers]:
+    for layer in (stats.layers[i] for i in layers):
         out[("dense", llm)] += layer.get("tp", 0) / layout.tp + layer.get("rep", 0)
         out[("expert", llm)] += layer.get("expert", 0) / (layout.ep * layout.etp)
     return out
@@ -176,16 +179,25 @@ def _vision_bytes(cfg: TrainConfig, tp: int, cp: int, recompute: bool) -> tuple[
     return per_elem * (block * v.depth + mergers), 0.0
 
 
-def _activation_bytes(cfg: TrainConfig, layout: Layout, stage: int, first_layer: int,
-                      n_layers: int, recompute: bool) -> float:
-    """Activations of one pipeline stage. 1F1B keeps min(pp - stage, micro-batches) sequences in flight;
+def _in_flight(layout: Layout, stage: int, micro: int) -> float:
+    """Micro-batches whose activations a stage holds at its peak, in units of all its layers. 1F1B:
+    min(pp - stage, micro). Interleaved (megatron's warm-up of 2(pp - stage - 1) + (vpp - 1) pp chunk
+    forwards, plus the one in progress; a chunk is 1/vpp of the stage): stage 0 holds pp + (pp - 1)/vpp."""
+    if layout.vpp is None:
+        return min(layout.pp - stage, micro)
+    chunk_forwards = 2 * (layout.pp - stage - 1) + (layout.vpp - 1) * layout.pp + 1
+    return min(chunk_forwards, micro * layout.vpp) / layout.vpp
+
+
+def _activation_bytes(cfg: TrainConfig, layout: Layout, stage: int, layers: list[int], recompute: bool) -> float:
+    """Activations of one pipeline stage (`_in_flight` sequences of its decoder `layers`);
     one micro-batch is one packed sequence of seq_len tokens, seq_len / cp per rank; sequence parallel
     spreads everything over TP. Full recompute keeps each layer's input plus one layer's working set."""
     t = cfg.model.text
     tokens = cfg.stage.seq_len / layout.cp
     micro = cfg.stage.global_batch_size // layout.dp
-    in_flight = min(layout.pp - stage, micro)
-    layers = range(first_layer, first_layer + n_layers)
+    in_flight = _in_flight(layout, stage, micro)
+    n_layers = len(layers)
     per_layer = [2.0 * tokens * _layer_elements(cfg, t.is_moe_layer(i)) / layout.tp for i in layers]
     if recompute:
         kept = 2.0 * tokens * t.hidden_size / layout.tp * n_layers * in_flight + max(per_layer, default=0.0)
@@ -200,13 +212,13 @@ def _activation_bytes(cfg: TrainConfig, layout: Layout, stage: int, first_layer:
 def memory(cfg: TrainConfig, stats: ModelStats, layout: Layout) -> Memory:
     """Per-GPU memory of the worst pipeline stage under `layout`."""
     trainable = set(cfg.stage.trainable)
-    counts = stage_layer_counts(cfg.model.text.num_hidden_layers, layout.pp, layout.first, layout.last)
+    placed = stage_layers(cfg.model.text.num_hidden_layers, layout.pp, layout.first, layout.last, layout.vpp)
     worst: Memory | None = None
     for stage in range(layout.pp):
-        first = sum(counts[:stage])
-        params = _stage_params(stats, layout, stage, first, counts[stage], trainable)
+        layers = [layer for chunk in placed[stage] for layer in chunk]
+        params = _stage_params(stats, layout, stage, layers, trainable)
         weights, grads, optimizer = _state_bytes(params, layout)
-        act = {rc: _activation_bytes(cfg, layout, stage, first, counts[stage], rc) for rc in (False, True)}
+        act = {rc: _activation_bytes(cfg, layout, stage, layers, rc) for rc in (False, True)}
         # bf16 logits + their fp32 softmax in the loss, for the micro-batch being processed
         logits = 0.0
         if stage == layout.pp - 1:

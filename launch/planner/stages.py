@@ -42,21 +42,22 @@ def stage_state_bytes(cfg: TrainConfig, stats: ModelStats, layout: Layout, count
     """Weights + gradients + optimizer bytes per GPU of each pipeline stage, for these layer counts."""
     trainable = set(cfg.stage.trainable)
     starts = [sum(counts[:stage]) for stage in range(len(counts))]
-    return [sum(_state_bytes(_stage_params(stats, layout, stage, starts[stage], counts[stage], trainable), layout))
-            for stage in range(len(counts))]
+    return [sum(_state_bytes(_stage_params(stats, layout, stage, list(range(start, start + count)), trainable),
+                             layout)) for stage, (start, count) in enumerate(zip(starts, counts))]
 
 
 def balanced_stage_split(cfg: TrainConfig, stats: ModelStats, layout: Layout) -> Layout:
     """`layout` with the first/last stage layer counts whose heaviest stage holds the fewest state bytes
-    (ties: the even split, then the first found). pp = 1: unchanged."""
-    if layout.pp == 1:
+    (ties: the even split, then the first found). pp = 1 or virtual pipeline stages (whose stages are not
+    contiguous layer ranges; the planner does not choose them): unchanged."""
+    if layout.pp == 1 or layout.vpp is not None:
         return layout
     layers, pp = cfg.model.text.num_hidden_layers, layout.pp
     # State bytes are linear in the parameter counts: an end stage's extras (ViT + embedding, head) plus
     # per-layer bytes, summed over prefix sums for each option (the planner balances every layout it tries).
     ends = stage_state_bytes(cfg, stats, layout, [0] * pp)
     trainable = set(cfg.stage.trainable)
-    per_layer = [sum(_state_bytes(_stage_params(stats, layout, 0, i, 1, trainable), layout)) - ends[0]
+    per_layer = [sum(_state_bytes(_stage_params(stats, layout, 0, [i], trainable), layout)) - ends[0]
                  for i in range(layers)]
     prefix = list(itertools.accumulate(per_layer, initial=0.0))
     deepstack = len(cfg.model.vision.deepstack_visual_indexes)

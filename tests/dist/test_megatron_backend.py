@@ -6,13 +6,16 @@ parameters within 1e-5, pre-clip grad norms within 1e-5 (checks the gradient sca
 rescale).
   dp: DP=2 + distributed optimizer; also dist_checkpointing save/load -> the redone step is bitwise equal
       (loss and weights), and a NaN loss weight on one rank skips the step without touching the weights
-  tp: TP=2 + sequence parallel (vocab-parallel embedding / lm_head, tensor-parallel ViT and mergers,
-      DeepStack scattered with the sequence)
+  tp: TP=2 + sequence parallel (vocab-parallel embedding / lm_head, DeepStack scattered with the sequence)
   cp: CP=2 load-balanced split after the vision merge, ContextParallelAttention on packed documents
   ep: EP=2 MoE (megatron all-to-all dispatcher, the reference's pooled load-balancing loss); its model has
       a dense layer among the MoE ones (mlp_only_layers), and resumes bitwise like dp
   pp: PP=2 1F1B over 4 micro-batches (DeepStack on the first stage)
   pp_moe: PP=2 MoE with megatron's per-layer load-balancing loss (each stage adds its layers' share)
+  vpp: PP=2 x 2 virtual stages (interleaved 1F1B over 4 micro-batches, one-layer chunks: rank 0 holds layers 0
+      and 2); resumes bitwise, and its checkpoint loads fully (model + optimizer) into PP=2 without virtual
+      stages (bitwise weights, the same next step) and that one's back into VPP=2 (bitwise weights)
+  vpp_moe: the same with MoE layers and the per-layer aux loss summed over a rank's chunks
   tp_ep: TP=2 + sequence parallel with EP=2 over the TP ranks (expert TP 1: the published 235B fold); the
       aux loss sees every TP rank's routed rows
 """
@@ -26,7 +29,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-MODES = ["dp", "tp", "cp", "ep", "pp", "pp_moe", "tp_ep"]
+MODES = ["dp", "tp", "cp", "ep", "pp", "pp_moe", "tp_ep", "vpp", "vpp_moe"]
 
 
 def run_program(name: str, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
@@ -60,7 +63,7 @@ def test_layout_matches_one_process(backend_run, mode):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("mode", ["dp", "ep"])
+@pytest.mark.parametrize("mode", ["dp", "ep", "vpp"])
 def test_resume_is_bitwise(backend_run, mode):
     out = backend_run.stdout
     assert backend_run.returncode == 0 and "ALL OK" in out, _context(backend_run)
@@ -73,3 +76,12 @@ def test_resume_is_bitwise(backend_run, mode):
 @pytest.mark.dist
 def test_nan_step_is_skipped(backend_run):
     assert "[dp] NaN step skipped=True grad_norm=nan" in backend_run.stdout, _context(backend_run)
+
+
+@pytest.mark.dist
+def test_virtual_pipeline_checkpoint_loads_without_virtual_stages_and_back(backend_run):
+    out = backend_run.stdout.splitlines()
+    lines = [line for line in out if line.startswith("[vpp] cross-layout")]
+    assert lines and lines[0].endswith("weights bitwise both ways"), _context(backend_run)
+    assert float(lines[0].split("(rel ")[1].split(")")[0]) <= 1e-6, lines[0]
+    assert not [line for line in out if "FAIL" in line and "vpp" in line], _context(backend_run)

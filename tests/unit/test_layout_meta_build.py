@@ -18,7 +18,7 @@ from launch.planner.estimate import GPUS, _stage_params
 from launch.planner.model_stats import model_stats
 from train.backends.deepspeed.config import check_layout as deepspeed_rules
 from train.backends.megatron.layout import check_config as megatron_rules
-from train.backends.megatron.layout import stage_layer_counts
+from train.backends.megatron.layout import stage_layers
 from train.config.compose import CONFIG_DIR, load_config
 from train.config.model import ConfigError
 
@@ -60,13 +60,14 @@ def test_first_middle_last_ranks_build_on_meta_with_the_planners_parameter_count
     for rank in built:
         cfg = load_config(rank["overrides"])
         layout = configured_layout(cfg, rank["world"])
-        counts = stage_layer_counts(cfg.model.text.num_hidden_layers, layout.pp, layout.first, layout.last)
+        chunks = stage_layers(cfg.model.text.num_hidden_layers, layout.pp, layout.first, layout.last, layout.vpp)
         stage = rank["stage"]
-        planned = sum(_stage_params(_stats(cfg.model.name), layout, stage, sum(counts[:stage]), counts[stage],
+        layers = [layer for chunk in chunks[stage] for layer in chunk]
+        planned = sum(_stage_params(_stats(cfg.model.name), layout, stage, layers,
                                     set(cfg.stage.trainable)).values())
         where = f"{cfg.model.name} {layout.describe()} rank {rank['rank']}"
         assert rank["meta"], where
-        assert rank["layers"] == counts[stage], where
+        assert rank["layers"] == len(layers), where
         assert rank["params"] == pytest.approx(planned, rel=0.01), where
         stages_seen.add((cfg.model.name, stage))
     # the 235B layout's ranks 0 / 128 / 255 sit on the first, a middle and the last of its 8 stages

@@ -163,6 +163,10 @@ class ParallelConfig:
     # stages split the rest evenly (megatron-core's num_layers_in_first/last_pipeline_stage).
     first_stage_layers: Optional[int] = None
     last_stage_layers: Optional[int] = None
+    # Megatron: virtual pipeline stages per pipeline rank (null: plain 1F1B; megatron-core's
+    # virtual_pipeline_model_parallel_size): each rank holds vpp model chunks, run by the interleaved 1F1B
+    # schedule (smaller pipeline bubble; micro-batches per step must be a multiple of pp).
+    vpp: Optional[int] = None
     # true: at start-up the planner (launch/plan.py) chooses backend and layout for the job's GPUs, per
     # stage; the sizes above are then ignored. The choice is printed and written to <run_dir>/<stage>/.
     auto: bool = False
@@ -177,10 +181,11 @@ class ParallelConfig:
         for key in ("tp", "pp", "cp", "ep", "expert_tp"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}.{key}={getattr(self, key)} must be >= 1")
-        for key in ("first_stage_layers", "last_stage_layers"):
+        for key in ("first_stage_layers", "last_stage_layers", "vpp"):
             value = getattr(self, key)
             if value is not None and value < 1:
-                raise ConfigError(f"{prefix}.{key}={value} must be >= 1 (or null: an even split)")
+                raise ConfigError(f"{prefix}.{key}={value} must be >= 1 (or null: "
+                                  f"{'no virtual stages' if key == 'vpp' else 'an even split'})")
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.tp * self.pp * self.cp

@@ -1,12 +1,13 @@
 """torchrun program (2 ranks, gloo): MegatronBackend in several layouts against the one-process reference
 (Qwen3VLModel + torch AdamW + train/loss.py on the DeepSpeed parity tests' batches).
 
-    megatron_backend.py CHECKPOINT_DIR MODE...     MODE: dp | tp | cp | ep | pp
+    megatron_backend.py CHECKPOINT_DIR MODE...     MODE: dp | tp | cp | ep | pp | vpp | ...
 
 Every mode: load_model_weights of the reference's initial weights, 3 steps on the same global batches,
 each step's loss within 1e-5 relative and the exported parameters within 1e-5 of the reference; the
 pre-clip grad norms too. dp and ep also: save after step 2, step 3, load, step 3 again -> bitwise the same
-loss and weights (exact resume); dp then a step with a NaN loss weight on one rank is skipped without touching the
+loss and weights (exact resume); vpp (PP=2 x 2 virtual stages) also resumes bitwise, and its checkpoint
+loads fully (model and optimizer) into PP=2 without virtual stages and back (cross_layout_check); dp then a step with a NaN loss weight on one rank is skipped without touching the
 weights.
 """
 from __future__ import annotations
@@ -36,9 +37,14 @@ MODES = {
     # the published 235B fold on 2 ranks: experts over the TP ranks (expert TP 1, EP 2 = TP 2, expert-DP 1)
     "tp_ep": dict(moe=True, ep=2, parallel=dict(tp=2, sequence_parallel=True)),
     "pp_moe": dict(moe=True, parallel=dict(pp=2), text=dict(router_aux_loss_coef=0.05), deepstack=[0, 1]),
+    # interleaved 1F1B: each rank holds 2 one-layer chunks (rank 0: layers 0 and 2, rank 1: 1 and 3)
+    "vpp": dict(parallel=dict(pp=2, vpp=2), text=dict(num_hidden_layers=4), deepstack=[0]),
+    # MoE chunks: each rank sums its chunks' per-layer aux shares per micro-batch
+    "vpp_moe": dict(moe=True, parallel=dict(pp=2, vpp=2), text=dict(num_hidden_layers=4, router_aux_loss_coef=0.05),
+                    deepstack=[0]),
 }
 # save after step 2, load, redo step 3 bitwise; ep's model mixes a dense layer (mlp_only_layers) with MoE ones
-RESUMED = ("dp", "ep")
+RESUMED = ("dp", "ep", "vpp")
 
 
 def mode_config(mode: str):
@@ -91,6 +97,33 @@ def nan_skip_check(backend, cfg, failures: list[str]) -> None:
         print(f"[dp] NaN step skipped={metrics.skipped} grad_norm={metrics.grad_norm}", flush=True)
 
 
+def cross_layout_check(cfg, ckpt: Path, saved_state: dict, want_loss: float, batches, failures: list[str]) -> None:
+    """The PP=2 x VPP=2 checkpoint (after step 2) fully loaded into PP=2 without virtual stages: bitwise the
+    saved weights, and its step 3 equals the VPP run's; that run's checkpoint loaded back into VPP=2:
+    bitwise its weights."""
+    plain_cfg = mode_config("vpp")
+    plain_cfg.parallel.vpp = None
+    plain = MegatronBackend(plain_cfg)
+    plain.load(ckpt)
+    loaded = gathered_state_dict(plain)
+    got = train(plain, batches).loss
+    after = gathered_state_dict(plain)
+    plain.save(ckpt.with_name("vpp_to_plain"))
+    plain.close()
+    back = MegatronBackend(cfg)
+    back.load(ckpt.with_name("vpp_to_plain"))
+    reloaded = gathered_state_dict(back)
+    back.close()
+    if dist.get_rank() == 0:
+        compare_states(loaded, saved_state, 0.0, failures, "vpp checkpoint loaded without vpp")
+        compare_states(reloaded, after, 0.0, failures, "no-vpp checkpoint loaded with vpp")
+        rel = abs(got - want_loss) / abs(want_loss)
+        if not rel <= 1e-6:
+            failures.append(f"vpp -> no vpp: step 3 loss {got!r} vs {want_loss!r}")
+        print(f"[vpp] cross-layout: loaded without vpp, step 3 loss {got!r} vs {want_loss!r} (rel {rel:.2e}); "
+              f"weights bitwise both ways", flush=True)
+
+
 def run_mode(mode: str, ckpt: Path, failures: list[str]) -> None:
     cfg = mode_config(mode)
     init = initial_state(cfg)
@@ -104,6 +137,7 @@ def run_mode(mode: str, ckpt: Path, failures: list[str]) -> None:
     backend.load_model_weights(StateDictSource(init))
     metrics = [train(backend, steps[0]), train(backend, steps[1])]
     if mode in RESUMED:
+        saved_state = gathered_state_dict(backend) if mode == "vpp" else {}
         backend.save(ckpt)
     metrics.append(train(backend, steps[2]))
     exported = gathered_state_dict(backend)
@@ -120,6 +154,8 @@ def run_mode(mode: str, ckpt: Path, failures: list[str]) -> None:
               f"max param diff {param_diff:.2e} aux {[round(m.aux_loss, 4) for m in metrics]} "
               f"time {time.time() - t0:.1f}s", flush=True)
     backend.close()
+    if mode == "vpp":
+        cross_layout_check(cfg, ckpt, saved_state, losses[2], steps[2], failures)
 
 
 def main(ckpt: str, modes: list[str]) -> None:

@@ -112,11 +112,11 @@ def run_vpp(failures):
 
     layers, vpp = 4, 2
     batches = mc.random_batches(STEPS, batch=4)
-    local = [[rows(b, 0, 2), rows(b, 2, 4)] for b in batches]  # 2 micro-batches = pp: one group per vp stage
+    # 4 micro-batches of one row: the schedule's steady state sends activations and gradients together
+    local = [[rows(b, i, i + 1) for i in range(4)] for b in batches]
     initial, final, ref_losses, ref_norms = reference_phase({"num_layers": layers}, None, batches)
-    sizes = init_parallel_groups(ParallelSizes(pp=2), virtual_pipeline_size=vpp)
-    config = mc.tiny_config(num_layers=layers, virtual_pipeline_model_parallel_size=vpp,
-                            **parallel_config_kwargs(sizes))
+    sizes = init_parallel_groups(ParallelSizes(pp=2, vpp=vpp))
+    config = mc.tiny_config(num_layers=layers, **parallel_config_kwargs(sizes))
     chunks, offsets = [], []
     for stage in range(vpp):
         model = mc.build_gpt(config, pre_process=mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

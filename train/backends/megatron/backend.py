@@ -64,27 +64,42 @@ class MegatronBackend:
                                  cp_rank=mpu.get_context_parallel_rank(), cp_size=sizes.cp,
                                  is_logging_rank=dist.get_rank() == 0, model_parallel_group=mp_group,
                                  model_parallel_ranks=mp_ranks, dp_group=dp_group)
-        self.model = self._build_model(weights)
-        self.ddp, self.optimizer = self._wrap(self.model)
-
-    # -------------------------------------------------------------------------------------- building
-    def _build_model(self, weights: WeightSource):
-        from train.backends.megatron.model import DTYPES, MegatronQwen3VL, transformer_config
-        from train.backends.megatron.weights import load_weights, rule_for, shard_coords
-
-        cfg, mpu = self.cfg, self.mpu
         self.path = run_path(cfg, compute_device())  # TE / THD / grouped GEMM / overlap on CUDA (logged)
-        self.config = transformer_config(cfg.model, self.sizes, cfg.backend.precision,
-                                         cfg.parallel.sequence_parallel, self.path)
+        from train.backends.megatron.model import transformer_config
+
+        self.config = transformer_config(cfg.model, sizes, cfg.backend.precision, cfg.parallel.sequence_parallel,
+                                         self.path)
         # Megatron's CPU-initialisation path allocates without a device argument, so under the meta device
         # below it allocates nothing (its init on meta tensors is free and also sets the TP attributes the
         # optimizer and DDP read); the weight source is the initialisation, on GPU clusters as here.
         self.config.use_cpu_initialization = True
-        first = mpu.is_pipeline_first_stage()
+        # One model chunk per virtual pipeline stage (megatron's interleaved 1F1B), else the stage's model.
+        stages = range(sizes.vpp) if sizes.vpp is not None else [None]
+        self.chunks = [self._build_chunk(weights, stage) for stage in stages]
+        self.ddps, self.optimizer = self._wrap(self.chunks)
+
+    @property
+    def model(self):
+        """The first model chunk (this rank's whole stage without virtual pipeline stages)."""
+        return self.chunks[0]
+
+    @property
+    def ddp(self):
+        return self.ddps[0]
+
+    # -------------------------------------------------------------------------------------- building
+    def _build_chunk(self, weights: WeightSource, vp_stage: int | None):
+        """This rank's model (chunk `vp_stage`): ViT + embedding on the very first chunk, head on the last."""
+        from train.backends.megatron.model import DTYPES, MegatronQwen3VL
+        from train.backends.megatron.weights import load_weights, rule_for, shard_coords
+
+        cfg, mpu = self.cfg, self.mpu
+        first = mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        last = mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         with torch.device("meta"):
             visual = VisionTower(cfg.model.vision, out_size=cfg.model.text.hidden_size) if first else None
-            model = MegatronQwen3VL(self.config, cfg.model, visual, pre_process=first,
-                                    post_process=mpu.is_pipeline_last_stage(), path=self.path)
+            model = MegatronQwen3VL(self.config, cfg.model, visual, pre_process=first, post_process=last,
+                                    path=self.path, vp_stage=vp_stage)
             model.to(DTYPES[cfg.backend.precision])
         materialize(model, compute_device())  # every parameter, frozen ones (the ViT in s0) too
         coords = shard_coords(model)
@@ -103,29 +118,34 @@ class MegatronBackend:
                 model.visual.checkpoint_blocks = True
         return model
 
-    def _wrap(self, model):
+    def _wrap(self, chunks: list):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, ParamGroupOverride, ParamKey, get_megatron_optimizer
 
         cfg = self.cfg
         distributed = cfg.backend.distributed_optimizer
-        ddp = DistributedDataParallel(config=self.config, module=model, ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed, **ddp_options(self.path)))
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed,
+                                                   **ddp_options(self.path))
+        # As megatron's training loop: chunks after the first are one bucket each (their reduce overlaps
+        # with the other chunks' compute anyway).
+        ddps = [DistributedDataParallel(config=self.config, module=chunk, ddp_config=ddp_config,
+                                        disable_bucketing=index > 0) for index, chunk in enumerate(chunks)]
         # Without it megatron never reduces data-parallel gradients (silently).
         self.config.finalize_model_grads_func = finalize_model_grads
         if self.path.overlap_grad_reduce:  # the schedule holds the reduce back until the last micro-batch
-            self.config.no_sync_func = ddp.no_sync
+            no_sync = [ddp.no_sync for ddp in ddps]
+            self.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         opt = cfg.optim
         optim_cfg = OptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
                                     adam_beta1=opt.betas[0], adam_beta2=opt.betas[1], adam_eps=opt.eps,
                                     clip_grad=opt.grad_clip, use_distributed_optimizer=distributed,
                                     bf16=cfg.backend.precision == "bf16", params_dtype=self.config.params_dtype)
         overrides = {ParamKey(attr=NO_DECAY_ATTR): ParamGroupOverride(wd_mult=0.0)}
-        optimizer = get_megatron_optimizer(optim_cfg, [ddp], config_overrides=overrides)
+        optimizer = get_megatron_optimizer(optim_cfg, ddps, config_overrides=overrides)
         for group in optimizer.param_groups:  # megatron's LR scheduler would do this; we own the schedule
             group["weight_decay"] = opt.weight_decay * group.get("wd_mult", 1.0)
-        return ddp, optimizer
+        return ddps, optimizer
 
     # ------------------------------------------------------------------------------------------ steps
     def _share(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -138,48 +158,66 @@ class MegatronBackend:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         mpu, text = self.mpu, self.cfg.model.text
+        count = len(micro_batches)
         shares = [self._share(b) for b in micro_batches]
         total_weight = global_weight_sum([(labels, weights) for labels, weights, _ in shares],
                                          group=mpu.get_data_parallel_group(with_context_parallel=True))
-        aux_count = len(micro_batches) * self.info.dp_size * self.sizes.cp
+        aux_count = count * self.info.dp_size * self.sizes.cp
         parts: list[MicroBatchLoss] = []
-        stage_aux: list[torch.Tensor] = []  # per-layer form: this stage's share, per micro-batch
-        model = self.model
+        stage_aux: dict[int, torch.Tensor] = {}  # per-layer form: this rank's share (all chunks) per micro-batch
         per_layer = self.cfg.moe_aux_loss_form() == "per_layer"
         moe_layers = moe_layer_count(text)
 
         def forward_step(data_iterator, ddp):
-            batch, (labels, weights, _) = next(data_iterator)
+            index, batch, (labels, weights, _) = next(data_iterator)
+            counted = index < count  # not a repeat that only fills the interleaved schedule's groups
             router_logits: list[torch.Tensor] | None = [] if text.is_moe else None
             output = ddp(batch, router_logits)
             if per_layer and router_logits:
                 # megatron's form: every stage adds its own layers' share through the activations it sends on
                 share = load_balancing_loss(router_logits, text.num_experts, text.num_experts_per_tok,
                                             "per_layer", moe_layers)
-                stage_aux.append(share.detach())
+                if counted:
+                    stage_aux[index] = stage_aux.get(index, 0) + share.detach()
                 if not forward_only and text.router_aux_loss_coef:
                     output = attach_loss(output, text.router_aux_loss_coef * share / aux_count)
+            chunk = ddp.module
 
             def loss_func(hidden: torch.Tensor):
                 aux = load_balancing_loss(router_logits, text.num_experts, text.num_experts_per_tok) \
                     if router_logits and not per_layer else None
-                out = micro_batch_loss(model.gather_sequence_parallel(hidden), model.lm_head_weight(), labels,
+                out = micro_batch_loss(chunk.gather_sequence_parallel(hidden), chunk.lm_head_weight(), labels,
                                        weights, global_weight=total_weight, aux_loss=aux,
                                        aux_coef=text.router_aux_loss_coef, aux_count=aux_count)
-                parts.append(MicroBatchLoss(out.objective.detach(), out.weighted_ce, out.token_ce, out.aux_loss))
+                if counted:
+                    parts.append(MicroBatchLoss(out.objective.detach(), out.weighted_ce, out.token_ce, out.aux_loss))
                 # Token count 0: finalize_model_grads must not rescale (the objective is already global).
                 return out.objective, torch.zeros((), dtype=torch.int), {}
             return output, loss_func
 
+        scheduled = self._schedule_order(count, forward_only)
+        items = [(i, micro_batches[i % count], shares[i % count]) for i in range(scheduled)]
+        # The interleaved schedule takes one iterator per chunk (the first and last chunks read theirs).
+        iterators = [iter(items) for _ in self.ddps] if len(self.ddps) > 1 else iter(items)
         get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(list(zip(micro_batches, shares))), model=[self.ddp],
-            num_microbatches=len(micro_batches), seq_length=micro_batches[0].seq_len, micro_batch_size=1,
-            forward_only=forward_only)
+            forward_step_func=forward_step, data_iterator=iterators, model=self.ddps, num_microbatches=scheduled,
+            seq_length=micro_batches[0].seq_len, micro_batch_size=1, forward_only=forward_only)
         if per_layer and text.is_moe:
-            parts = self._pipeline_aux(parts, stage_aux, len(micro_batches))
+            parts = self._pipeline_aux(parts, [stage_aux[i] for i in sorted(stage_aux)], count)
         # Every (DP, CP) replica's last stage holds the losses once (TP ranks duplicate them): others add 0.
         counted = mpu.is_pipeline_last_stage() and mpu.get_tensor_model_parallel_rank() == 0
         return reduce_step_metrics(parts if counted else [], shares if counted else [], total_weight, aux_count)
+
+    def _schedule_order(self, count: int, forward_only: bool) -> int:
+        """Micro-batches the schedule runs: `count`, or with virtual pipeline stages during evaluation the
+        next multiple of pp (megatron's interleaved schedule runs groups of pp micro-batches per chunk; the
+        repeats fill the groups and are not counted). Training steps are checked by preflight."""
+        pp = self.sizes.pp
+        if self.sizes.vpp is None or count % pp == 0:
+            return count
+        if not forward_only:
+            raise ValueError(f"parallel.vpp: {count} micro-batches per step is not a multiple of pp={pp}")
+        return count + pp - count % pp
 
     def _pipeline_aux(self, parts: list[MicroBatchLoss], stage_aux: list[torch.Tensor],
                       count: int) -> list[MicroBatchLoss]:
@@ -203,8 +241,9 @@ class MegatronBackend:
         micro_batches = [move_batch(b) for b in micro_batches]
         lr = learning_rate(self.step, self.cfg.optim, self.total_steps)
         set_learning_rate(self.optimizer, lr)
-        self.ddp.train()
-        self.ddp.zero_grad_buffer()
+        for ddp in self.ddps:
+            ddp.train()
+            ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics = self._run(micro_batches, forward_only=False)
         skipped = not (math.isfinite(metrics.loss) and self._grads_finite())
@@ -219,7 +258,7 @@ class MegatronBackend:
     def _grads_finite(self) -> bool:
         """All ranks agree: the reduced gradient buffers (after finalize_model_grads) hold no NaN/inf."""
         local = all(bool(torch.isfinite(buffer.grad_data).all())
-                    for buffer in [*self.ddp.buffers, *self.ddp.expert_parallel_buffers])
+                    for ddp in self.ddps for buffer in [*ddp.buffers, *ddp.expert_parallel_buffers])
         flag = comm_tensor([0 if local else 1])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return not flag.item()
@@ -228,14 +267,17 @@ class MegatronBackend:
         """With overlap_param_gather the distributed optimizer's updated parameters are gathered during the
         next forward; whoever reads the weights first (save, export, eval) makes them current here."""
         if self.path.overlap_param_gather:
-            self.ddp.start_param_sync(force_sync=True)
+            for ddp in self.ddps:
+                ddp.start_param_sync(force_sync=True)
 
     def eval_step(self, batch: PackedBatch) -> StepMetrics:
         self._sync_params()
-        self.ddp.eval()
+        for ddp in self.ddps:
+            ddp.eval()
         with torch.no_grad():
             metrics = self._run([move_batch(batch)], forward_only=True)
-        self.ddp.train()
+        for ddp in self.ddps:
+            ddp.train()
         lr = learning_rate(max(0, self.step - 1), self.cfg.optim, self.total_steps)
         return StepMetrics(loss=metrics.loss, grad_norm=float("nan"), lr=lr, tokens=metrics.tokens,
                            aux_loss=metrics.aux_loss, loss_per_source=metrics.loss_per_source)
@@ -249,20 +291,20 @@ class MegatronBackend:
         from train.backends.megatron.checkpoint import save_training_state
 
         self._sync_params()
-        return save_training_state(Path(directory), self.ddp, self.optimizer, self.step, self.state_layout())
+        return save_training_state(Path(directory), self.ddps, self.optimizer, self.step, self.state_layout())
 
     def load(self, directory: Path) -> None:
         """Resume: model, optimizer and step, in the layout they were saved in (else a CheckpointError)."""
         from train.backends.megatron.checkpoint import load_training_state
 
-        self.step = load_training_state(Path(directory), self.ddp, self.optimizer, self.state_layout())
+        self.step = load_training_state(Path(directory), self.ddps, self.optimizer, self.state_layout())
 
     def load_model_weights_from_checkpoint(self, directory: Path) -> None:
         """Only the model weights of a checkpoint saved by `save`, in any layout (resharded by
         dist_checkpointing); the optimizer and the step stay fresh, as at the start of a new stage."""
         from train.backends.megatron.checkpoint import load_model_state
 
-        load_model_state(Path(directory), self.ddp, self.optimizer)
+        load_model_state(Path(directory), self.ddps, self.optimizer)
 
     def state_layout(self) -> dict:
         """What the saved optimizer state's sharding depends on: a full load needs all of it unchanged."""
@@ -273,13 +315,14 @@ class MegatronBackend:
         from train.backends.megatron.weights import iter_native
 
         self._sync_params()
-        return iter_native(self.model, self.cfg.model)
+        return iter_native(self.chunks, self.cfg.model)
 
     def load_model_weights(self, weights: WeightSource) -> None:
         from train.backends.megatron.weights import load_weights, shard_coords
 
         check_source_fits(weights, self.cfg.model, "initial weights")
-        load_weights(self.model, weights, self.cfg.model, shard_coords(self.model))
+        for chunk in self.chunks:
+            load_weights(chunk, weights, self.cfg.model, shard_coords(chunk))
         # Mixed-precision / distributed optimizers keep fp32 master copies of the weights: refresh them.
         self.optimizer.reload_model_params()
 

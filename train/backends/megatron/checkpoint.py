@@ -28,19 +28,32 @@ SUBDIR = "megatron"
 # The distributed optimizer's state in model space (each parameter's moments in the parameter's global shape):
 # it loads into any TP/PP/DP layout (gathered over the DP group at save).
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-RESHARDABLE = ("tp", "pp", "cp", "ep", "dp", "etp", "first", "last")  # layout keys a full load may change
+RESHARDABLE = ("tp", "pp", "cp", "ep", "dp", "etp", "first", "last", "vpp")  # layout keys a full load may change
 
 
-def _unwrapped(ddp: Any) -> Any:
-    return ddp.module
+def _model_state(ddps: list) -> dict[str, Any]:
+    """The model's sharded state: one chunk's as it is; virtual pipeline chunks' under "vp0", "vp1", ...
+    The tensors inside carry global layer numbers (megatron's sharded keys), so a checkpoint saved with or
+    without virtual stages loads into the other layout."""
+    if len(ddps) == 1:
+        return ddps[0].module.sharded_state_dict()
+    return {f"vp{index}": ddp.module.sharded_state_dict() for index, ddp in enumerate(ddps)}
+
+
+def _load_model(ddps: list, loaded: dict[str, Any]) -> None:
+    if len(ddps) == 1:
+        ddps[0].module.load_state_dict(loaded)
+        return
+    for index, ddp in enumerate(ddps):
+        ddp.module.load_state_dict(loaded[f"vp{index}"])
 
 
 def _optimizer_parts(optimizer: Any) -> list[Any]:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _state(ddp: Any, optimizer: Any, step: int, is_loading: bool, layout: dict[str, Any]) -> dict[str, Any]:
-    model_state = _unwrapped(ddp).sharded_state_dict()
+def _state(ddps: list, optimizer: Any, step: int, is_loading: bool, layout: dict[str, Any]) -> dict[str, Any]:
+    model_state = _model_state(ddps)
     optim_state = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
     return {"model": model_state, "optimizer": optim_state, "step": step, "adam_steps": _adam_steps(optimizer),
             "layout": layout}
@@ -86,7 +99,7 @@ def _restore_adam_steps(optimizer: Any, steps: list[float]) -> None:
                 state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
-def save_training_state(directory: Path, ddp: Any, optimizer: Any, step: int, layout: dict[str, Any]) -> PendingWrite:
+def save_training_state(directory: Path, ddps: list, optimizer: Any, step: int, layout: dict[str, Any]) -> PendingWrite:
     """Snapshot the model and optimizer state for `directory` (which exists: the caller's temp checkpoint
     dir) and return the writer (train/backends/snapshot.py). Every rank calls it: dist_checkpointing plans
     the save collectively now (and rank 0 writes common.pt); `write()` writes this rank's .distcp files from
@@ -100,7 +113,7 @@ def save_training_state(directory: Path, ddp: Any, optimizer: Any, step: int, la
     # The writer runs on a thread of this process, not in forked workers: an in-process results queue
     # replaces the spawn Manager dist_checkpointing would start (seconds per save, and it outlives os._exit).
     filesystem_async._results_queue = queue.Queue()
-    state = _host_snapshot(_state(ddp, optimizer, step, is_loading=False, layout=layout))
+    state = _host_snapshot(_state(ddps, optimizer, step, is_loading=False, layout=layout))
     request = dist_checkpointing.save(state, str(target), async_sharded_save=True)
     buckets, results = (request.async_fn_args[1], request.async_fn_args[2]) if request.async_fn else ([], None)
     transforms = request.async_fn.args[0] if request.async_fn else []
@@ -165,7 +178,7 @@ def saved_layout(directory: Path) -> dict[str, Any]:
     return dict(layout) if layout is not None else {}
 
 
-def load_training_state(directory: Path, ddp: Any, optimizer: Any, layout: dict[str, Any]) -> int:
+def load_training_state(directory: Path, ddps: list, optimizer: Any, layout: dict[str, Any]) -> int:
     """Restore what save_training_state wrote, model and optimizer; returns the saved step. The parallel
     sizes may differ from the saving run's (dist_checkpointing reshards the model and the fully reshardable
     optimizer state); precision and optimizer kind may not, nor anything for checkpoints saved before the
@@ -187,24 +200,23 @@ def load_training_state(directory: Path, ddp: Any, optimizer: Any, layout: dict[
             init()
         _skip_step_in_reshardable_load(part)
     with torch.no_grad():
-        state = dist_checkpointing.load(_state(ddp, optimizer, 0, is_loading=True, layout=layout), str(target))
-        _unwrapped(ddp).load_state_dict(state["model"])
+        state = dist_checkpointing.load(_state(ddps, optimizer, 0, is_loading=True, layout=layout), str(target))
+        _load_model(ddps, state["model"])
         optimizer.load_state_dict(state["optimizer"])
     _restore_adam_steps(optimizer, state["adam_steps"])
     return int(state["step"])
 
 
-def load_model_state(directory: Path, ddp: Any, optimizer: Any) -> int:
+def load_model_state(directory: Path, ddps: list, optimizer: Any) -> int:
     """Load only the model weights of a checkpoint, in any layout (dist_checkpointing reshards the TP/PP/EP
     shards by their global offsets); the optimizer keeps its fresh state, only its master copies of the
     weights are refreshed. Returns the step the checkpoint was saved at."""
     from megatron.core import dist_checkpointing
 
     target = _checkpoint_dir(directory)
-    model = _unwrapped(ddp)
     with torch.no_grad():
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(target))
-        model.load_state_dict(state["model"])
+        state = dist_checkpointing.load({"model": _model_state(ddps)}, str(target))
+        _load_model(ddps, state["model"])
     # Mixed-precision / distributed optimizers step fp32 master copies: without this the next step would
     # overwrite the loaded weights with the fresh model's.
     optimizer.reload_model_params()

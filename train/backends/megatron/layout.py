@@ -10,6 +10,9 @@ Groups as megatron-core builds them (initialize_model_parallel, order tp-cp-ep-d
 Pipeline stages: even by default; `first_stage_layers` / `last_stage_layers` give the first / last stage
 their own count (megatron-core's num_layers_in_first/last_pipeline_stage), the middle stages split the rest
 evenly. When the layers do not split evenly the error names a split that works (`suggest_stage_split`).
+Virtual pipeline stages (`vpp`, megatron-core's interleaved 1F1B): every pipeline rank holds vpp model chunks
+of count/vpp layers each; chunk v of stage p starts at global layer v*(layers/vpp) + (layers before p)/vpp
+(megatron-core's get_transformer_layer_offset), so the model runs chunk 0 of every stage, then chunk 1, ...
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ class ParallelSizes:
     etp: int = 1
     first: Optional[int] = None
     last: Optional[int] = None
+    vpp: Optional[int] = None  # virtual pipeline stages per pipeline rank (None: plain 1F1B)
 
     def describe(self) -> str:
         text = f"tp={self.tp} pp={self.pp} cp={self.cp} ep={self.ep} dp={self.dp}"
@@ -49,6 +53,8 @@ class ParallelSizes:
             text += f" expert_tp={self.etp}"
         if self.first is not None or self.last is not None:
             text += f" first_stage_layers={self.first} last_stage_layers={self.last}"
+        if self.vpp is not None:
+            text += f" vpp={self.vpp}"
         return text
 
     @property
@@ -62,10 +68,11 @@ def resolve_sizes(config: Any, world_size: int) -> ParallelSizes:
     derive dp when it is None or 0."""
     tp, pp, cp, ep = (int(_get(config, key, 1)) for key in ("tp", "pp", "cp", "ep"))
     if isinstance(config, ParallelSizes):
-        etp, first, last = config.etp, config.first, config.last
+        etp, first, last, vpp = config.etp, config.first, config.last, config.vpp
     else:  # a ParallelConfig (train/config/schema.py)
         etp = int(_get(config, "expert_tp", 1))
         first, last = getattr(config, "first_stage_layers", None), getattr(config, "last_stage_layers", None)
+        vpp = getattr(config, "vpp", None)
     dp = getattr(config, "dp", None)
     given = f"tp={tp} pp={pp} cp={cp} ep={ep} expert_tp={etp} dp={dp if dp else 'auto'}"
     if min(tp, pp, cp, ep, etp) < 1 or (dp is not None and dp < 0):
@@ -82,7 +89,7 @@ def resolve_sizes(config: Any, world_size: int) -> ParallelSizes:
         raise ParallelLayoutError(
             f"parallel.expert_tp*ep={etp}*{ep} must divide the tp*cp*dp={tp}*{cp}*{dp} ranks of a pipeline stage "
             f"(megatron-core folds experts over them; world size {world_size})")
-    return ParallelSizes(tp=tp, pp=pp, cp=cp, ep=ep, dp=dp, etp=etp, first=first, last=last)
+    return ParallelSizes(tp=tp, pp=pp, cp=cp, ep=ep, dp=dp, etp=etp, first=first, last=last, vpp=vpp)
 
 
 def _get(config: Any, key: str, default: Any) -> Any:
@@ -117,6 +124,30 @@ def stage_layer_counts(num_layers: int, pp: int, first: Optional[int] = None,
     if last is not None:
         counts[-1] = last
     return counts
+
+
+def stage_layers(num_layers: int, pp: int, first: Optional[int] = None, last: Optional[int] = None,
+                 vpp: Optional[int] = None) -> list[list[list[int]]]:
+    """Global decoder layer indices of every pipeline stage's model chunks ([stage][chunk] -> layers), as
+    megatron-core places them (one chunk per stage without virtual stages). ParallelLayoutError when a
+    stage's layers do not split into vpp equal chunks."""
+    counts = stage_layer_counts(num_layers, pp, first, last)
+    chunks = vpp or 1
+    if chunks < 1 or (vpp is not None and pp == 1):
+        raise ParallelLayoutError(f"parallel.vpp={vpp} needs pp > 1 and vpp >= 1")
+    if vpp is not None and pp == 2 and first is not None and last is not None:
+        # megatron-core 0.16 divides by the number of middle stages when it places virtual chunks
+        raise ParallelLayoutError(f"parallel.vpp with pp=2 takes first_stage_layers or last_stage_layers, not "
+                                  f"both (set only first_stage_layers={first}: the last stage gets the rest)")
+    if any(count % chunks for count in counts):
+        raise ParallelLayoutError(f"parallel.vpp={vpp} must divide every pipeline stage's decoder layers "
+                                  f"{counts} (pp={pp}, first_stage_layers={first}, last_stage_layers={last})")
+    per_round = num_layers // chunks  # layers of one chunk on every stage together
+    out = []
+    for stage, count in enumerate(counts):
+        start, size = sum(counts[:stage]) // chunks, count // chunks
+        out.append([list(range(v * per_round + start, v * per_round + start + size)) for v in range(chunks)])
+    return out
 
 
 def suggest_stage_split(num_layers: int, pp: int) -> Optional[list[int]]:
@@ -156,10 +187,10 @@ def check_layout(model_cfg: ModelConfig, sizes: ParallelSizes, precision: str = 
         problems.append(f"parallel.tp={sizes.tp} must divide model.text.vocab_size={text.vocab_size}")
     problems += check_vision_tp(model_cfg.vision, sizes.tp)
     try:
-        counts = stage_layer_counts(text.num_hidden_layers, sizes.pp, sizes.first, sizes.last)
-        if counts[0] < deepstack:
-            problems.append(f"the first pipeline stage holds {counts[0]} decoder layers, fewer than the "
-                            f"{deepstack} DeepStack injections it must hold")
+        first_chunk = stage_layers(text.num_hidden_layers, sizes.pp, sizes.first, sizes.last, sizes.vpp)[0][0]
+        if len(first_chunk) < deepstack:
+            problems.append(f"the first pipeline stage's first model chunk holds {len(first_chunk)} decoder "
+                            f"layers, fewer than the {deepstack} DeepStack injections it must hold")
     except ParallelLayoutError as err:
         problems.append(str(err))
     if text.is_moe and text.num_experts % sizes.ep:
@@ -189,4 +220,10 @@ def check_config(cfg: Any, world_size: int) -> ParallelSizes:
     sizes = resolve_sizes(cfg.parallel, world_size)
     check_layout(cfg.model, sizes, cfg.backend.precision, cfg.stage.seq_len, cfg.parallel.sequence_parallel,
                  cfg.moe_aux_loss_form())
+    micro = cfg.stage.global_batch_size // (sizes.dp or 1)
+    if sizes.vpp is not None and micro % sizes.pp:
+        # the interleaved schedule runs micro-batches in groups of pp per model chunk
+        raise ParallelLayoutError(f"megatron layout {sizes.describe()}: parallel.vpp needs the micro-batches per "
+                                  f"step (stage.global_batch_size={cfg.stage.global_batch_size} / dp={sizes.dp} = "
+                                  f"{micro}) to be a multiple of pp={sizes.pp}")
     return sizes

@@ -116,11 +116,12 @@ def _megatron_spec_builders() -> SpecBuilders:
 
 
 def layer_specs(config: TransformerConfig, model_cfg: ModelConfig, path: MegatronPath = LOCAL_PATH,
-                builders: SpecBuilders | None = None) -> TransformerBlockSubmodules:
-    """Specs of this pipeline stage's decoder layers (dense or MoE per layer, as the reference decides)."""
-    offset = get_transformer_layer_offset(config)
+                builders: SpecBuilders | None = None, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """Specs of this pipeline stage's decoder layers (dense or MoE per layer, as the reference decides);
+    with virtual pipeline stages, of its model chunk `vp_stage`."""
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     specs = [decoder_layer_spec(model_cfg, i, path, builders)
-             for i in range(offset, offset + get_num_layers_to_build(config))]
+             for i in range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage))]
     if not path.thd_attention:  # the only local attention that honours packed documents, and CP's split
         for spec in specs:
             spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
@@ -138,12 +139,16 @@ def layer_specs(config: TransformerConfig, model_cfg: ModelConfig, path: Megatro
 
 
 class MegatronQwen3VL(LanguageModule):
-    """One pipeline stage of Qwen3-VL. forward(batch) -> final-normed hidden [n, 1, H] on the last stage
-    (the loss reads the lm_head weight itself, chunked), the stage's output activations otherwise."""
+    """One pipeline stage of Qwen3-VL (with virtual pipeline stages: one model chunk, `vp_stage`; the ViT and
+    embedding on chunk 0 of the first stage, the head on the last chunk of the last stage).
+    forward(batch) -> final-normed hidden [n, 1, H] on the last stage (the loss reads the lm_head weight
+    itself, chunked), the stage's output activations otherwise."""
 
     def __init__(self, config: TransformerConfig, model_cfg: ModelConfig, visual: VisionTower | None,
-                 pre_process: bool = True, post_process: bool = True, path: MegatronPath = LOCAL_PATH) -> None:
+                 pre_process: bool = True, post_process: bool = True, path: MegatronPath = LOCAL_PATH,
+                 vp_stage: int | None = None) -> None:
         super().__init__(config=config)
+        self.vp_stage = vp_stage  # read by LanguageModule's tied-embedding set-up and sharded_state_dict
         text = model_cfg.text
         self.model_cfg = model_cfg
         self.path = path
@@ -162,8 +167,8 @@ class MegatronQwen3VL(LanguageModule):
             self.embedding = LanguageModelEmbedding(config, text.vocab_size, text.max_position_embeddings,
                                                     position_embedding_type="none",
                                                     scatter_to_sequence_parallel=False)
-        self.decoder = TransformerBlock(config, layer_specs(config, model_cfg, path), pre_process=pre_process,
-                                        post_process=post_process)
+        self.decoder = TransformerBlock(config, layer_specs(config, model_cfg, path, vp_stage=vp_stage),
+                                        pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 text.hidden_size, text.vocab_size, config=config, init_method=config.init_method, bias=False,

@@ -18,8 +18,7 @@ __all__ = ["ParallelLayoutError", "ParallelSizes", "resolve_sizes", "init_parall
            "destroy_parallel_groups", "config_kwargs", "stop_checkpoint_writer_manager"]
 
 
-def init_parallel_groups(config: Any, seed: int = 1234, virtual_pipeline_size: int | None = None,
-                         gloo_groups: bool = True) -> ParallelSizes:
+def init_parallel_groups(config: Any, seed: int = 1234, gloo_groups: bool = True) -> ParallelSizes:
     """Create megatron's parallel groups and seed its RNG tracker. torch.distributed must be initialised.
     `gloo_groups=False` skips megatron's extra gloo groups (a fake process group cannot make them)."""
     if not dist.is_initialized():
@@ -35,7 +34,7 @@ def init_parallel_groups(config: Any, seed: int = 1234, virtual_pipeline_size: i
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=sizes.tp,
         pipeline_model_parallel_size=sizes.pp,
-        virtual_pipeline_model_parallel_size=virtual_pipeline_size,
+        virtual_pipeline_model_parallel_size=sizes.vpp,
         context_parallel_size=sizes.cp,
         expert_model_parallel_size=sizes.ep,
         expert_tensor_parallel_size=sizes.etp,
@@ -59,12 +58,20 @@ def destroy_parallel_groups() -> None:
         torch.cuda.empty_cache()
 
 
-def config_kwargs(sizes: ParallelSizes) -> dict[str, int | None]:
-    """The TransformerConfig fields megatron reads the layout from (layers per stage, expert split, ...)."""
-    return {"tensor_model_parallel_size": sizes.tp, "pipeline_model_parallel_size": sizes.pp,
+def config_kwargs(sizes: ParallelSizes) -> dict[str, int | bool | None]:
+    """The TransformerConfig fields megatron reads the layout from (layers per stage, expert split, ...).
+
+    batch_p2p_comm: the interleaved schedule's steady state sends an activation and a gradient to the same
+    rank when pp=2 (previous stage = next stage). Batched, both sends are matched with the peer's receives in
+    posting order, which differs on the two ranks: activations arrive as gradients and back (seen on gloo:
+    wrong losses from the first steady-state micro-batch on). megatron's unbatched path puts the two
+    directions on different process groups for exactly this case."""
+    return {"batch_p2p_comm": not (sizes.vpp is not None and sizes.pp == 2),
+            "tensor_model_parallel_size": sizes.tp, "pipeline_model_parallel_size": sizes.pp,
             "context_parallel_size": sizes.cp, "expert_model_parallel_size": sizes.ep,
             "expert_tensor_parallel_size": sizes.etp,
-            "num_layers_in_first_pipeline_stage": sizes.first, "num_layers_in_last_pipeline_stage": sizes.last}
+            "num_layers_in_first_pipeline_stage": sizes.first, "num_layers_in_last_pipeline_stage": sizes.last,
+            "virtual_pipeline_model_parallel_size": sizes.vpp}
 
 
 def stop_checkpoint_writer_manager() -> None:

@@ -248,11 +248,7 @@ def load_weights(model: nn.Module, source: WeightSource, cfg: ModelConfig, coord
     def reader(name: str):
         rule = rule_for(name, cfg, coords.layer_offset, coords.expert_offset)
         return lambda: read_local(rule, source, cfg, coords)
-    # Largest first: a read's temporary slice then lands while few of the (lazily committed) parameters are
-    # resident, so it does not add to the peak (the last stage's head slice, filled last in module order, did:
-    # build peak 1.44 x shard at 2B TP2 x PP2).
-    params = sorted(model.named_parameters(), key=lambda item: -item[1].numel())
-    fill((name, param, reader(name)) for name, param in params)
+    fill((name, param, reader(name)) for name, param in model.named_parameters())
 
 
 def gather_tp(tensor: torch.Tensor, rule: Rule, size: int, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -277,14 +273,15 @@ def add_tied_head(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
 
 
 def shard_coords(model: nn.Module) -> ShardCoords:
-    """This rank's coordinates from megatron's parallel state (the model's config gives the layer offset)."""
+    """This rank's coordinates from megatron's parallel state (the model's config and virtual pipeline stage
+    give the layer offset)."""
     from megatron.core import parallel_state as mpu
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     config = model.config
     experts = config.num_moe_experts or 0
     return ShardCoords(
-        layer_offset=get_transformer_layer_offset(config),
+        layer_offset=get_transformer_layer_offset(config, vp_stage=getattr(model, "vp_stage", None)),
         expert_offset=mpu.get_expert_model_parallel_rank() * (experts // mpu.get_expert_model_parallel_world_size()),
         tp_rank=mpu.get_tensor_model_parallel_rank(), tp_size=mpu.get_tensor_model_parallel_world_size(),
         expert_tp_rank=mpu.get_expert_tensor_parallel_rank(),
@@ -321,9 +318,11 @@ def _units(offers: list[_Offer], cfg: ModelConfig) -> list[list[_Offer]]:
 
 
 @torch.no_grad()
-def iter_native(model: nn.Module, cfg: ModelConfig, writer_rank: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """(native name, full tensor) pairs of a TP/PP/EP-sharded megatron model, one native tensor at a time,
-    on `writer_rank` (nothing elsewhere). Collective over the world: every rank iterates to the end.
+def iter_native(model: nn.Module | list[nn.Module], cfg: ModelConfig,
+                writer_rank: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """(native name, full tensor) pairs of a TP/PP/EP-sharded megatron model (or this rank's list of virtual
+    pipeline chunks), one native tensor at a time, on `writer_rank` (nothing elsewhere). Collective over the
+    world: every rank iterates to the end.
 
     Each unit (the native tensors one megatron parameter makes; for experts, all of a layer's experts) is
     TP-gathered by the replica that owns it (data/context-parallel rank 0, expert-data-parallel rank 0 for
@@ -333,29 +332,30 @@ def iter_native(model: nn.Module, cfg: ModelConfig, writer_rank: int = 0) -> Ite
     """
     from megatron.core import parallel_state as mpu
 
-    coords, rank = shard_coords(model), dist.get_rank()
+    chunks = model if isinstance(model, list) else [model]
+    coords, rank = shard_coords(chunks[0]), dist.get_rank()  # TP coordinates: the same for every chunk
     owner = {False: mpu.get_data_parallel_rank(with_context_parallel=True) == 0,
              True: mpu.get_expert_data_parallel_rank() == 0}
     groups = {False: (coords.tp_size, mpu.get_tensor_model_parallel_group()),
               True: (coords.expert_tp_size, mpu.get_expert_tensor_parallel_group())}
-    params = dict(model.named_parameters())
-    mine: list[_Offer] = []
-    for name, param in params.items():
-        rule = rule_for(name, cfg, coords.layer_offset, coords.expert_offset)
-        if owner[rule.is_expert] and coords.tp(rule)[0] == 0:
-            mine.append(_Offer(rank, name, rule, _full_shape(param, rule, coords.tp(rule)[1]), param.dtype))
+    params: dict[tuple, tuple[str, torch.Tensor, Rule]] = {}  # (natives, expert) -> this rank's parameter
+    for chunk in chunks:
+        offsets = shard_coords(chunk)
+        for name, param in chunk.named_parameters():
+            rule = rule_for(name, cfg, offsets.layer_offset, offsets.expert_offset)
+            params[(rule.natives, rule.expert)] = (name, param, rule)
+    mine = [_Offer(rank, name, rule, _full_shape(param, rule, coords.tp(rule)[1]), param.dtype)
+            for name, param, rule in params.values() if owner[rule.is_expert] and coords.tp(rule)[0] == 0]
     everyone: list[list[_Offer]] = [[] for _ in range(dist.get_world_size())]
     dist.all_gather_object(everyone, mine)
-    by_key = {(rule_for(n, cfg, coords.layer_offset, coords.expert_offset).natives,
-               rule_for(n, cfg, coords.layer_offset, coords.expert_offset).expert): n for n in params}
     for unit in _units([offer for offers in everyone for offer in offers], cfg):
         natives: dict[str, torch.Tensor] = {}
         for offer in unit:
             full = None
-            local = by_key.get((offer.rule.natives, offer.rule.expert))
+            local = params.get((offer.rule.natives, offer.rule.expert))
             if local is not None and owner[offer.rule.is_expert]:  # this rank's TP group holds the piece
                 size, group = groups[offer.rule.is_expert]
-                full = gather_tp(params[local].detach(), offer.rule, size, group)
+                full = gather_tp(local[1].detach(), offer.rule, size, group)
             if offer.rank != writer_rank and rank == offer.rank:
                 dist.send(on_group_device(full), dst=writer_rank)
             elif offer.rank != writer_rank and rank == writer_rank:
@@ -380,7 +380,7 @@ def add_native(natives: dict[str, torch.Tensor], rule: Rule, full: torch.Tensor,
         natives[name][rule.expert] = tensor
 
 
-def export_native(model: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def export_native(model: nn.Module | list[nn.Module], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The full native state dict (fp32, CPU) on global rank 0, {} elsewhere (collective). Small models
     and tests only: it holds everything; exports stream `iter_native` instead."""
     state = {name: tensor.float().clone() for name, tensor in iter_native(model, cfg)}
