@@ -6,7 +6,8 @@ parameters within 1e-5, pre-clip grad norms within 1e-5 (checks the gradient sca
 rescale).
   dp: DP=2 + distributed optimizer; also dist_checkpointing save/load -> the redone step is bitwise equal
       (loss and weights), and a NaN loss weight on one rank skips the step without touching the weights
-  tp: TP=2 + sequence parallel (vocab-parallel embedding / lm_head, DeepStack scattered with the sequence)
+  tp: TP=2 + sequence parallel (vocab-parallel embedding / lm_head, tensor-parallel ViT and mergers,
+      DeepStack scattered with the sequence)
   cp: CP=2 load-balanced split after the vision merge, ContextParallelAttention on packed documents
   ep: EP=2 MoE (megatron all-to-all dispatcher, the reference's pooled load-balancing loss); its model has
       a dense layer among the MoE ones (mlp_only_layers), and resumes bitwise like dp

@@ -1,7 +1,7 @@
 """The megatron Qwen3-VL (megatron-core decoder + the reference vision tower, DeepStack, interleaved MRoPE)
 on the same weights as the reference Qwen3VLModel, loaded through the native -> megatron weight map: logits
 within 1e-6 (fp32; every parameter random, norm gains and biases too) for dense and MoE, on image, text-only and video sequences, single / TP=2 + sequence
-parallel / CP=2 / EP=2 (MoE); the exported native state dict equals the loaded one exactly (TP/EP shards
+parallel (the ViT and mergers tensor-parallel too) / CP=2 / EP=2 (MoE); the exported native state dict equals the loaded one exactly (TP/EP shards
 gathered back). One torchrun (programs/megatron_model.py, ~15 s)."""
 from __future__ import annotations
 
