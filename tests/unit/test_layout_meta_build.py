@@ -30,12 +30,19 @@ WRITTEN_FOR = {
     "cp2": (("tiny", "tiny_moe"), 4),
     "qwen3vl_235b_h100": (("qwen3vl_235b_a22b",), 256),
 }
-RESOLVED_AT_START_UP = {"auto"}  # parallel=auto: the planner picks a layout (tests/unit/test_preflight_layouts.py)
+RESOLVED_AT_START_UP = {"auto"}
+# Virtual pipeline stages (parallel.vpp) on top of shipped files: (model, parallel file, world, extra overrides).
+# The MoE mix (every second layer sparse) puts MoE layers 1 and 3 on rank 1's two chunks (2 and 3 without).
+VIRTUAL = [("qwen3vl_235b_a22b", "qwen3vl_235b_h100", 256,
+            ("parallel.first_stage_layers=10", "parallel.last_stage_layers=12", "parallel.vpp=2")),
+           ("tiny_moe", "single", 2, ("parallel.pp=2", "parallel.vpp=2", "model.text.num_hidden_layers=4",
+                                      "model.text.decoder_sparse_step=2", "model.text.mlp_only_layers=[]",
+                                      "model.vision.deepstack_visual_indexes=[0]"))]  # parallel=auto: the planner picks a layout (tests/unit/test_preflight_layouts.py)
 
 
 @functools.lru_cache(maxsize=None)
-def _stats(model: str):
-    return model_stats(load_config([f"model={model}"]).model)
+def _stats(model: str, *model_overrides: str):
+    return model_stats(load_config([f"model={model}", *model_overrides]).model)
 
 
 def _overrides(model: str, parallel: str, *extra: str) -> list[str]:
@@ -51,6 +58,8 @@ def test_every_parallel_file_is_covered():
 def test_first_middle_last_ranks_build_on_meta_with_the_planners_parameter_counts():
     jobs = [{"overrides": _overrides(model, parallel), "world": world, "ranks": sorted({0, world // 2, world - 1})}
             for parallel, (models, world) in WRITTEN_FOR.items() for model in models]
+    jobs += [{"overrides": _overrides(model, parallel, *extra), "world": world,
+              "ranks": sorted({0, world // 2, world - 1})} for model, parallel, world, extra in VIRTUAL]
     out = subprocess.run([sys.executable, str(PROGRAM), json.dumps(jobs)], cwd=REPO, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -63,11 +72,12 @@ def test_first_middle_last_ranks_build_on_meta_with_the_planners_parameter_count
         chunks = stage_layers(cfg.model.text.num_hidden_layers, layout.pp, layout.first, layout.last, layout.vpp)
         stage = rank["stage"]
         layers = [layer for chunk in chunks[stage] for layer in chunk]
-        planned = sum(_stage_params(_stats(cfg.model.name), layout, stage, layers,
+        model_overrides = [o for o in rank["overrides"] if o.startswith("model.")]
+        planned = sum(_stage_params(_stats(cfg.model.name, *model_overrides), layout, stage, layers,
                                     set(cfg.stage.trainable)).values())
         where = f"{cfg.model.name} {layout.describe()} rank {rank['rank']}"
         assert rank["meta"], where
-        assert rank["layers"] == len(layers), where
+        assert rank["layers"] == len(layers) and rank["chunk_layers"] == chunks[stage], where
         assert rank["params"] == pytest.approx(planned, rel=0.01), where
         stages_seen.add((cfg.model.name, stage))
     # the 235B layout's ranks 0 / 128 / 255 sit on the first, a middle and the last of its 8 stages

@@ -3,8 +3,9 @@
     python megatron_meta_build.py '<json list of {"overrides": [...], "world": N, "ranks": [...]}>'
 
 Each rank: torch's fake process group posing as that rank, megatron-core's groups on it (no gloo groups),
-the rank's MegatronQwen3VL stage (ViT on the first stage) built under torch.device("meta"). Prints one JSON
-line per rank: its pipeline stage, decoder layer count and parameter count. Parameters are never
+the rank's MegatronQwen3VL stage (ViT on the first stage; with parallel.vpp one model chunk per virtual
+stage, as the backend builds them) under torch.device("meta"). Prints one JSON line per rank: its pipeline
+stage, decoder layer count and parameter count (all chunks), and each chunk's global decoder layers. Parameters are never
 materialised, so the 235B model's ranks cost no memory.
 """
 from __future__ import annotations
@@ -38,13 +39,19 @@ def build_rank(overrides: list[str], world: int, rank: int) -> dict:
 
         config = transformer_config(cfg.model, sizes, cfg.backend.precision, cfg.parallel.sequence_parallel)
         config.perform_initialization = False  # meta tensors: nothing to initialise
-        first, last = mpu.is_pipeline_first_stage(), mpu.is_pipeline_last_stage()
-        with torch.device("meta"):
-            visual = VisionTower(cfg.model.vision, out_size=cfg.model.text.hidden_size) if first else None
-            model = MegatronQwen3VL(config, cfg.model, visual, pre_process=first, post_process=last)
-        params = {id(p): p for p in model.parameters()}.values()
+        chunks = []
+        for vp_stage in range(sizes.vpp) if sizes.vpp is not None else [None]:
+            first = mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+            last = mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+            with torch.device("meta"):
+                visual = VisionTower(cfg.model.vision, out_size=cfg.model.text.hidden_size) if first else None
+                chunks.append(MegatronQwen3VL(config, cfg.model, visual, pre_process=first, post_process=last,
+                                              vp_stage=vp_stage))
+        params = {id(p): p for chunk in chunks for p in chunk.parameters()}.values()
         return {"overrides": overrides, "world": world, "rank": rank,
-                "stage": mpu.get_pipeline_model_parallel_rank(), "layers": len(model.decoder.layers),
+                "stage": mpu.get_pipeline_model_parallel_rank(),
+                "layers": sum(len(chunk.decoder.layers) for chunk in chunks),
+                "chunk_layers": [[layer.layer_number - 1 for layer in chunk.decoder.layers] for chunk in chunks],
                 "params": sum(p.numel() for p in params),
                 "meta": all(p.device.type == "meta" for p in params)}
     finally:
