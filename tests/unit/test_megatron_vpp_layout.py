@@ -42,7 +42,13 @@ def test_chunk_layers_are_megatrons(layers, pp, first, last, vpp):
 
 
 @pytest.mark.parametrize("overrides, world, fragment", [
-    (["parallel.pp=2", "parallel.vpp=3"], 2, "parallel.vpp=3 must divide every pipeline stage's decoder layers"),
+    (["parallel.pp=2", "parallel.vpp=3"], 2, "parallel.vpp=3 must divide every pipeline stage's decoder layers"
+                                             " [2, 2] (pp=2, first_stage_layers=None, last_stage_layers=None): no split"),
+    (["parallel.pp=2", "parallel.vpp=2", "model.text.num_hidden_layers=6"], 2,
+     "parallel.vpp=2 must divide every pipeline stage's decoder layers [3, 3] (pp=2, first_stage_layers=None, "
+     "last_stage_layers=None): set parallel.first_stage_layers=2 and last_stage_layers=null"),
+    (["parallel.pp=2", "parallel.vpp=2", "model.text.num_hidden_layers=5"], 2,
+     "5 decoder layers do not split over pp=2 with first_stage_layers=None last_stage_layers=None: no split"),
     (["parallel.pp=1", "parallel.vpp=2"], 2, "parallel.vpp=2 needs pp > 1"),
     (["parallel.pp=2", "parallel.vpp=2", "parallel.first_stage_layers=2", "parallel.last_stage_layers=2"], 2,
      "parallel.vpp with pp=2 takes first_stage_layers or last_stage_layers, not both"),

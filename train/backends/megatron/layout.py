@@ -130,24 +130,45 @@ def stage_layers(num_layers: int, pp: int, first: Optional[int] = None, last: Op
                  vpp: Optional[int] = None) -> list[list[list[int]]]:
     """Global decoder layer indices of every pipeline stage's model chunks ([stage][chunk] -> layers), as
     megatron-core places them (one chunk per stage without virtual stages). ParallelLayoutError when a
-    stage's layers do not split into vpp equal chunks."""
-    counts = stage_layer_counts(num_layers, pp, first, last)
+    stage's layers do not split into vpp equal chunks, naming a split that does."""
     chunks = vpp or 1
     if chunks < 1 or (vpp is not None and pp == 1):
         raise ParallelLayoutError(f"parallel.vpp={vpp} needs pp > 1 and vpp >= 1")
+    try:
+        counts = stage_layer_counts(num_layers, pp, first, last)
+    except ParallelLayoutError as err:
+        if vpp is None:
+            raise
+        raise ParallelLayoutError(f"{num_layers} decoder layers do not split over pp={pp} with first_stage_layers="
+                                  f"{first} last_stage_layers={last}: {_virtual_split_hint(num_layers, pp, vpp)}") from err
     if vpp is not None and pp == 2 and first is not None and last is not None:
         # megatron-core 0.16 divides by the number of middle stages when it places virtual chunks
         raise ParallelLayoutError(f"parallel.vpp with pp=2 takes first_stage_layers or last_stage_layers, not "
                                   f"both (set only first_stage_layers={first}: the last stage gets the rest)")
     if any(count % chunks for count in counts):
         raise ParallelLayoutError(f"parallel.vpp={vpp} must divide every pipeline stage's decoder layers "
-                                  f"{counts} (pp={pp}, first_stage_layers={first}, last_stage_layers={last})")
+                                  f"{counts} (pp={pp}, first_stage_layers={first}, last_stage_layers={last}): "
+                                  f"{_virtual_split_hint(num_layers, pp, vpp)}")
     per_round = num_layers // chunks  # layers of one chunk on every stage together
     out = []
     for stage, count in enumerate(counts):
         start, size = sum(counts[:stage]) // chunks, count // chunks
         out.append([list(range(v * per_round + start, v * per_round + start + size)) for v in range(chunks)])
     return out
+
+
+def _virtual_split_hint(num_layers: int, pp: int, vpp: int) -> str:
+    """What to set so that every stage's layers split into vpp chunks: a stage split of num_layers / vpp
+    "units" of vpp layers each (megatron-core 0.16 takes only first_stage_layers with pp=2)."""
+    units = suggest_stage_split(num_layers // vpp, pp) if num_layers % vpp == 0 else None
+    if units is None:
+        return f"no split gives every stage a multiple of vpp={vpp} layers: change parallel.vpp or pp"
+    counts = [unit * vpp for unit in units]
+    if len(set(counts)) == 1:
+        return "leave parallel.first_stage_layers / last_stage_layers unset (an even split)"
+    if pp == 2:
+        return f"set parallel.first_stage_layers={counts[0]} and last_stage_layers=null"
+    return f"set parallel.first_stage_layers={counts[0]} parallel.last_stage_layers={counts[-1]}"
 
 
 def suggest_stage_split(num_layers: int, pp: int) -> Optional[list[int]]:
