@@ -48,11 +48,21 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("gpus", [1, 2])
 @pytest.mark.parametrize("backend", ["deepspeed", "megatron"])
 def test_step_checkpoint_resume_final(backend: str, gpus: int, corpus: Path, tmp_path: Path) -> None:
+    _step_checkpoint_resume_final(backend, gpus, corpus, tmp_path)
+
+
+def test_megatron_virtual_pipeline_stages_on_two_gpus(corpus: Path, tmp_path: Path) -> None:
+    """PP=2 x VPP=2 (interleaved 1F1B, unbatched p2p at pp=2): one-layer chunks, 2 micro-batches."""
+    _step_checkpoint_resume_final("megatron", 2, corpus, tmp_path, "parallel.pp=2", "parallel.vpp=2",
+                                  "model.text.num_hidden_layers=4", "model.vision.deepstack_visual_indexes=[0]")
+
+
+def _step_checkpoint_resume_final(backend: str, gpus: int, corpus: Path, tmp_path: Path, *extra: str) -> None:
     if torch.cuda.device_count() < gpus:
         pytest.skip(f"needs {gpus} GPUs, found {torch.cuda.device_count()}")
     common = ["stage=s1", f"backend={backend}", "model=tiny", f"data_root={corpus}", "stage.seq_len=512",
               "stage.global_batch_size=2", "backend.precision=bf16", "logging=quiet", "data.num_workers=0",
-              "stage.max_steps=2", "stage.save_every=1", f"run_dir={tmp_path}"]
+              "stage.max_steps=2", "stage.save_every=1", f"run_dir={tmp_path}", *extra]
     first = _run([FAULTS, "--signal-after", "1", *common], gpus)
     assert "run path on cuda:0" in first.stderr
     stage = tmp_path / "s1"
