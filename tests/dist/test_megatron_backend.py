@@ -15,7 +15,8 @@ rescale).
   pp_moe: PP=2 MoE with megatron's per-layer load-balancing loss (each stage adds its layers' share)
   vpp: PP=2 x 2 virtual stages (interleaved 1F1B over 4 micro-batches, one-layer chunks: rank 0 holds layers 0
       and 2); resumes bitwise, and its checkpoint loads fully (model + optimizer) into PP=2 without virtual
-      stages (bitwise weights, the same next step) and that one's back into VPP=2 (bitwise weights)
+      stages (bitwise weights, the same next step) and that one's back into VPP=2 (bitwise weights, the same
+      eval loss of one micro-batch, which VPP runs padded to pp micro-batches)
   vpp_moe: the same with MoE layers and the per-layer aux loss summed over a rank's chunks
   tp_ep: TP=2 + sequence parallel with EP=2 over the TP ranks (expert TP 1: the published 235B fold); the
       aux loss sees every TP rank's routed rows
@@ -86,3 +87,5 @@ def test_virtual_pipeline_checkpoint_loads_without_virtual_stages_and_back(backe
     assert lines and lines[0].endswith("weights bitwise both ways"), _context(backend_run)
     assert float(lines[0].split("(rel ")[1].split(")")[0]) <= 1e-6, lines[0]
     assert not [line for line in out if "FAIL" in line and "vpp" in line], _context(backend_run)
+    evals = [line for line in out if line.startswith("[vpp] eval of one micro-batch")]
+    assert evals and float(evals[0].split("(rel ")[1].split(")")[0]) <= 1e-6, _context(backend_run)

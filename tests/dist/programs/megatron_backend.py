@@ -100,7 +100,7 @@ def nan_skip_check(backend, cfg, failures: list[str]) -> None:
 def cross_layout_check(cfg, ckpt: Path, saved_state: dict, want_loss: float, batches, failures: list[str]) -> None:
     """The PP=2 x VPP=2 checkpoint (after step 2) fully loaded into PP=2 without virtual stages: bitwise the
     saved weights, and its step 3 equals the VPP run's; that run's checkpoint loaded back into VPP=2:
-    bitwise its weights."""
+    bitwise its weights, and the same eval loss (one micro-batch: VPP pads the schedule with a repeat)."""
     plain_cfg = mode_config("vpp")
     plain_cfg.parallel.vpp = None
     plain = MegatronBackend(plain_cfg)
@@ -108,11 +108,13 @@ def cross_layout_check(cfg, ckpt: Path, saved_state: dict, want_loss: float, bat
     loaded = gathered_state_dict(plain)
     got = train(plain, batches).loss
     after = gathered_state_dict(plain)
+    plain_eval = plain.eval_step(batches[0]).loss
     plain.save(ckpt.with_name("vpp_to_plain"))
     plain.close()
     back = MegatronBackend(cfg)
     back.load(ckpt.with_name("vpp_to_plain"))
     reloaded = gathered_state_dict(back)
+    back_eval = back.eval_step(batches[0]).loss
     back.close()
     if dist.get_rank() == 0:
         compare_states(loaded, saved_state, 0.0, failures, "vpp checkpoint loaded without vpp")
@@ -120,6 +122,11 @@ def cross_layout_check(cfg, ckpt: Path, saved_state: dict, want_loss: float, bat
         rel = abs(got - want_loss) / abs(want_loss)
         if not rel <= 1e-6:
             failures.append(f"vpp -> no vpp: step 3 loss {got!r} vs {want_loss!r}")
+        eval_rel = abs(back_eval - plain_eval) / abs(plain_eval)
+        if not eval_rel <= 1e-6:
+            failures.append(f"vpp eval loss {back_eval!r} vs no vpp {plain_eval!r}")
+        print(f"[vpp] eval of one micro-batch: {back_eval!r} vs no vpp {plain_eval!r} (rel {eval_rel:.2e})",
+              flush=True)
         print(f"[vpp] cross-layout: loaded without vpp, step 3 loss {got!r} vs {want_loss!r} (rel {rel:.2e}); "
               f"weights bitwise both ways", flush=True)
 
