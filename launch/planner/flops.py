@@ -51,10 +51,11 @@ def step_flops(cfg: TrainConfig, stats: ModelStats) -> tuple[float, float, int]:
 
 
 def step_cost(cfg: TrainConfig, stats: ModelStats, layout: Layout, gpu: GPU, mfu: float) -> StepCost:
-    """Step time = (model FLOPs + recomputed forward FLOPs) / (GPUs x peak x MFU) x (1 + bubble)."""
+    """Step time = (model FLOPs + recomputed forward FLOPs) / (GPUs x peak x MFU) x (1 + bubble); the 1F1B
+    bubble is (pp - 1) / micro-batches, the interleaved schedule's vpp times smaller (Narayanan et al. 2021)."""
     model, forward, tokens = step_flops(cfg, stats)
     recompute = forward if layout.recompute else 0.0
     micro = max(1, cfg.stage.global_batch_size // layout.dp)
-    bubble = (layout.pp - 1) / micro
+    bubble = (layout.pp - 1) / (micro * (layout.vpp or 1))
     seconds = (model + recompute) / (layout.world * gpu.peak_bf16_flops * mfu) * (1 + bubble)
     return StepCost(model, recompute, tokens, bubble, seconds)

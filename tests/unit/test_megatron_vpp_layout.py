@@ -92,3 +92,17 @@ def test_planner_counts_chunks_and_the_interleaved_warm_up():
     assert moe_rank[("expert", True)] == 2 * _stage_params(stats, plain, 1, [2, 3], set(cfg.stage.trainable))[
         ("expert", True)]
     assert memory(cfg, stats, layout).stage in (0, 1)
+
+
+def test_planner_bubble_shrinks_with_virtual_stages():
+    from launch.plan import configured_layout
+    from launch.planner.estimate import GPUS
+    from launch.planner.flops import step_cost
+    from launch.planner.model_stats import model_stats
+
+    cfg = load_config([*FOUR_LAYERS, "parallel.pp=2", "parallel.vpp=2", "stage.global_batch_size=8"])
+    layout, stats = configured_layout(cfg, 2), model_stats(cfg.model)
+    interleaved = step_cost(cfg, stats, layout, GPUS["h100"], 0.4)
+    plain = step_cost(cfg, stats, replace(layout, vpp=None), GPUS["h100"], 0.4)
+    assert (plain.bubble, interleaved.bubble) == (1 / 8, 1 / 16)
+    assert interleaved.seconds < plain.seconds
