@@ -30,14 +30,14 @@ WRITTEN_FOR = {
     "cp2": (("tiny", "tiny_moe"), 4),
     "qwen3vl_235b_h100": (("qwen3vl_235b_a22b",), 256),
 }
-RESOLVED_AT_START_UP = {"auto"}
+RESOLVED_AT_START_UP = {"auto"}  # parallel=auto: the planner picks a layout (tests/unit/test_preflight_layouts.py)
 # Virtual pipeline stages (parallel.vpp) on top of shipped files: (model, parallel file, world, extra overrides).
 # The MoE mix (every second layer sparse) puts MoE layers 1 and 3 on rank 1's two chunks (2 and 3 without).
 VIRTUAL = [("qwen3vl_235b_a22b", "qwen3vl_235b_h100", 256,
             ("parallel.first_stage_layers=10", "parallel.last_stage_layers=12", "parallel.vpp=2")),
            ("tiny_moe", "single", 2, ("parallel.pp=2", "parallel.vpp=2", "model.text.num_hidden_layers=4",
                                       "model.text.decoder_sparse_step=2", "model.text.mlp_only_layers=[]",
-                                      "model.vision.deepstack_visual_indexes=[0]"))]  # parallel=auto: the planner picks a layout (tests/unit/test_preflight_layouts.py)
+                                      "model.vision.deepstack_visual_indexes=[0]"))]
 
 
 @functools.lru_cache(maxsize=None)

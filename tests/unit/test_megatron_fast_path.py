@@ -98,4 +98,6 @@ def test_te_parameter_names_map_to_the_native_weights():
 def test_start_up_line_names_megatrons_choice():
     cfg = load_config(["backend=megatron"])
     assert choose(cfg, CPU)["megatron"] == LOCAL_PATH.describe()
+    interleaved = load_config(["backend=megatron", "parallel.pp=2", "parallel.vpp=2"])
+    assert choose(interleaved, CPU)["megatron"] == LOCAL_PATH.describe() + ", interleaved 1F1B (vpp=2, unbatched p2p)"
     assert "megatron" not in choose(load_config(["backend=deepspeed"]), CPU)

@@ -15,7 +15,8 @@ from train.config.compose import load_config
 FOUR_LAYERS = ["model=tiny", "backend=megatron", "model.text.num_hidden_layers=4",
                "model.vision.deepstack_visual_indexes=[0]"]
 
-PLACEMENTS = [(8, 2, None, None, 2), (12, 3, None, None, 2), (16, 4, None, None, 4), (10, 2, 4, None, 2), (10, 2, None, 4, 2),
+PLACEMENTS = [(8, 2, None, None, 2), (12, 3, None, None, 2), (16, 4, None, None, 4), (10, 2, 4, None, 2),
+              (10, 2, None, 4, 2),
               (16, 3, 4, None, 2), (16, 3, None, 4, 2), (94, 8, 10, 12, 2), (8, 2, None, None, None)]
 
 
@@ -42,8 +43,9 @@ def test_chunk_layers_are_megatrons(layers, pp, first, last, vpp):
 
 
 @pytest.mark.parametrize("overrides, world, fragment", [
-    (["parallel.pp=2", "parallel.vpp=3"], 2, "parallel.vpp=3 must divide every pipeline stage's decoder layers"
-                                             " [2, 2] (pp=2, first_stage_layers=None, last_stage_layers=None): no split"),
+    (["parallel.pp=2", "parallel.vpp=3"], 2,
+     "parallel.vpp=3 must divide every pipeline stage's decoder layers [2, 2] (pp=2, first_stage_layers=None, "
+     "last_stage_layers=None): no split"),
     (["parallel.pp=2", "parallel.vpp=2", "model.text.num_hidden_layers=6"], 2,
      "parallel.vpp=2 must divide every pipeline stage's decoder layers [3, 3] (pp=2, first_stage_layers=None, "
      "last_stage_layers=None): set parallel.first_stage_layers=2 and last_stage_layers=null"),

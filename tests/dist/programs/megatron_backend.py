@@ -7,8 +7,8 @@ Every mode: load_model_weights of the reference's initial weights, 3 steps on th
 each step's loss within 1e-5 relative and the exported parameters within 1e-5 of the reference; the
 pre-clip grad norms too. dp and ep also: save after step 2, step 3, load, step 3 again -> bitwise the same
 loss and weights (exact resume); vpp (PP=2 x 2 virtual stages) also resumes bitwise, and its checkpoint
-loads fully (model and optimizer) into PP=2 without virtual stages and back (cross_layout_check); dp then a step with a NaN loss weight on one rank is skipped without touching the
-weights.
+loads fully (model and optimizer) into PP=2 without virtual stages and back (cross_layout_check); dp then
+a step with a NaN loss weight on one rank is skipped without touching the weights.
 """
 from __future__ import annotations
 

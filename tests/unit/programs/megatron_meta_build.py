@@ -5,7 +5,8 @@
 Each rank: torch's fake process group posing as that rank, megatron-core's groups on it (no gloo groups),
 the rank's MegatronQwen3VL stage (ViT on the first stage; with parallel.vpp one model chunk per virtual
 stage, as the backend builds them) under torch.device("meta"). Prints one JSON line per rank: its pipeline
-stage, decoder layer count and parameter count (all chunks), and each chunk's global decoder layers. Parameters are never
+stage, decoder layer count and parameter count (all chunks), and each chunk's global decoder layers.
+Parameters are never
 materialised, so the 235B model's ranks cost no memory.
 """
 from __future__ import annotations

@@ -75,7 +75,11 @@ def run_path(cfg: TrainConfig, device: torch.device) -> MegatronPath:
 def _megatron_choice(cfg: TrainConfig, device: torch.device) -> str | None:
     if cfg.backend.name != "megatron":
         return None
-    return run_path(cfg, device).describe()
+    line = run_path(cfg, device).describe()
+    par = cfg.parallel
+    if par.vpp is not None:  # parallel_state.config_kwargs: pp=2 sends both directions unbatched
+        line += f", interleaved 1F1B (vpp={par.vpp}{', unbatched p2p' if par.pp == 2 else ''})"
+    return line
 
 
 def config_options(path: MegatronPath, is_moe: bool) -> dict[str, bool]:

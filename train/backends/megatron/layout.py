@@ -139,8 +139,9 @@ def stage_layers(num_layers: int, pp: int, first: Optional[int] = None, last: Op
     except ParallelLayoutError as err:
         if vpp is None:
             raise
+        hint = _virtual_split_hint(num_layers, pp, vpp)
         raise ParallelLayoutError(f"{num_layers} decoder layers do not split over pp={pp} with first_stage_layers="
-                                  f"{first} last_stage_layers={last}: {_virtual_split_hint(num_layers, pp, vpp)}") from err
+                                  f"{first} last_stage_layers={last}: {hint}") from err
     if vpp is not None and pp == 2 and first is not None and last is not None:
         # megatron-core 0.16 divides by the number of middle stages when it places virtual chunks
         raise ParallelLayoutError(f"parallel.vpp with pp=2 takes first_stage_layers or last_stage_layers, not "
