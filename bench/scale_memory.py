@@ -167,7 +167,10 @@ def worker(layout: str, name: str, hf_dir: str, export_dir: str, out: str) -> No
             return iter_native(model, cfg.model)
     figures: dict = {"rank": dist.get_rank(),
                      "stage_layers": [cfg.parallel.first_stage_layers, cfg.parallel.last_stage_layers]}
-    build = Backend._build_model
+    # The method that builds (and fills) this rank's model: megatron builds one chunk per virtual pipeline stage
+    # (the bench's layouts have none, so the one call builds the rank's whole stage).
+    hook = "_build_model" if backend_name == "deepspeed" else "_build_chunk"
+    build = getattr(Backend, hook)
 
     def measured_build(self, *args):
         figures["baseline_mib"] = status_kib("VmRSS") / 1024
@@ -184,7 +187,7 @@ def worker(layout: str, name: str, hf_dir: str, export_dir: str, out: str) -> No
             figures["export_peak_above_baseline_mib"] = peak.peak_mib - figures["baseline_mib"]
         raise _Built
 
-    Backend._build_model = measured_build
+    setattr(Backend, hook, measured_build)
     try:
         build_backend(cfg, weights=open_model_dir(hf_dir)[1])
     except _Built:
