@@ -10,8 +10,9 @@
       megatron_tp2_ep2    2 ranks, TP=2 dense x EP=2 experts, on a 2B-class MoE shape of our own (MOE_SHAPE)
       deepspeed_z3_dp2    2 ranks, ZeRO-3
       deepspeed_z3_dp4    4 ranks, ZeRO-3
-    Each rank measures its peak RSS during the backend's model build (`_build_model`, megatron's `_build_chunk`) above its RSS just before (the
-    process baseline: interpreter, torch, megatron/deepspeed, process groups; reported separately):
+    Each rank measures its peak RSS during the backend's model build (`_build_model`, megatron's
+    `_build_chunk`) above its RSS just before (the process baseline: interpreter, torch,
+    megatron/deepspeed, process groups; reported separately):
     `RESULT scale_build_peak_over_shard_<layout>` = max over ranks of that peak / (model bytes / ranks).
 (b) In megatron_tp2 and deepspeed_z3_dp2 the model as loaded is exported to an HF directory (bf16) by
     Backend.export_tensors' iterators and train.export.write_model_dir: `RESULT scale_export_peak_gib_<layout>`
