@@ -136,6 +136,7 @@ class Checkpointer:
         _agree(job.failure, job.tmp, self.stage_dir)
         _agree_on_write(job.pending.finalize, job.tmp, self.stage_dir)
         gathered = all_gather_object(job.manifest)
+        retired: list[Path] = []  # checkpoints beyond keep_last, hidden by publish(), deleted below
 
         def publish() -> None:
             files = [dict(m) for m in gathered]
@@ -147,7 +148,6 @@ class Checkpointer:
             _write_latest(self.stage_dir.checkpoints, job.final.name)
             retired.extend(_retire(self.stage_dir, self.keep_last, keep=job.final))
 
-        retired: list[Path] = []
         _agree_on_write(publish if rank() == 0 else None, job.tmp, self.stage_dir)
         self._start_deleting(retired)
         return job.final

@@ -223,7 +223,8 @@ class DeepSpeedBackend:
                                         save_latest=False)
         files, deferred = self.checkpoint_io.take_pending()
         if self.experts is not None:
-            files.append((self.experts.file(Path(directory)), self.experts.state()))
+            path = self.experts.file(Path(directory))
+            files.append((path, self.checkpoint_io.buffers.copy(path.name, self.experts.state())))
 
         def write() -> list[WrittenFile]:
             for other in deferred:

@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.backends.snapshot import host_copy
 from train.device import on_group_device
 from train.models.qwen3vl import Qwen3VLModel
 from train.models.qwen3vl.moe import SparseMoeBlock
@@ -119,8 +118,9 @@ class ExpertParallelism:
         return directory / f"experts_rank{dist.get_rank():05d}.pt"
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Host-memory copies of this rank's expert weights (written to `file(directory)` by the backend)."""
-        return {f"{layer}.{n}": host_copy(p) for layer, module in self.layers.items()
+        """This rank's expert weights (live tensors: the backend snapshots them into host memory and writes
+        them to `file(directory)`)."""
+        return {f"{layer}.{n}": p.detach() for layer, module in self.layers.items()
                 for n, p in module.named_parameters()}
 
     @torch.no_grad()
