@@ -3,7 +3,11 @@ saved by 2 data-parallel ranks resumes on 1, and that run's checkpoint on 2 agai
 checkpoint, train/backends/deepspeed/reshard.py). After each load the weights, the fp32 master weights, both
 Adam moments (gathered per parameter, in model space) and the Adam step equal the saved ones bitwise; the
 next step's loss equals the saving run's next loss within 1e-4 relative, and so do the weights after it
-(another DP size only reorders the gradient sums)."""
+(another DP size only reorders the gradient sums).
+
+The MoE case slices the experts over every rank (parallel.ep = world size), so 2 -> 1 -> 2 ranks also changes
+the expert-parallel size 2 -> 1 -> 2: the expert parameters' optimizer state is put together in model space
+(train/backends/deepspeed/moe_universal.py) and compared as full stacked tensors of all experts."""
 from __future__ import annotations
 
 import os
@@ -18,12 +22,12 @@ REPO = HERE.parent.parent
 PROGRAM = HERE / "programs" / "deepspeed_reshard.py"
 
 
-def _launch(ranks: int, stage: int, saved: Path, out: Path, step: int) -> str:
+def _launch(ranks: int, stage: int, saved: Path, out: Path, step: int, moe: bool = False) -> str:
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests' / 'unit'}", "OMP_NUM_THREADS": "1",
            "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", str(PROGRAM),
-           str(stage), str(saved), str(out), str(step)]
+           str(stage), str(saved), str(out), str(step)] + (["moe"] if moe else [])
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0 and "ALL OK" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout
@@ -39,4 +43,19 @@ def test_two_ranks_to_one_to_two(stage: int, tmp_path: Path) -> None:
     lines = [line for out in (one, again) for line in out.splitlines() if line.startswith("[stage")]
     print("\n".join(lines))
     assert any("world 1: loaded" in line for line in lines) and any("world 2: loaded" in line for line in lines)
+    assert not list(tmp_path.rglob(".*.universal")), "the universal copy outlives the load"
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_moe_expert_parallel_two_ranks_to_one_to_two(stage: int, tmp_path: Path) -> None:
+    _launch(2, stage, tmp_path / "none", tmp_path / "two", 0, moe=True)
+    saved = {path: path.read_bytes() for path in (tmp_path / "two" / "ckpt").rglob("*.pt")}
+    one = _launch(1, stage, tmp_path / "two", tmp_path / "one", 1, moe=True)
+    again = _launch(2, stage, tmp_path / "one", tmp_path / "again", 2, moe=True)
+    lines = [line for out in (one, again) for line in out.splitlines() if line.startswith("[stage")]
+    print("\n".join(lines))
+    assert any("world 1: loaded" in line for line in lines) and any("world 2: loaded" in line for line in lines)
+    assert {path: path.read_bytes() for path in saved} == saved, "the conversion modified the saved checkpoint"
     assert not list(tmp_path.rglob(".*.universal")), "the universal copy outlives the load"

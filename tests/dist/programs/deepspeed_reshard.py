@@ -1,13 +1,17 @@
 """torchrun program (gloo): a DeepSpeed ZeRO checkpoint written by one number of data-parallel ranks resumes
 on another (elastic resume), compared in model space.
 
-    deepspeed_reshard.py STAGE SAVED_DIR OUT_DIR STEP
+    deepspeed_reshard.py STAGE SAVED_DIR OUT_DIR STEP [moe]
+
+`moe`: the tiny MoE model with its experts sliced over every rank (parallel.ep = world size), so a change
+of world size changes the expert-parallel size too.
 
 Loads SAVED_DIR/ckpt (written by a run at any world size; SAVED_DIR/model_space.pt holds that run's model-space
 state after its save and its next step) unless STEP is 0, in which case it starts from the reference initial
 weights. Checks, on the loading side:
   - the weights, fp32 master weights and both Adam moments, gathered per parameter in model space
-    (DeepSpeed's safe_get_full_* API), equal the saved ones bitwise, and so does the Adam step count,
+    (DeepSpeed's safe_get_full_* API; expert parameters also over the expert-parallel group: all experts),
+    equal the saved ones bitwise, and so does the Adam step count,
   - the next step (global batch STEP, the same global batch at any DP size) gives the saving run's next loss
     within 1e-4 relative and its weights after that step within 1e-4,
 Then it trains that step, saves OUT_DIR/ckpt and writes OUT_DIR/model_space.pt for the next launch: the
@@ -37,6 +41,7 @@ def model_space(backend) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     zero = backend.engine.optimizer
+    experts = backend.experts
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
         # ZeRO-1/2 link each parameter to its Adam state after the first step(), but step() runs one param
         # group at a time and links every group after the first group's update, before torch's AdamW has
@@ -47,9 +52,11 @@ def model_space(backend) -> dict[str, torch.Tensor]:
     for name, param in backend.engine.module.named_parameters():
         if not param.requires_grad:
             continue
-        out[f"{name}/fp32"] = safe_get_full_fp32_param(param).clone()
+        full = experts.gather if experts is not None and experts.is_expert_param(name.removeprefix("model.")) \
+            else torch.Tensor.clone
+        out[f"{name}/fp32"] = full(safe_get_full_fp32_param(param))
         for key in MOMENTS:
-            out[f"{name}/{key}"] = safe_get_full_optimizer_state(param, key).clone()
+            out[f"{name}/{key}"] = full(safe_get_full_optimizer_state(param, key))
     optimizer = backend.engine.optimizer.optimizer
     steps = {float(state["step"]) for state in optimizer.state.values() if "step" in state}
     out["adam_step"] = torch.tensor(sorted(steps))
@@ -72,10 +79,10 @@ def compare_bitwise(got: dict, want: dict, failures: list[str], what: str) -> No
         failures.append(f"{what}: {len(differ)} tensors differ, first {differ[0]}")
 
 
-def main(stage: int, saved: Path, out: Path, step: int) -> None:
+def main(stage: int, saved: Path, out: Path, step: int, moe: bool) -> None:
     rank = start()
     failures: list[str] = []
-    cfg = make_config(zero_stage=stage)
+    cfg = make_config(moe=moe, zero_stage=stage, ep=dist.get_world_size() if moe else 1)
     backend = build_backend(cfg)
     if step == 0:
         backend.load_model_weights(StateDictSource(initial_state(cfg)))
@@ -93,8 +100,8 @@ def main(stage: int, saved: Path, out: Path, step: int) -> None:
             failures.append(f"next step loss {loss} vs the saving run's {want['next_loss']}")
         diff = compare_states(gathered_state_dict(backend), want["next_weights"], NEXT_STEP, failures,
                               "weights after the next step")
-        print(f"[stage {stage}] world {dist.get_world_size()}: loaded the checkpoint of step {step}; next loss "
-              f"{loss!r} vs {want['next_loss']!r}, weights after it within {diff:.3g}", flush=True)
+        print(f"[stage {stage}{' moe' if moe else ''}] world {dist.get_world_size()}: loaded the checkpoint of step "
+              f"{step}; next loss {loss!r} vs {want['next_loss']!r}, weights after it within {diff:.3g}", flush=True)
         step += 1
     backend.save(out / "ckpt")
     record = {"state": model_space(backend), "weights": gathered_state_dict(backend)}
@@ -106,4 +113,4 @@ def main(stage: int, saved: Path, out: Path, step: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
+    main(int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5:] == ["moe"])

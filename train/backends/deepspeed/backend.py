@@ -10,6 +10,7 @@ sums, so the gradient, its norm and the clipping are those of the global loss, w
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from pathlib import Path
@@ -24,10 +25,11 @@ from train.backends.deepspeed.checkpoint_io import RecordingEngine
 from train.backends.snapshot import PendingWrite
 from train.checkpoint_files import WrittenFile, save_hashed
 from train.backends.deepspeed.config import check_layout, deepspeed_config
-from train.backends.deepspeed.experts import ExpertParallelism
+from train.backends.deepspeed import moe_universal
+from train.backends.deepspeed.experts import ExpertParallelism, expert_param_names, saved_expert_parallel_size
 from train.backends.deepspeed.module import LossModule
 from train.backends.deepspeed.partition import build_partitioned
-from train.backends.deepspeed.reshard import load_resharded, saved_partitions
+from train.backends.deepspeed.reshard import Converter, ds_to_universal, load_resharded, saved_partitions
 from train.backends.deepspeed.weights import iter_native, load_weights
 from train.config.schema import TrainConfig
 from train.models.native_io import CheckpointError
@@ -234,29 +236,45 @@ class DeepSpeedBackend:
 
     def load(self, directory: Path) -> None:
         folder = Path(directory) / CHECKPOINT_TAG
-        saved = saved_partitions(folder)
+        text = self.cfg.model.text
+        saved_ep = saved_expert_parallel_size(Path(directory), text.num_experts) if text.is_moe else 1
         with self._checkpointing():
-            if saved and saved != self.engine.dp_world_size:
-                self._check_reshardable(folder, saved)
-                path, client = load_resharded(self.engine, folder)
+            if self._layout_changed(folder, saved_ep):
+                path, client = load_resharded(self.engine, folder, self._universal_converter(saved_ep))
             else:
                 path, client = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+                if path is not None and self.experts is not None:
+                    self.experts.load(Path(directory), self.engine.optimizer)
         if path is None:
             raise FileNotFoundError(f"no deepspeed checkpoint under {directory}")
-        if self.experts is not None:
-            self.experts.load(Path(directory), self.engine.optimizer)
         self.step = int(client["step"])
 
     def export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         return iter_native(self.model, self.cfg.backend.zero_stage == 3, self.experts)
 
-    def _check_reshardable(self, folder: Path, saved: int) -> None:
-        """A DP change goes through DeepSpeed's universal checkpoint (reshard.py); our expert-parallel files
-        are per EP rank and not part of it: one line instead of a traceback."""
-        if self.experts is not None:
-            raise CheckpointError(f"{folder}: DeepSpeed ZeRO state of an expert-parallel model partitioned over "
-                                  f"{saved} data-parallel ranks, this run has {self.engine.dp_world_size}: "
-                                  f"resume this MoE stage with {saved}")
+    def _layout_changed(self, folder: Path, saved_ep: int) -> bool:
+        """Whether the checkpoint in `folder` was written at another data-parallel size (number of ZeRO
+        partitions) or expert-parallel size `saved_ep`. Either change with expert parallelism at ZeRO-0 is
+        refused in one line: ZeRO-1/2 save every rank's expert optimizer state, ZeRO-0 only rank 0's."""
+        saved = saved_partitions(folder)
+        ep = 1 if self.experts is None else self.experts.ep_size
+        changed = saved_ep != ep or bool(saved) and saved != self.engine.dp_world_size
+        if changed and max(saved_ep, ep) > 1 and self.cfg.backend.zero_stage == 0:
+            raise CheckpointError(f"{folder}: ZeRO-0 checkpoint of an MoE model written with parallel.ep={saved_ep}, "
+                                  f"this run has ep={ep} over {self.engine.dp_world_size} ranks: resume it at its "
+                                  f"own layout, or use ZeRO 1/2")
+        return changed
+
+    def _universal_converter(self, saved_ep: int) -> Converter:
+        """ds_to_universal, or with expert parallelism on either side the model-space conversion (expert
+        parameters and `moe` param groups, which ds_to_universal does not put together)."""
+        if saved_ep == 1 and self.experts is None:
+            return ds_to_universal
+        zero = self.engine.optimizer
+        groups = [[zero.param_names[p] for p in group] for group in zero.bit16_groups]
+        experts = expert_param_names(self.engine.module)
+        return functools.partial(moe_universal.convert, target_groups=groups, expert_names=experts,
+                                 num_experts=self.cfg.model.text.num_experts)
 
     def load_model_weights(self, weights: WeightSource) -> None:
         check_source_fits(weights, self.cfg.model, "initial weights")

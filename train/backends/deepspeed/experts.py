@@ -11,7 +11,9 @@ MoE layer (whose per-expert nn.Modules do not fit the stacked tensors).
 Checkpoints: DeepSpeed's MoE checkpoint format expects its own per-expert modules, so save/load run with the
 engine's MoE flag lowered (`plain_checkpointing`): DeepSpeed then writes the module state once (rank 0, with
 rank 0's slices) plus every rank's ZeRO optimizer partition (expert groups included), and each rank also
-writes its own expert slices, which it restores after DeepSpeed's load.
+writes its own expert slices, which it restores after DeepSpeed's load. A load at another data- or
+expert-parallel size goes through the universal form instead (moe_universal.py): all weights from the fp32
+masters there, the expert files are then not read.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from train.device import on_group_device
+from train.models.native_io import CheckpointError
 from train.models.qwen3vl import Qwen3VLModel
 from train.models.qwen3vl.moe import SparseMoeBlock
 from train.parallel.expert import ExpertParallelExperts
@@ -49,6 +52,25 @@ def _marker_class() -> type:
             raise RuntimeError("ExpertParallelMarker is a marker, not a layer")
 
     return ExpertParallelMarker
+
+
+def expert_param_names(module: nn.Module) -> set[str]:
+    """Names (in `module`) of the stacked expert parameters of every MoE block, expert-parallel or not."""
+    return {f"{name}.experts.{param}" for name, block in module.named_modules() if isinstance(block, SparseMoeBlock)
+            for param, _ in block.experts.named_parameters()}
+
+
+def saved_expert_parallel_size(directory: Path, num_experts: int) -> int:
+    """The expert-parallel size a checkpoint was written with: num_experts over the experts in rank 0's
+    expert file (mmap: its shapes only), 1 without expert files."""
+    path = directory / "experts_rank00000.pt"
+    if not path.exists():
+        return 1
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    local = next(iter(state.values())).shape[0] if state else 0
+    if not local or num_experts % local:
+        raise CheckpointError(f"{path}: {local} experts per rank, the model has {num_experts}")
+    return num_experts // local
 
 
 class ExpertParallelism:

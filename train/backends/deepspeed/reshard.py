@@ -8,6 +8,8 @@ config says `checkpoint.load_universal` cuts its own partitions out of them. Her
 checkpoint into a hidden sibling directory (`.step_N.universal`, on the same shared file system, so every
 node sees it; ignored by the checkpoint listing), every rank loads from it, and rank 0 removes it. The saved
 checkpoint itself is never modified (its checksums stay valid) and is converted again if the load is retried.
+An MoE model's checkpoint is converted by moe_universal.py instead (ds_to_universal cannot put expert-parallel
+partitions together); the load is the same.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import contextlib
 import shutil
 from argparse import Namespace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,13 +31,14 @@ def saved_partitions(folder: Path) -> int:
     return len(list(folder.glob("*zero_pp_rank_*_optim_states.pt")))
 
 
-def _convert(folder: Path, out: Path) -> None:
+Converter = Callable[[Path, Path], None]  # (DeepSpeed tag directory, universal tag directory to write)
+
+
+def ds_to_universal(folder: Path, out: Path) -> None:
     """DeepSpeed's ds_to_universal, in this process (no worker pool: a forked child of a rank would inherit
     its process group)."""
     from deepspeed.checkpoint import ds_to_universal
 
-    shutil.rmtree(out.parent, ignore_errors=True)  # leftover of an interrupted load
-    out.parent.mkdir(parents=True)
     args = Namespace(input_folder=str(folder), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
                      keep_temp_folder=False, strict=True, inject_missing_state=True)
     with contextlib.redirect_stdout(None):  # its progress prints, per parameter
@@ -51,15 +54,17 @@ def _agree(failure: str) -> None:
 
 
 @contextlib.contextmanager
-def universal_copy(folder: Path) -> Iterator[Path]:
-    """The universal form of the DeepSpeed checkpoint in `folder` (collective): yields the converted tag
-    directory, which exists until the context ends."""
+def universal_copy(folder: Path, convert: Converter) -> Iterator[Path]:
+    """The universal form of the DeepSpeed checkpoint in `folder` (collective; rank 0 runs `convert`):
+    yields the converted tag directory, which exists until the context ends."""
     root = folder.parent.parent / f".{folder.parent.name}.universal"
     out = root / folder.name
     failure = ""
     if dist.get_rank() == 0:
         try:
-            _convert(folder, out)
+            shutil.rmtree(root, ignore_errors=True)  # leftover of an interrupted load
+            out.parent.mkdir(parents=True)
+            convert(folder, out)
         except Exception as error:  # noqa: BLE001 - reported on every rank by _agree
             failure = f"{folder}: converting to a DeepSpeed universal checkpoint failed: {error!r}"
     _agree(failure)
@@ -71,11 +76,12 @@ def universal_copy(folder: Path) -> Iterator[Path]:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def load_resharded(engine: Any, folder: Path) -> tuple[str | None, dict]:
-    """engine.load_checkpoint of a checkpoint written by another data-parallel size, via its universal
-    form. DeepSpeed reads `checkpoint.load_universal` from the engine's config at load time only, so it is
-    switched on for this one load."""
-    with universal_copy(folder) as converted:
+def load_resharded(engine: Any, folder: Path, convert: Converter = ds_to_universal) -> tuple[str | None, dict]:
+    """engine.load_checkpoint of a checkpoint written by another data- (or expert-) parallel size, via its
+    universal form. DeepSpeed reads `checkpoint.load_universal` from the engine's config at load time only,
+    so it is switched on for this one load; the weights are then the loaded fp32 masters (update_lp_params),
+    the module state of the checkpoint is not read."""
+    with universal_copy(folder, convert) as converted:
         engine._config.load_universal_checkpoint = True
         try:
             loaded = engine.load_checkpoint(str(converted.parent), tag=converted.name)
