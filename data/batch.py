@@ -56,7 +56,7 @@ class PackedBatch:
 
     input_ids: torch.Tensor  # [L] int64
     position_ids: torch.Tensor  # [3, L] int64, restarting per document
-    cu_seqlens: torch.Tensor  # [D + 1] int32, document boundaries; the pad tail is its own segment
+    cu_seqlens: torch.Tensor  # [D + 1] int32, document (+ its own padding) boundaries; the pad tail is a segment
     labels: torch.Tensor  # [L] int64, IGNORE_INDEX where nothing is predicted
     loss_weights: torch.Tensor  # [L] float32
     source_ids: torch.Tensor  # [L] int64, mixture index per token (-1 for padding)
@@ -65,7 +65,7 @@ class PackedBatch:
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
     doc_keys: list[str] = field(default_factory=list)  # keys of the documents in this sequence, in order
-    num_pad: int = 0  # padding tokens at the end
+    num_pad: int = 0  # padding tokens: the tail segment plus any per-document padding (packing.py)
 
     @property
     def seq_len(self) -> int:

@@ -89,7 +89,7 @@ class _WorkerStream:
         self.streams = [SourceStream(i, d.name, spec.shards[i], slot, num_slots, cfg.seed, cfg.max_epochs,
                                      self._bad_shard, retry) for i, d in enumerate(cfg.datasets)]
         self.packer = BestFitPacker(spec.seq_len, cfg.packing_buffer, cfg.loss_weighting, spec.tokens.pad,
-                                    cfg.buffer_bytes)
+                                    cfg.buffer_bytes, spec.document_multiple)
         self.k, self.batches = 0, 0
         self.stats = _Stats(cfg)
         if state is not None:
@@ -169,9 +169,9 @@ class _Spec:
     """What every worker needs, fixed for the loader's lifetime (copied into worker processes)."""
 
     def __init__(self, cfg: DataConfig, encode: EncodeFn, seq_len: int, dp_rank: int, dp_size: int,
-                 tokens: VisionTokens) -> None:
+                 tokens: VisionTokens, document_multiple: int = 1) -> None:
         self.cfg, self.encode, self.seq_len, self.tokens = cfg, encode, seq_len, tokens
-        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.dp_rank, self.dp_size, self.document_multiple = dp_rank, dp_size, document_multiple
         self.num_logical = max(1, cfg.num_workers)
         # Data streams of the stage: fixed when the stage starts (dp_size x workers then) and kept across
         # resumes in any layout; this rank's worker w serves streams physical_slot, + physical_slots, ...
@@ -217,13 +217,19 @@ class StreamingLoader:
     """Iterable of PackedBatch for one data-parallel rank, with `state_dict()` / `load_state_dict()`."""
 
     def __init__(self, cfg: DataConfig, encode: EncodeFn, seq_len: int, *, dp_rank: int = 0, dp_size: int = 1,
-                 tokens: VisionTokens = VisionTokens()) -> None:
+                 tokens: VisionTokens = VisionTokens(), document_multiple: int = 1) -> None:
+        """document_multiple: every packed document is padded to a multiple of it (data/packing.py); the
+        training side asks for it (the per-document context-parallel split). It may change between a save
+        and a resume: every document is still read exactly once, only the packing after it differs."""
         cfg.validate()
         if seq_len < 2:
             raise DataError(f"seq_len={seq_len} must be >= 2")
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
-        self.spec = _Spec(cfg, encode, seq_len, dp_rank, dp_size, tokens)  # lists shards: fails fast
+        if document_multiple < 1 or seq_len % document_multiple:
+            raise DataError(f"seq_len={seq_len} is not a multiple of the per-document padding multiple "
+                            f"{document_multiple} (2 x parallel.cp with the per-document context-parallel split)")
+        self.spec = _Spec(cfg, encode, seq_len, dp_rank, dp_size, tokens, document_multiple)  # lists shards
         self._streams: dict[int, dict[str, Any]] = {}  # stream -> its state after its last consumed batch
         self._turns = [0] * self.spec.num_logical  # per worker: which of its streams hands out the next batch
         self._batches = 0

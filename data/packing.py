@@ -10,6 +10,12 @@ rest is padding. Documents are never split across sequences: one longer than seq
 boundary (before the vision_start of the span the limit falls in, so an image or a video frame group keeps
 all its placeholder tokens, pixels and grid row) or dropped if no target would survive the cut.
 
+Per-document padding (`document_multiple` m > 1): every document is followed by pad tokens up to a multiple
+of m tokens, its cu_seqlens segment then being the padded document (the packer fits documents by their padded
+length, so a sequence still holds exactly seq_len tokens). Transformer Engine's THD context parallelism cuts
+every document into 2*cp chunks and needs m = 2*cp (train/parallel/context.py). The pads come after the
+document's last token, so causal attention never lets a real token see them; they carry no target.
+
 Loss weights: every supervised target of a document with N_s targets (in this sequence) gets
   sqrt -> 1/sqrt(N_s)    per_token -> 1    per_sample -> 1/N_s.
 The trainer divides sum(w * ce) by sum(w) taken over the whole global batch (all data-parallel and
@@ -128,38 +134,52 @@ def _cat(parts: list[Any]) -> torch.Tensor | None:
     return torch.cat(parts) if parts else None
 
 
-def build_packed(docs: list[Document], seq_len: int, weighting: str, pad_id: int = 0) -> PackedBatch:
-    """Concatenate documents (total <= seq_len) and pad the tail, which becomes its own segment."""
-    used = sum(len(d) for d in docs)
+def padded_length(num_tokens: int, multiple: int) -> int:
+    """`num_tokens` rounded up to a multiple of `multiple` (what a document occupies in a sequence)."""
+    return -(-num_tokens // multiple) * multiple
+
+
+def _pad_segment(count: int, pad_id: int, first_position: int) -> dict[str, torch.Tensor]:
+    """`count` pad tokens: no target, no weight, no data set (-1), text positions from first_position."""
+    positions = torch.arange(first_position, first_position + count, dtype=torch.long).expand(3, count)
+    return {"input_ids": torch.full((count,), pad_id, dtype=torch.long), "position_ids": positions,
+            "labels": torch.full((count,), IGNORE_INDEX, dtype=torch.long), "loss_weights": torch.zeros(count),
+            "source_ids": torch.full((count,), -1, dtype=torch.long)}
+
+
+def _document_segment(d: Document, weighting: str) -> dict[str, torch.Tensor]:
+    label = torch.full((len(d),), IGNORE_INDEX, dtype=torch.long)
+    label[:-1] = torch.where(d.target_mask[1:], d.input_ids[1:], IGNORE_INDEX)
+    return {"input_ids": d.input_ids.long(), "position_ids": d.position_ids.long(), "labels": label,
+            "loss_weights": (label != IGNORE_INDEX).float() * document_loss_weight(num_targets(d), weighting),
+            "source_ids": torch.full((len(d),), d.source, dtype=torch.long)}
+
+
+def build_packed(docs: list[Document], seq_len: int, weighting: str, pad_id: int = 0,
+                 document_multiple: int = 1) -> PackedBatch:
+    """Concatenate documents (each padded to a multiple of document_multiple, total <= seq_len) and pad the
+    tail, which becomes its own segment."""
+    used = sum(padded_length(len(d), document_multiple) for d in docs)
     if used > seq_len:
         raise ValueError(f"documents hold {used} tokens, more than seq_len={seq_len}")
-    num_pad = seq_len - used
-    labels, weights, sources, bounds = [], [], [], [0]
+    segments, bounds = [], [0]
     for d in docs:
-        n = len(d)
-        label = torch.full((n,), IGNORE_INDEX, dtype=torch.long)
-        label[:-1] = torch.where(d.target_mask[1:], d.input_ids[1:], IGNORE_INDEX)
-        labels.append(label)
-        weights.append((label != IGNORE_INDEX).float() * document_loss_weight(num_targets(d), weighting))
-        sources.append(torch.full((n,), d.source, dtype=torch.long))
-        bounds.append(bounds[-1] + n)
-    if num_pad:
-        labels.append(torch.full((num_pad,), IGNORE_INDEX, dtype=torch.long))
-        weights.append(torch.zeros(num_pad))
-        sources.append(torch.full((num_pad,), -1, dtype=torch.long))
+        segments.append(_document_segment(d, weighting))
+        extra = padded_length(len(d), document_multiple) - len(d)
+        if extra:  # positions continue the document's text positions
+            segments.append(_pad_segment(extra, pad_id, int(d.position_ids.max()) + 1))
+        bounds.append(bounds[-1] + len(d) + extra)
+    if seq_len > used:
+        segments.append(_pad_segment(seq_len - used, pad_id, 0))
         bounds.append(seq_len)
-    pad_ids = torch.full((num_pad,), pad_id, dtype=torch.long)
-    pad_positions = torch.arange(num_pad, dtype=torch.long).expand(3, num_pad)
+    cat = {key: torch.cat([s[key] for s in segments], dim=-1) for key in segments[0]}
     return PackedBatch(
-        input_ids=torch.cat([d.input_ids.long() for d in docs] + [pad_ids]),
-        position_ids=torch.cat([d.position_ids.long() for d in docs] + [pad_positions], dim=1),
-        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
-        labels=torch.cat(labels), loss_weights=torch.cat(weights), source_ids=torch.cat(sources),
+        **cat, cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
         pixel_values=_cat([d.pixel_values for d in docs]),
         image_grid_thw=_cat([d.image_grid_thw for d in docs]),
         pixel_values_videos=_cat([d.pixel_values_videos for d in docs]),
         video_grid_thw=_cat([d.video_grid_thw for d in docs]),
-        doc_keys=[d.key for d in docs], num_pad=num_pad,
+        doc_keys=[d.key for d in docs], num_pad=seq_len - sum(len(d) for d in docs),
     )
 
 
@@ -173,9 +193,12 @@ class BestFitPacker:
     """Holds the buffer between sequences; `buffer` (in order) is all the state there is."""
 
     def __init__(self, seq_len: int, buffer_size: int, weighting: str, pad_id: int = 0,
-                 buffer_bytes: int | None = None) -> None:
+                 buffer_bytes: int | None = None, document_multiple: int = 1) -> None:
+        if document_multiple < 1 or seq_len % document_multiple:
+            raise ValueError(f"seq_len={seq_len} is not a multiple of the per-document padding multiple "
+                             f"{document_multiple} (2 x parallel.cp with the per-document split)")
         self.seq_len, self.buffer_size, self.weighting, self.pad_id = seq_len, buffer_size, weighting, pad_id
-        self.buffer_bytes = buffer_bytes
+        self.buffer_bytes, self.multiple = buffer_bytes, document_multiple
         self.buffer: list[BufferEntry] = []
         self._bytes = 0  # of the buffered documents, kept with every append and pop
 
@@ -203,15 +226,15 @@ class BestFitPacker:
         if not self.buffer:
             return None
         chosen = [self._take(0)]
-        room = self.seq_len - len(chosen[0])
+        room = self.seq_len - padded_length(len(chosen[0]), self.multiple)
         while room > 0:
             self._fill(pull)
             best = self._best_fit(room)
             if best is None:
                 break
             chosen.append(self._take(best))
-            room -= len(chosen[-1])
-        return build_packed(chosen, self.seq_len, self.weighting, self.pad_id)
+            room -= padded_length(len(chosen[-1]), self.multiple)
+        return build_packed(chosen, self.seq_len, self.weighting, self.pad_id, self.multiple)
 
     def _fill(self, pull: Callable[[], BufferEntry | None]) -> None:
         while not self.full():
@@ -223,7 +246,7 @@ class BestFitPacker:
     def _best_fit(self, room: int) -> int | None:
         best, best_len = None, 0
         for i, entry in enumerate(self.buffer):
-            n = len(entry.doc)
+            n = padded_length(len(entry.doc), self.multiple)
             if best_len < n <= room:
                 best, best_len = i, n
                 if n == room:

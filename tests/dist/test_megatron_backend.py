@@ -9,6 +9,9 @@ rescale).
   tp: TP=2 + sequence parallel (vocab-parallel embedding / lm_head, tensor-parallel ViT and mergers,
       DeepStack scattered with the sequence)
   cp: CP=2 load-balanced split after the vision merge, ContextParallelAttention on packed documents
+  cp_doc: CP=2 split per document (Transformer Engine's THD layout: documents padded to multiples of 4, THD
+      packed params, megatron's THD rotary code) on ContextParallelAttention; the backend asks the loader
+      for that padding
   ep: EP=2 MoE (megatron all-to-all dispatcher, the reference's pooled load-balancing loss); its model has
       a dense layer among the MoE ones (mlp_only_layers), and resumes bitwise like dp
   pp: PP=2 1F1B over 4 micro-batches (DeepStack on the first stage)
@@ -31,7 +34,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-MODES = ["dp", "tp", "cp", "ep", "pp", "pp_moe", "tp_ep", "vpp", "vpp_moe"]
+MODES = ["dp", "tp", "cp", "cp_doc", "ep", "pp", "pp_moe", "tp_ep", "vpp", "vpp_moe"]
 
 
 def run_program(name: str, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:

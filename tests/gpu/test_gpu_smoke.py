@@ -57,6 +57,24 @@ def test_megatron_virtual_pipeline_stages_on_two_gpus(corpus: Path, tmp_path: Pa
                                   "model.text.num_hidden_layers=4", "model.vision.deepstack_visual_indexes=[0]")
 
 
+def test_megatron_context_parallel_on_two_gpus(corpus: Path, tmp_path: Path) -> None:
+    """CP=2: with Transformer Engine the documents are split per document (THD, TE's own context-parallel
+    attention); without it, the whole sequence on ContextParallelAttention."""
+    _step_checkpoint_resume_final("megatron", 2, corpus, tmp_path, "parallel.cp=2")
+
+
+def test_per_document_split_equals_transformer_engines() -> None:
+    """train/parallel/context.py's per-document shares are the rows TE's THD attention expects on each rank."""
+    tex = pytest.importorskip("transformer_engine_torch")
+    from train.parallel.context import document_shard_index
+
+    cu = torch.tensor([0, 16, 40, 64], dtype=torch.int32)  # documents of 16, 24, 24: multiples of 2 x 4
+    for cp in (2, 4):
+        for rank in range(cp):
+            want = tex.thd_get_partitioned_indices(cu.cuda(), 64, cp, rank)
+            assert want.cpu().tolist() == document_shard_index(cu, cp, rank).tolist(), (cp, rank)
+
+
 def _step_checkpoint_resume_final(backend: str, gpus: int, corpus: Path, tmp_path: Path, *extra: str) -> None:
     if torch.cuda.device_count() < gpus:
         pytest.skip(f"needs {gpus} GPUs, found {torch.cuda.device_count()}")

@@ -131,3 +131,20 @@ def test_batches_carry_the_mixture_and_stats_count_what_was_consumed(corpus):
     for b in batches:
         assert b.seq_len == SEQ and int(b.cu_seqlens[-1]) == SEQ
         assert 1 - b.num_pad / SEQ > 0.9
+
+
+def test_document_multiple_pads_every_document_of_the_same_stream(corpus):
+    """The per-document context-parallel split asks the loader for documents padded to 2*cp: each segment is
+    a multiple of it, and the documents are those of the same stream (the same first ones, same tokens)."""
+    plain = take(StreamingLoader(mix(corpus, num_workers=0), byte_encode, SEQ), 12)
+    padded = take(StreamingLoader(mix(corpus, num_workers=0), byte_encode, SEQ, document_multiple=8), 12)
+    for batch in padded:
+        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+        assert batch.seq_len == SEQ and all(n % 8 == 0 for n in lengths), lengths
+        assert int((batch.source_ids >= 0).sum()) == SEQ - batch.num_pad
+    first, want = padded[0], plain[0]
+    assert first.doc_keys[0] == want.doc_keys[0]
+    n = int(want.cu_seqlens[1])
+    assert torch.equal(first.input_ids[:n], want.input_ids[:n]) and int(first.cu_seqlens[1]) == -(-n // 8) * 8
+    with pytest.raises(DataError, match="seq_len=512 is not a multiple of the per-document padding multiple 24"):
+        StreamingLoader(mix(corpus), byte_encode, SEQ, document_multiple=24)

@@ -158,3 +158,38 @@ def test_vision_tokens_come_from_the_tokenizer_not_the_defaults() -> None:
     qwen = SimpleNamespace(vision_start_id=151652, vision_end_id=151653, image_pad_id=151655,
                            video_pad_id=151656, pad_id=151643)
     assert VisionTokens.from_tokenizer(qwen, 2) == VisionTokens(151652, 151653, 151655, 151656, 2, 151643)
+
+
+def test_documents_padded_to_a_multiple_keep_their_tokens_weights_and_fill_seq_len():
+    """The per-document context-parallel split (2*cp chunks of every document) needs every segment a
+    multiple of 2*cp: each document is followed by pads inside its own segment, which carry no target."""
+    a, b = text_doc("a", 5, source=0, first_target=2), vision_doc("v", [3, ("image", 4, 4), 2])
+    plain = build_packed([a, b], 32, "sqrt")
+    padded = build_packed([a, b], 32, "sqrt", document_multiple=4)
+    assert padded.cu_seqlens.tolist() == [0, 8, 20, 32]  # 5 -> 8, 11 -> 12, the tail
+    assert padded.seq_len == 32 and padded.num_pad == 32 - 16
+    real = torch.cat([torch.arange(0, 5), torch.arange(8, 19)])
+    for name in ("input_ids", "labels", "loss_weights", "source_ids"):
+        assert torch.equal(getattr(padded, name)[real], getattr(plain, name)[:16]), name
+    assert torch.equal(padded.position_ids[:, real], plain.position_ids[:, :16])
+    pads = torch.tensor([5, 6, 7, 19])
+    assert (padded.labels[pads] == IGNORE_INDEX).all() and (padded.loss_weights[pads] == 0).all()
+    assert (padded.source_ids[pads] == -1).all() and (padded.input_ids[pads] == 0).all()
+    # pads continue the document's text positions (they follow its last token)
+    assert padded.position_ids[:, 5:8].tolist() == [[5, 6, 7]] * 3
+    assert torch.equal(padded.pixel_values, plain.pixel_values)
+
+
+def test_packer_fits_documents_by_their_padded_length():
+    docs = [text_doc(f"d{i}", n) for i, n in enumerate([13, 9, 5, 17, 3, 30, 2])]
+    stream = iter(docs)
+    packer = BestFitPacker(32, 8, "sqrt", document_multiple=4)
+    batches = []
+    while (batch := packer.next_sequence(lambda: next((BufferEntry(d, None) for d in stream), None))):
+        batches.append(batch)
+    assert sorted(k for b in batches for k in b.doc_keys) == sorted(d.key for d in docs)
+    for batch in batches:
+        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+        assert batch.seq_len == 32 and all(n % 4 == 0 for n in lengths), lengths
+    with pytest.raises(ValueError, match="seq_len=30 is not a multiple of the per-document padding multiple 4"):
+        BestFitPacker(30, 8, "sqrt", document_multiple=4)

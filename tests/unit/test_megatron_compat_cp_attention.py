@@ -11,8 +11,9 @@ from megatron.core.packed_seq_params import PackedSeqParams  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
-from train.backends.megatron.cp_attention import (ContextParallelAttention, document_bounds,  # noqa: E402
-                                                  load_balanced_chunks)
+from train.backends.megatron.cp_attention import (ContextParallelAttention, context_layout,  # noqa: E402
+                                                  query_runs)
+from train.parallel.context import context_shares, document_shard_index, shard_index  # noqa: E402
 
 
 def make_attention() -> ContextParallelAttention:
@@ -35,17 +36,21 @@ def test_documents_do_not_see_each_other():
     assert (out[5:] - make_attention()(q, k, v, None)[5:]).abs().max() > 1e-3
 
 
-def test_load_balanced_chunks_follow_megatron_split():
-    assert load_balanced_chunks(0, 2) == (0, 3) and load_balanced_chunks(1, 2) == (1, 2)
-    assert load_balanced_chunks(1, 4) == (1, 6) and load_balanced_chunks(0, 1) == (0,)
+def test_query_runs_cut_a_share_at_gaps_and_document_starts():
+    index = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 24, 25, 26, 27, 28, 29, 30, 31])  # CP=2 rank 0 of 32
+    assert query_runs(index, [0, 3, 17, 18, 32]) == [(0, 0, 0, 3), (3, 3, 3, 8), (8, 18, 24, 32)]
+    assert query_runs(torch.zeros(0, dtype=torch.long), [0, 8]) == []
 
 
-def test_bad_document_bounds_are_rejected():
+def test_packed_params_tell_the_layout_and_bad_bounds_are_rejected():
     with pytest.raises(ValueError, match="must rise from 0 to the full sequence length 8"):
-        document_bounds(PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=torch.tensor([0, 5, 7])), 8)
-    with pytest.raises(ValueError, match="qkv_format='sbhd'"):
-        document_bounds(PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor([0, 8])), 8)
-    assert document_bounds(None, 8) == [0, 8]
+        context_layout(PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=torch.tensor([0, 5, 7])), 8)
+    with pytest.raises(ValueError, match="got 'bshd'"):
+        context_layout(PackedSeqParams(qkv_format="bshd", cu_seqlens_q=torch.tensor([0, 8])), 8)
+    assert context_layout(None, 8) == ("sequence", [0, 8])
+    thd = PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor([0, 3, 8]),
+                          cu_seqlens_q_padded=torch.tensor([0, 4, 8]))
+    assert context_layout(thd, 8) == ("document", [0, 4, 8])  # TE's padded boundaries
 
 
 def emulate_cp_rank(monkeypatch, rank: int, size: int, full: dict[str, torch.Tensor]) -> None:
@@ -55,12 +60,12 @@ def emulate_cp_rank(monkeypatch, rank: int, size: int, full: dict[str, torch.Ten
     monkeypatch.setattr(cp_attention.dist, "get_world_size", lambda group=None: size)
     monkeypatch.setattr(cp_attention.dist, "get_rank", lambda group=None: rank)
     gathered = iter([full["k"], full["v"]])  # forward gathers K, then V
-    monkeypatch.setattr(cp_attention, "gather_sequence", lambda local, group: next(gathered))
+    monkeypatch.setattr(cp_attention, "gather_sequence", lambda local, group, shares: next(gathered))
 
 
 def local_share(tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    chunks = tensor.chunk(2 * size)
-    return torch.cat([chunks[i] for i in load_balanced_chunks(rank, size)])
+    """Megatron's load-balanced share of the whole sequence (dim 0)."""
+    return tensor.index_select(0, shard_index(tensor.shape[0], size, rank, load_balanced=True))
 
 
 @pytest.mark.parametrize("rank", range(4))
@@ -77,15 +82,34 @@ def test_each_rank_of_cp4_computes_its_chunks_of_the_full_attention(monkeypatch,
     torch.testing.assert_close(out, local_share(expected, rank, 4), rtol=0, atol=1e-6)
 
 
-def test_gather_sequence_restores_global_order_for_cp4(monkeypatch):
+@pytest.mark.parametrize("rank", range(4))
+def test_each_rank_of_cp4_split_per_document_computes_its_rows(monkeypatch, rank):
+    """TE's THD layout: [t, heads, hn] inputs, every document in 8 chunks, boundaries from the padded
+    cu_seqlens."""
+    gen = torch.Generator().manual_seed(5)
+    full = {n: torch.randn(64, 1, h, 4, generator=gen) for n, h in (("q", 4), ("k", 2), ("v", 2))}
+    cu = torch.tensor([0, 16, 16, 56, 64])
+    sbhd = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu)
+    expected = make_attention()(full["q"], full["k"], full["v"], None, packed_seq_params=sbhd)
+    attn = make_attention()
+    attn.cp_group = object()
+    emulate_cp_rank(monkeypatch, rank, 4, full)
+    index = document_shard_index(cu, 4, rank)
+    thd = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_q_padded=cu)
+    out = attn(*(full[n].index_select(0, index)[:, 0] for n in ("q", "k", "v")), None, packed_seq_params=thd)
+    torch.testing.assert_close(out, expected.index_select(0, index), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["sequence", "document"])
+def test_gather_sequence_restores_global_order_for_cp4(monkeypatch, layout):
     from train.backends.megatron import cp_attention
 
-    full = torch.arange(16.0).reshape(16, 1)
-    monkeypatch.setattr(cp_attention.dist, "get_world_size", lambda group=None: 4)
+    full = torch.arange(32.0).reshape(32, 1)
+    shares = context_shares(layout, torch.tensor([0, 8, 24, 32]), 32, 4)
     # The all-gather concatenates the ranks' shares in rank order.
     monkeypatch.setattr(cp_attention._GatherSequence, "apply",
-                        lambda local, group: torch.cat([local_share(full, r, 4) for r in range(4)]))
-    assert torch.equal(cp_attention.gather_sequence(local_share(full, 0, 4), None), full)
+                        lambda local, group: torch.cat([full.index_select(0, s) for s in shares]))
+    assert torch.equal(cp_attention.gather_sequence(full.index_select(0, shares[0]), None, shares), full)
 
 
 def run_emulated_cp(monkeypatch, full: dict[str, torch.Tensor], size: int, packed, block: tuple[int, int]) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ pytest.importorskip("megatron.core")
 
 from data.batch import PackedBatch  # noqa: E402
 from train.backends.megatron.fast_path import (LOCAL_PATH, choose_path, config_options, ddp_options,  # noqa: E402
-                                               packed_seq_params)
+                                               document_multiple, packed_seq_params)
 from train.backends.megatron.model import decoder_layer_spec  # noqa: E402
 from train.backends.megatron.weights import rule_for  # noqa: E402
 from train.config.compose import load_config  # noqa: E402
@@ -42,10 +42,28 @@ def test_cuda_without_te_keeps_local_layers_but_overlaps_communication():
     assert ddp_options(path) == {"overlap_grad_reduce": True, "overlap_param_gather": False}  # no dist. optimizer
 
 
-def test_context_parallel_keeps_the_packed_cp_attention_on_te():
+def test_context_parallel_on_te_splits_per_document_for_te_attention():
     path = choose_path(CUDA, cp=2, distributed_optimizer=True, te_available=lambda: True)
-    assert path.transformer_engine and not path.thd_attention
-    assert "ContextParallelAttention" in path.describe()
+    assert path.transformer_engine and path.thd_attention and path.document_split
+    assert document_multiple(path, 2) == 4
+    assert "TE attention, THD packed, context parallel per document" in path.describe()
+
+
+def test_whole_sequence_split_keeps_the_packed_cp_attention_on_te():
+    path = choose_path(CUDA, cp=2, distributed_optimizer=True, te_available=lambda: True, cp_layout="sequence")
+    assert path.transformer_engine and not path.thd_attention and not path.document_split
+    assert document_multiple(path, 2) == 1 and "ContextParallelAttention" in path.describe()
+
+
+def test_per_document_split_runs_on_the_local_attention_too():
+    path = choose_path(CPU, cp=2, distributed_optimizer=True, te_available=_never_asked, cp_layout="document")
+    assert path.document_split and not path.thd_attention and document_multiple(path, 2) == 4
+    assert choose_path(CPU, cp=1, distributed_optimizer=True, cp_layout="document") == LOCAL_PATH  # no CP
+    assert choose_path(CPU, cp=2, distributed_optimizer=True) == LOCAL_PATH  # auto: whole sequence off TE
+    cu = torch.tensor([0, 8, 20, 32])
+    params = packed_seq_params(cu, path)  # THD, the padded boundaries for TE's and megatron's THD code
+    assert params.qkv_format == "thd" and params.cu_seqlens_q_padded.tolist() == [0, 8, 20, 32]
+    assert params.max_seqlen_q == 12
 
 
 def _recording_builders(calls: list):

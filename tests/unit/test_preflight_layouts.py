@@ -28,6 +28,9 @@ def _start(capsys, *overrides: str) -> str:
     (["model=tiny_moe", "backend=megatron", "parallel.ep=3"], "parallel.expert_tp*ep=1*3 must divide"),
     (["model=tiny", "backend=deepspeed", "parallel.tp=2"], "world size 1 is not divisible"),
     (["model=tiny_moe", "backend=deepspeed", "parallel.ep=3"], "not divisible by parallel.ep=3"),
+    (["model=tiny", "backend=deepspeed", "parallel.cp_layout=document"], "parallel.cp_layout=document: DeepSpeed"),
+    (["model=tiny", "parallel.cp_layout=ring"], "parallel.cp_layout='ring' is not one of auto, sequence, document"),
+    (["model=tiny", "parallel.cp_comm_type=a2a+p2p"], "parallel.cp_comm_type='a2a+p2p' is not one of"),
 ])
 def test_refused_layouts_are_one_line_and_exit_2(capsys, overrides, fragment):
     assert fragment in _start(capsys, *overrides)
@@ -37,6 +40,16 @@ def test_backend_rules_run_at_start_up_for_a_world_the_planner_knows():
     cfg = load_config(["model=tiny", "backend=megatron", "parallel.tp=8", "stage.global_batch_size=8"])
     with pytest.raises(PreflightError, match="parallel.tp=8 must divide model.text.num_attention_heads=4"):
         check_layouts([cfg], 8)
+
+
+def test_te_a2a_context_parallel_needs_heads_divisible_by_cp():
+    cfg = load_config(["model=tiny", "backend=megatron", "parallel.cp=4", "parallel.cp_comm_type=a2a",
+                       "stage.global_batch_size=2"])
+    with pytest.raises(PreflightError, match="cp_comm_type=a2a scatters each TP rank's 4 query / 2 key-value "
+                                             "heads over cp=4"):
+        check_layouts([cfg], 8)
+    cfg.parallel.cp_comm_type = "p2p"
+    check_layouts([cfg], 8)
 
 
 def test_a_layout_the_gpu_cannot_hold():

@@ -51,6 +51,9 @@ class ParallelInfo:
     # This rank's data-parallel group (the ranks at the same model-parallel coordinate, one per DP slot), for
     # exchanges between slots (train.parallel.vision_balance); None when dp_size is 1.
     dp_group: Any = None
+    # Every packed document's length must be a multiple of this (the loader pads each one): 2*cp when
+    # context parallelism splits per document (Transformer Engine's THD layout), else 1.
+    document_multiple: int = 1
 
     @property
     def is_loading_rank(self) -> bool:

@@ -145,6 +145,10 @@ class BackendConfig:
             raise ConfigError(f"{prefix}.moe_aux_loss={self.moe_aux_loss!r} is not one of {list(MOE_AUX_LOSS)}")
 
 
+CP_LAYOUTS = ("auto", "sequence", "document")
+CP_COMM_TYPES = ("p2p", "all_gather", "a2a")  # a2a+p2p needs hierarchical CP groups, which are not built
+
+
 @dataclass
 class ParallelConfig:
     """Model-parallel sizes; data parallelism takes the remaining ranks (world / (tp * pp * cp)).
@@ -176,11 +180,25 @@ class ParallelConfig:
     # Exchange whole micro-batches between the data-parallel ranks of each step so that their vision-tower
     # cost is even (train/parallel/vision_balance.py); the loss and the loader state are unchanged.
     balance_vision: bool = True
+    # How context parallelism splits a packed sequence (train/parallel/context.py). "document": every
+    # document cut into 2*cp chunks, rank r holding chunks r and 2*cp-1-r of each, documents padded to
+    # multiples of 2*cp by the packer: what Transformer Engine's THD context-parallel attention needs.
+    # "sequence": the whole packed sequence cut into 2*cp chunks. "auto": document on the Transformer Engine
+    # path (megatron on CUDA with TE), sequence otherwise. DeepSpeed (Ulysses) splits contiguously: auto only.
+    cp_layout: str = "auto"
+    # Megatron with Transformer Engine and cp > 1: how TE's attention exchanges K/V (TransformerConfig
+    # cp_comm_type): p2p (ring, overlapped with compute), all_gather, a2a (Ulysses-style head scatter).
+    cp_comm_type: str = "p2p"
 
     def validate(self, prefix: str = "parallel") -> None:
         for key in ("tp", "pp", "cp", "ep", "expert_tp"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}.{key}={getattr(self, key)} must be >= 1")
+        if self.cp_layout not in CP_LAYOUTS:
+            raise ConfigError(f"{prefix}.cp_layout={self.cp_layout!r} is not one of {', '.join(CP_LAYOUTS)}")
+        if self.cp_comm_type not in CP_COMM_TYPES:
+            raise ConfigError(f"{prefix}.cp_comm_type={self.cp_comm_type!r} is not one of "
+                              f"{', '.join(CP_COMM_TYPES)}")
         for key in ("first_stage_layers", "last_stage_layers", "vpp"):
             value = getattr(self, key)
             if value is not None and value < 1:

@@ -13,9 +13,15 @@ straddle the boundary between two ranks' shares, each rank then gets exactly its
 cu_seqlens stays global: attention (Ulysses all-to-all, or all-gather K/V) sees the full sequence again and
 applies the document boundaries there.
 
-Two layouts: contiguous (rank r holds tokens [r*L/cp, (r+1)*L/cp); what Ulysses needs, its attention cost
-is the same on every rank) and load-balanced (the sequence is cut into 2*cp chunks and rank r holds chunks r
-and 2*cp-1-r, which balances causal attention for all-gather / ring context parallelism on Megatron-core).
+Three layouts:
+- contiguous: rank r holds tokens [r*L/cp, (r+1)*L/cp); what Ulysses needs, its attention cost is the same
+  on every rank;
+- load-balanced ("sequence"): the whole sequence is cut into 2*cp chunks and rank r holds chunks r and
+  2*cp-1-r, which balances causal attention for all-gather / ring context parallelism on Megatron-core;
+- per document ("document"): EVERY document of the packed sequence is cut into 2*cp chunks and rank r holds
+  chunks r and 2*cp-1-r of each (Transformer Engine's THD context parallelism: thd_get_partitioned_indices).
+  Each document's length must be a multiple of 2*cp: the packer pads every document to one
+  (data/packing.py, `document_multiple`), and the cu_seqlens are those padded boundaries.
 """
 from __future__ import annotations
 
@@ -41,6 +47,35 @@ def shard_index(seq_len: int, cp_size: int, cp_rank: int, load_balanced: bool = 
     mirror = pieces - 1 - cp_rank
     return torch.cat([torch.arange(cp_rank * size, (cp_rank + 1) * size),
                       torch.arange(mirror * size, (mirror + 1) * size)])
+
+
+def document_shard_index(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Positions held by `cp_rank` in the per-document layout, ascending: chunks r and 2*cp-1-r of every
+    document [cu[i], cu[i+1]). Raises naming the document when its length is not a multiple of 2*cp."""
+    if not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank={cp_rank} outside the context-parallel group of size {cp_size}")
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    pieces = 2 * cp_size
+    runs = []
+    for doc, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        if (end - start) % pieces:
+            raise ValueError(f"document {doc} of the packed sequence has {end - start} tokens, not a multiple "
+                             f"of 2 x parallel.cp = {pieces}: the per-document context-parallel split needs "
+                             f"documents padded to it (the loader's document_multiple)")
+        size = (end - start) // pieces
+        for chunk in (cp_rank, pieces - 1 - cp_rank):
+            runs.append(torch.arange(start + chunk * size, start + (chunk + 1) * size))
+    return torch.cat(runs) if runs else torch.zeros(0, dtype=torch.long)
+
+
+def context_shares(layout: str, cu_seqlens: torch.Tensor, seq_len: int, cp_size: int) -> list[torch.Tensor]:
+    """Positions held by every CP rank in `layout` ("sequence": load-balanced over the whole sequence,
+    "document": per document), the same list on every rank."""
+    if layout == "document":
+        return [document_shard_index(cu_seqlens, cp_size, r) for r in range(cp_size)]
+    if layout == "sequence":
+        return [shard_index(seq_len, cp_size, r, load_balanced=True) for r in range(cp_size)]
+    raise ValueError(f"context-parallel layout {layout!r} is not one of sequence, document")
 
 
 @dataclass

@@ -54,17 +54,21 @@ def _document(cfg, text: list[int], image: list[int] | None, tail: list[int], ge
     return tokens, grids
 
 
-def packed_batch(cfg, docs: list[tuple[list[int], list[list[int]]]], source_ids: list[int], seed: int) -> PackedBatch:
-    """One sequence of SEQ tokens from documents (padded with a last segment); sqrt loss weights."""
+def packed_batch(cfg, docs: list[tuple[list[int], list[list[int]]]], source_ids: list[int], seed: int,
+                 document_multiple: int = 1) -> PackedBatch:
+    """One sequence of SEQ tokens from documents (padded with a last segment); sqrt loss weights. With
+    document_multiple > 1 every document is followed by pad tokens (no target) up to a multiple of it, inside
+    its segment: the per-document context-parallel layout."""
     ids, bounds, labels, weights, sources, grids = [], [0], [], [], [], []
     for (tokens, doc_grids), source in zip(docs, source_ids):
         vision = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id}
         targets = [t if t not in vision else IGNORE_INDEX for t in tokens[1:]] + [IGNORE_INDEX]
         supervised = sum(t != IGNORE_INDEX for t in targets)
-        ids += tokens
-        labels += targets
-        weights += [1.0 / math.sqrt(supervised) if t != IGNORE_INDEX else 0.0 for t in targets]
-        sources += [source] * len(tokens)
+        extra = -len(tokens) % document_multiple
+        ids += tokens + [0] * extra
+        labels += targets + [IGNORE_INDEX] * extra
+        weights += [1.0 / math.sqrt(supervised) if t != IGNORE_INDEX else 0.0 for t in targets] + [0.0] * extra
+        sources += [source] * len(tokens) + [-1] * extra
         grids += doc_grids
         bounds.append(len(ids))
     pad = SEQ - len(ids)
@@ -82,27 +86,31 @@ def packed_batch(cfg, docs: list[tuple[list[int], list[list[int]]]], source_ids:
                                     spatial_merge_size=cfg.vision.spatial_merge_size)
     return PackedBatch(input_ids=input_ids, position_ids=positions, cu_seqlens=cu, labels=torch.tensor(labels),
                        loss_weights=torch.tensor(weights), source_ids=torch.tensor(sources),
-                       pixel_values=pixels, image_grid_thw=grid, num_pad=pad,
+                       pixel_values=pixels, image_grid_thw=grid, num_pad=SEQ - sum(len(t) for t, _ in docs),
                        doc_keys=[f"doc{i}" for i in range(len(docs))])
 
 
-def global_batch(cfg, step: int) -> list[PackedBatch]:
+def global_batch(cfg, step: int, document_multiple: int = 1) -> list[PackedBatch]:
     """Four sequences: text-only, images (one straddles the middle of the sequence: the CP=2 boundary),
-    text-only, one image. Ranks take batches[rank::world], so rank 0 sees only text and rank 1 images."""
+    text-only, one image. Ranks take batches[rank::world], so rank 0 sees only text and rank 1 images.
+    document_multiple 4 (per-document CP=2 split): documents padded to multiples of 4, some text a little
+    shorter so that they still fit; the image then straddles the boundary of two ranks' chunks of its
+    document (chunks of 11 tokens: the image holds positions 18..35)."""
     gen = torch.Generator().manual_seed(100 + step)
+    padded = document_multiple > 1
 
     def text(n: int) -> list[int]:
         return torch.randint(10, 240, (n,), generator=gen).tolist()
 
-    text_only = [(text(20), []), (text(30), []), (text(14), [])]
+    text_only = [(text(19 if padded else 20), []), (text(27 if padded else 30), []), (text(13 if padded else 14), [])]
     # Image grid [1, 8, 8] = 16 merged tokens + start/end = 18 tokens at positions 20..37 (straddles 32).
-    straddling = _document(cfg, text(20), [1, 8, 8], text(8), gen)
+    straddling = _document(cfg, text(18 if padded else 20), [1, 8, 8], text(8), gen)
     small = _document(cfg, text(5), [1, 4, 4], text(6), gen)  # 4 merged tokens
     batches = [
-        packed_batch(cfg, text_only, [0, 0, 1], seed=step),
-        packed_batch(cfg, [straddling, small], [2, 2], seed=1000 + step),
-        packed_batch(cfg, [(text(40), []), (text(20), [])], [1, 0], seed=step),
-        packed_batch(cfg, [small, (text(15), [])], [2, 1], seed=2000 + step),
+        packed_batch(cfg, text_only, [0, 0, 1], seed=step, document_multiple=document_multiple),
+        packed_batch(cfg, [straddling, small], [2, 2], seed=1000 + step, document_multiple=document_multiple),
+        packed_batch(cfg, [(text(40), []), (text(20), [])], [1, 0], seed=step, document_multiple=document_multiple),
+        packed_batch(cfg, [small, (text(15), [])], [2, 1], seed=2000 + step, document_multiple=document_multiple),
     ]
     return batches
 

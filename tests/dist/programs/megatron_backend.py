@@ -1,7 +1,7 @@
 """torchrun program (2 ranks, gloo): MegatronBackend in several layouts against the one-process reference
 (Qwen3VLModel + torch AdamW + train/loss.py on the DeepSpeed parity tests' batches).
 
-    megatron_backend.py CHECKPOINT_DIR MODE...     MODE: dp | tp | cp | ep | pp | vpp | ...
+    megatron_backend.py CHECKPOINT_DIR MODE...     MODE: dp | tp | cp | cp_doc | ep | pp | vpp | ...
 
 Every mode: load_model_weights of the reference's initial weights, 3 steps on the same global batches,
 each step's loss within 1e-5 relative and the exported parameters within 1e-5 of the reference; the
@@ -30,6 +30,8 @@ MODES = {
     "dp": dict(parallel={}),
     "tp": dict(parallel=dict(tp=2, sequence_parallel=True)),
     "cp": dict(cp=2, parallel={}),
+    # Transformer Engine's THD layout on the local attention: every document in 2*cp chunks, padded to 4
+    "cp_doc": dict(cp=2, parallel=dict(cp_layout="document")),
     "ep": dict(moe=True, ep=2, parallel={}),
     "pp": dict(parallel=dict(pp=2), text=dict(num_hidden_layers=4), deepstack=[0, 1]),
     # MoE over 2 pipeline stages: megatron's per-layer aux loss (each stage adds its own layers' share), with
@@ -134,7 +136,8 @@ def cross_layout_check(cfg, ckpt: Path, saved_state: dict, want_loss: float, bat
 def run_mode(mode: str, ckpt: Path, failures: list[str]) -> None:
     cfg = mode_config(mode)
     init = initial_state(cfg)
-    steps = [global_batch(cfg.model, s) for s in range(3)]
+    multiple = 2 * cfg.parallel.cp if cfg.parallel.cp_layout == "document" else 1
+    steps = [global_batch(cfg.model, s, multiple) for s in range(3)]
     ref_losses, ref_state = reference_training(cfg, init, steps)
     ref_norms = reference_training.grad_norms
     t0 = time.time()
@@ -142,6 +145,9 @@ def run_mode(mode: str, ckpt: Path, failures: list[str]) -> None:
     if mode in ("tp", "ep", "pp"):
         check_random_init(backend, cfg, failures, f"{mode} construction")
     backend.load_model_weights(StateDictSource(init))
+    if backend.info.document_multiple != multiple:  # what the trainer's loader pads documents to
+        failures.append(f"{mode}: backend asks for documents padded to {backend.info.document_multiple}, "
+                        f"the layout needs {multiple}")
     metrics = [train(backend, steps[0]), train(backend, steps[1])]
     if mode in RESUMED:
         saved_state = gathered_state_dict(backend) if mode == "vpp" else {}

@@ -237,10 +237,14 @@ def reference_attention(q, k, v, bounds):
     return out.permute(2, 0, 1, 3).reshape(q.shape[0], q.shape[1], -1)
 
 
-def cp_attention_case(attn, bounds, batch, packed: bool) -> dict[str, float]:
-    """Max |CP=2 - reference| of the output and of the q/k/v gradients on this rank's share."""
+def cp_attention_case(attn, bounds, batch, packed: str | None) -> dict[str, float]:
+    """Max |CP=2 - reference| of the output and of the q/k/v gradients on this rank's share. packed: None
+    (one sequence), "sbhd" (megatron's whole-sequence split) or "thd" (TE's per-document split, [t, h, d]
+    inputs as megatron hands them over)."""
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from train.parallel.context import document_shard_index
 
     gen = torch.Generator().manual_seed(3)
     full = {"q": torch.randn(32, batch, 4, 4, generator=gen), "k": torch.randn(32, batch, 2, 4, generator=gen),
@@ -250,12 +254,22 @@ def cp_attention_case(attn, bounds, batch, packed: bool) -> dict[str, float]:
     weights = torch.randn(ref_out.shape, generator=gen)  # a non-uniform upstream gradient
     (ref_out * weights).sum().backward()
     seq_major = {**full, "w": weights, "out": ref_out.detach(), **{f"d{n}": t.grad for n, t in ref_in.items()}}
-    # get_batch_on_this_cp_rank splits dim 1 ([b, s, ...]); attention tensors are [s, b, ...].
-    local = {n: t.transpose(0, 1) for n, t in get_batch_on_this_cp_rank(
-        {n: t.transpose(0, 1) for n, t in seq_major.items()}).items()}
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    if packed == "thd":
+        index = document_shard_index(cu, 2, dist.get_rank())
+        local = {n: t.index_select(0, index) for n, t in seq_major.items()}
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                                 cu_seqlens_kv_padded=cu)
+    else:
+        # get_batch_on_this_cp_rank splits dim 1 ([b, s, ...]); attention tensors are [s, b, ...].
+        local = {n: t.transpose(0, 1) for n, t in get_batch_on_this_cp_rank(
+            {n: t.transpose(0, 1) for n, t in seq_major.items()}).items()}
+        params = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu) if packed else None
     mine = {n: local[n].clone().requires_grad_() for n in ("q", "k", "v")}
-    params = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=torch.tensor(bounds)) if packed else None
-    out = attn(mine["q"], mine["k"], mine["v"], None, packed_seq_params=params)
+    if packed == "thd":  # megatron squeezes the batch dimension of THD inputs
+        out = attn(*(mine[n][:, 0] for n in ("q", "k", "v")), None, packed_seq_params=params)
+    else:
+        out = attn(mine["q"], mine["k"], mine["v"], None, packed_seq_params=params)
     (out * local["w"]).sum().backward()
     diffs = {"out": (out - local["out"]).abs().max().item()}
     diffs.update({f"d{n}": (t.grad - local[f"d{n}"]).abs().max().item() for n, t in mine.items()})
@@ -271,7 +285,8 @@ def run_cp_attention(failures):
     sizes = init_parallel_groups(ParallelSizes(cp=2))
     config = mc.tiny_config(num_query_groups=2, **parallel_config_kwargs(sizes))
     attn = ContextParallelAttention(config, 1, AttnMaskType.causal, "self")
-    for case, bounds, batch, packed in (("packed", [0, 3, 17, 18, 32], 1, True), ("b=2", [0, 32], 2, False)):
+    for case, bounds, batch, packed in (("packed", [0, 3, 17, 18, 32], 1, "sbhd"), ("b=2", [0, 32], 2, None),
+                                        ("thd per document", [0, 4, 4, 20, 32], 1, "thd")):
         diffs = cp_attention_case(attn, bounds, batch, packed)
         worst = torch.tensor([max(diffs.values())])
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)

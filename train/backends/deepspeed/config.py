@@ -29,6 +29,9 @@ def check_layout(cfg: TrainConfig, world_size: int) -> int:
     if cfg.backend.zero_stage == 3 and text.is_moe:
         raise ConfigError(f"backend.zero_stage=3 with an MoE model (model.text.num_experts={text.num_experts}): "
                           f"DeepSpeed MoE expert parallelism needs ZeRO stage <= 2")
+    if par.cp_layout == "document":
+        raise ConfigError("parallel.cp_layout=document: DeepSpeed's Ulysses context parallelism splits the "
+                          "sequence contiguously; use parallel.cp_layout=auto (or backend=megatron)")
     if par.ep > 1 and not text.is_moe:
         raise ConfigError(f"parallel.ep={par.ep} but the model is dense (model.text.num_experts=0)")
     if world_size % par.cp:

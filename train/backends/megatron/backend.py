@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from data.batch import PackedBatch
 from train.backends.base import ParallelInfo, StepMetrics
-from train.backends.megatron.fast_path import ddp_options, run_path
+from train.backends.megatron.fast_path import ddp_options, document_multiple, run_path
 from train.backends.snapshot import PendingWrite
 from train.backends.megatron.layout import check_config
 from train.backends.megatron.parallel_state import ParallelSizes, destroy_parallel_groups, init_parallel_groups
@@ -59,16 +59,17 @@ class MegatronBackend:
 
         self.mpu = mpu
         mp_group, mp_ranks, dp_group = slot_groups(mpu.get_data_parallel_rank())
+        self.path = run_path(cfg, compute_device())  # TE / THD / grouped GEMM / overlap on CUDA (logged)
         self.info = ParallelInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                                  dp_rank=mpu.get_data_parallel_rank(), dp_size=mpu.get_data_parallel_world_size(),
                                  cp_rank=mpu.get_context_parallel_rank(), cp_size=sizes.cp,
                                  is_logging_rank=dist.get_rank() == 0, model_parallel_group=mp_group,
-                                 model_parallel_ranks=mp_ranks, dp_group=dp_group)
-        self.path = run_path(cfg, compute_device())  # TE / THD / grouped GEMM / overlap on CUDA (logged)
+                                 model_parallel_ranks=mp_ranks, dp_group=dp_group,
+                                 document_multiple=document_multiple(self.path, sizes.cp))
         from train.backends.megatron.model import transformer_config
 
         self.config = transformer_config(cfg.model, sizes, cfg.backend.precision, cfg.parallel.sequence_parallel,
-                                         self.path)
+                                         self.path, cfg.parallel.cp_comm_type)
         # Megatron's CPU-initialisation path allocates without a device argument, so under the meta device
         # below it allocates nothing (its init on meta tensors is free and also sets the TP attributes the
         # optimizer and DDP read); the weight source is the initialisation, on GPU clusters as here.
@@ -150,7 +151,7 @@ class MegatronBackend:
     # ------------------------------------------------------------------------------------------ steps
     def _share(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(labels, loss_weights, source_ids) of the tokens this rank's loss covers (its CP share)."""
-        return split_tokens(batch, self.model.cp_index(batch.seq_len))
+        return split_tokens(batch, self.model.cp_index(batch))
 
     def _run(self, micro_batches: list[PackedBatch], forward_only: bool):
         """Forward (and backward) over the micro-batches through megatron's schedule; returns the step's

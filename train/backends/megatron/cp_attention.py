@@ -1,17 +1,23 @@
 """Context-parallel core attention for megatron-core without TransformerEngine (CPU, or GPUs without TE).
 
 Drop-in for `core_attention` in a megatron layer spec (where TEDotProductAttention would go). Each CP rank
-holds the query/key/value of its share of the sequence in megatron's load-balanced layout: the full
-sequence is cut into 2*cp chunks and rank r holds chunks r and 2*cp-1-r (`get_batch_on_this_cp_rank`).
+holds the query/key/value of its share of the sequence in one of two layouts (train/parallel/context.py),
+told by the packed params megatron passes on:
+- qkv_format "sbhd" (or no packed params): megatron's load-balanced split of the whole sequence (2*cp
+  chunks, rank r holding chunks r and 2*cp-1-r, `get_batch_on_this_cp_rank`), cu_seqlens_q the document
+  boundaries of the full, unsplit sequence;
+- qkv_format "thd" (query [t, heads, hn]): Transformer Engine's per-document split (every document in 2*cp
+  chunks), the boundaries from cu_seqlens_q_padded. This is the layout TE's THD context parallelism reads,
+  so a CPU run of it exercises the same split, padding and megatron THD rotary code as a TE run.
 
 The module all-gathers K/V over the CP group (differentiable: the backward sums every rank's K/V gradient
-and hands each rank its own slice) and attends its local query chunks against the gathered K/V. Packed
-sequences: pass `PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=<document boundaries of the full,
-unsplit sequence>)`; a token then attends only to earlier tokens of its own document.
+and hands each rank its own slice), puts them back in sequence order, and attends its local queries against
+them; a token attends only to earlier tokens of its own document.
 
-Memory: no L x L (or L/cp x L) mask or score tensor is built. Queries are processed per (local chunk,
-document) piece, each against the keys from its document start up to its last query only: the keys before the
-chunk unmasked, the diagonal block causally, both blockwise (blockwise_attention.py), merged by log-sum-exp.
+Memory: no L x L (or L/cp x L) mask or score tensor is built. Queries are processed per run of consecutive
+local positions within one document, each against the keys from its document start up to its last query
+only: the keys before the run unmasked, the diagonal block causally, both blockwise
+(blockwise_attention.py), merged by log-sum-exp.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from train.backends.megatron.blockwise_attention import (DEFAULT_KEY_BLOCK, DEFAULT_QUERY_BLOCK,
                                                         blockwise_attention, merge_partials)
 from train.device import on_group_device
+from train.parallel.context import context_shares
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -55,38 +62,48 @@ class _GatherSequence(torch.autograd.Function):
         return out, None
 
 
-def load_balanced_chunks(cp_rank: int, cp_size: int) -> tuple[int, ...]:
-    """Indices of the 2*cp sequence chunks held by `cp_rank` (megatron's get_batch_on_this_cp_rank)."""
-    if cp_size == 1:
-        return (0,)
-    return (cp_rank, 2 * cp_size - 1 - cp_rank)
-
-
-def gather_sequence(local: Tensor, group: dist.ProcessGroup) -> Tensor:
-    """Rebuild the full sequence (dim 0, global order) from every CP rank's load-balanced share."""
-    cp_size = dist.get_world_size(group)
-    if cp_size == 1:
-        return local
-    chunks = _GatherSequence.apply(local, group).chunk(2 * cp_size, dim=0)
-    # Rank-ordered chunks are [r0: c0, c_last], [r1: c1, c_last-1], ...; put them back in sequence order.
-    owner = {}
-    for rank in range(cp_size):
-        for slot, chunk_idx in enumerate(load_balanced_chunks(rank, cp_size)):
-            owner[chunk_idx] = 2 * rank + slot
-    return torch.cat([chunks[owner[i]] for i in range(2 * cp_size)], dim=0)
-
-
-def document_bounds(packed_seq_params: PackedSeqParams | None, total_len: int) -> list[int]:
-    """Document boundaries [0, ..., total_len] of the full sequence; one document when not packed."""
+def context_layout(packed_seq_params: PackedSeqParams | None, total_len: int) -> tuple[str, list[int]]:
+    """(CP layout, document boundaries [0, ..., total_len] of the full sequence) the packed params describe:
+    sbhd (or none: one document) is the whole-sequence load-balanced split, thd the per-document one (TE's
+    THD layout, boundaries from the padded cu_seqlens)."""
     if packed_seq_params is None or packed_seq_params.cu_seqlens_q is None:
-        return [0, total_len]
-    if packed_seq_params.qkv_format not in (None, "sbhd"):
-        raise ValueError(f"ContextParallelAttention takes packed sequences as qkv_format='sbhd' with "
-                         f"cu_seqlens over the full sequence, got qkv_format={packed_seq_params.qkv_format!r}")
-    bounds = [int(x) for x in packed_seq_params.cu_seqlens_q.tolist()]
+        return "sequence", [0, total_len]
+    fmt = packed_seq_params.qkv_format
+    if fmt in (None, "sbhd"):
+        layout, cu = "sequence", packed_seq_params.cu_seqlens_q
+    elif fmt == "thd":
+        padded = packed_seq_params.cu_seqlens_q_padded
+        layout, cu = "document", packed_seq_params.cu_seqlens_q if padded is None else padded
+    else:
+        raise ValueError(f"ContextParallelAttention reads qkv_format 'sbhd' (whole-sequence split) or 'thd' "
+                         f"(per-document split), got {fmt!r}")
+    bounds = [int(x) for x in cu.tolist()]
     if bounds[0] != 0 or bounds[-1] != total_len or any(b > c for b, c in zip(bounds, bounds[1:])):
         raise ValueError(f"cu_seqlens {bounds} must rise from 0 to the full sequence length {total_len}")
-    return bounds
+    return layout, bounds
+
+
+def gather_sequence(local: Tensor, group: dist.ProcessGroup, shares: list[Tensor]) -> Tensor:
+    """Rebuild the full sequence (dim 0, global order) from every CP rank's share (`shares`: the positions
+    each rank holds, context_shares)."""
+    gathered = _GatherSequence.apply(local, group)  # rank order: share 0, share 1, ...
+    order = torch.argsort(torch.cat(shares)).to(gathered.device)
+    return gathered.index_select(0, order)
+
+
+def query_runs(index: Tensor, bounds: list[int]) -> list[tuple[int, int, int, int]]:
+    """(first local row, document start, first position, end position) of every run of consecutive
+    positions of `index` (ascending) inside one document: the pieces a rank's queries are attended in
+    (about two per document and rank). Found with tensor ops: a share holds up to seq_len / cp positions."""
+    if index.numel() == 0:
+        return []
+    edges = torch.tensor(bounds)
+    doc = torch.searchsorted(edges, index, right=True) - 1
+    new_run = torch.ones(index.numel(), dtype=torch.bool)
+    new_run[1:] = (index[1:] != index[:-1] + 1) | (doc[1:] != doc[:-1])
+    rows = new_run.nonzero().squeeze(1).tolist()
+    ends = rows[1:] + [index.numel()]
+    return [(row, bounds[int(doc[row])], int(index[row]), int(index[end - 1]) + 1) for row, end in zip(rows, ends)]
 
 
 def _causal_piece(query: Tensor, key: Tensor, value: Tensor, scale: float, dropout_p: float,
@@ -150,27 +167,26 @@ class ContextParallelAttention(MegatronModule):
             # The mask is derived here (causal + cu_seqlens); a given one would be silently ignored.
             raise ValueError("ContextParallelAttention builds its own causal/document mask: pass "
                              "attention_mask=None and document boundaries via packed_seq_params")
+        thd = query.dim() == 3  # THD: [t, heads, hn], one packed sequence (megatron squeezed the batch)
+        if thd:
+            query, key, value = query[:, None], key[:, None], value[:, None]
         # No CP group (megatron's groups not initialised): plain single-rank attention.
         cp_size = dist.get_world_size(self.cp_group) if self.cp_group is not None else 1
-        cp_rank = dist.get_rank(self.cp_group) if cp_size > 1 else 0
-        if cp_size > 1:
-            key, value = gather_sequence(key, self.cp_group), gather_sequence(value, self.cp_group)
         total_len = query.shape[0] * cp_size
-        bounds = document_bounds(packed_seq_params, total_len)
+        layout, bounds = context_layout(packed_seq_params, total_len)
         if len(bounds) > 2 and query.shape[1] != 1:
             raise ValueError(f"packed sequences need micro-batch size 1, got {query.shape[1]}")
+        if cp_size > 1:
+            shares = context_shares(layout, torch.tensor(bounds), total_len, cp_size)
+            index = shares[dist.get_rank(self.cp_group)]
+            key, value = gather_sequence(key, self.cp_group, shares), gather_sequence(value, self.cp_group, shares)
+        else:
+            index = torch.arange(total_len)
         dropout_p = self.dropout_p if self.training else 0.0
-        chunk_len = total_len // (2 * cp_size) if cp_size > 1 else total_len
         pieces = []
-        for slot, chunk_idx in enumerate(load_balanced_chunks(cp_rank, cp_size)):
-            start, end = chunk_idx * chunk_len, (chunk_idx + 1) * chunk_len
-            local_start = slot * chunk_len
-            for doc_start, doc_end in zip(bounds, bounds[1:]):
-                q_start, q_end = max(start, doc_start), min(end, doc_end)
-                if q_start >= q_end:
-                    continue
-                q = query[local_start + q_start - start: local_start + q_end - start]
-                pieces.append(self._attend(q, key[doc_start:q_end], value[doc_start:q_end], dropout_p))
+        for row, doc_start, start, end in query_runs(index, bounds):
+            q = query[row: row + end - start]
+            pieces.append(self._attend(q, key[doc_start:end], value[doc_start:end], dropout_p))
         context = torch.cat(pieces, dim=0)
         return context.reshape(context.shape[0], context.shape[1], -1)
 

@@ -6,11 +6,15 @@ on CUDA; the local (pure PyTorch) spec everywhere else. One decision (`choose_pa
 
 - Transformer Engine layer spec (megatron's get_gpt_layer_with_transformer_engine_spec: fused
   norm+linear, TEDotProductAttention) when TE imports and the device is CUDA.
-- THD: with TE and no context parallelism, attention reads the packed documents through
-  PackedSeqParams(qkv_format="thd", cu_seqlens) with the longest document as max_seqlen. With context
-  parallelism the sequence is split into 2*cp load-balanced chunks of the whole packed sequence (not per
-  document, which TE's THD context parallelism needs), so the layers keep this project's
-  ContextParallelAttention as core attention (train/backends/megatron/cp_attention.py).
+- THD: with TE, attention reads the packed documents through PackedSeqParams(qkv_format="thd", cu_seqlens)
+  with the longest document as max_seqlen. With context parallelism (parallel.cp_layout auto or document)
+  every document is split into 2*cp chunks, rank r holding chunks r and 2*cp-1-r of each (TE's THD layout,
+  train/parallel/context.py), documents padded by the packer to multiples of 2*cp, and TE's attention
+  exchanges K/V itself (parallel.cp_comm_type); megatron's THD rotary code takes this rank's rows of the
+  whole sequence's MRoPE angles by the same rule. With cp_layout=sequence (the whole sequence in 2*cp
+  chunks, which TE's THD attention cannot read) the layers keep this project's ContextParallelAttention,
+  which reads both layouts (train/backends/megatron/cp_attention.py): the local path with
+  cp_layout=document runs everything the TE path runs except TE's kernel, which is how CPU tests cover it.
 - MoE: moe_grouped_gemm (TEGroupedMLP) and moe_permute_fusion need TE's kernels.
 - Overlap: overlap_grad_reduce on CUDA; overlap_param_gather with the distributed optimizer on CUDA (the
   backend forces a parameter sync before it reads weights: save, export, eval).
@@ -30,6 +34,7 @@ from train.fast_path import register
 class MegatronPath:
     transformer_engine: bool  # TE layer spec (fused norm + linear, TE attention)
     thd_attention: bool  # TE attention over packed THD documents (cu_seqlens)
+    document_split: bool  # cp > 1, split per document (THD PackedSeqParams, documents padded to 2*cp)
     grouped_gemm: bool  # moe_grouped_gemm: all local experts in one grouped GEMM
     permute_fusion: bool  # moe_permute_fusion: fused token permutation / unpermutation
     overlap_grad_reduce: bool  # DDP reduces gradient buckets while backward runs
@@ -37,16 +42,18 @@ class MegatronPath:
 
     def describe(self) -> str:
         spec = "transformer-engine spec" if self.transformer_engine else "local spec"
-        attention = ("TE attention, THD packed" if self.thd_attention
-                     else "ContextParallelAttention (blockwise, packed-aware)")
+        split = ", context parallel per document" if self.document_split else ""
+        attention = (f"TE attention, THD packed{split}" if self.thd_attention
+                     else f"ContextParallelAttention (blockwise, packed-aware{split})")
         experts = "grouped GEMM + permute fusion" if self.grouped_gemm else "sequential experts"
         overlap = [name for name, on in (("grad reduce", self.overlap_grad_reduce),
                                          ("param gather", self.overlap_param_gather)) if on]
         return f"{spec}, {attention}, {experts}, overlap: {' + '.join(overlap) or 'none'}"
 
 
-LOCAL_PATH = MegatronPath(transformer_engine=False, thd_attention=False, grouped_gemm=False, permute_fusion=False,
-                          overlap_grad_reduce=False, overlap_param_gather=False)  # CPU: nothing but PyTorch
+LOCAL_PATH = MegatronPath(transformer_engine=False, thd_attention=False, document_split=False, grouped_gemm=False,
+                          permute_fusion=False, overlap_grad_reduce=False,
+                          overlap_param_gather=False)  # CPU: nothing but PyTorch
 
 
 def transformer_engine_importable() -> bool:
@@ -59,16 +66,25 @@ def transformer_engine_importable() -> bool:
 
 
 def choose_path(device: torch.device, cp: int, distributed_optimizer: bool,
-                te_available: Callable[[], bool] = transformer_engine_importable) -> MegatronPath:
-    """The megatron path for `device`; `te_available` is asked only on CUDA (tests inject it)."""
+                te_available: Callable[[], bool] = transformer_engine_importable,
+                cp_layout: str = "auto") -> MegatronPath:
+    """The megatron path for `device` and parallel.cp_layout; `te_available` is asked only on CUDA (tests
+    inject it)."""
     cuda = device.type == "cuda"
     te = cuda and te_available()
-    return MegatronPath(transformer_engine=te, thd_attention=te and cp == 1, grouped_gemm=te, permute_fusion=te,
-                        overlap_grad_reduce=cuda, overlap_param_gather=cuda and distributed_optimizer)
+    document = cp > 1 and (cp_layout == "document" or (cp_layout == "auto" and te))
+    return MegatronPath(transformer_engine=te, thd_attention=te and (cp == 1 or document), document_split=document,
+                        grouped_gemm=te, permute_fusion=te, overlap_grad_reduce=cuda,
+                        overlap_param_gather=cuda and distributed_optimizer)
 
 
 def run_path(cfg: TrainConfig, device: torch.device) -> MegatronPath:
-    return choose_path(device, cfg.parallel.cp, cfg.backend.distributed_optimizer)
+    return choose_path(device, cfg.parallel.cp, cfg.backend.distributed_optimizer, cp_layout=cfg.parallel.cp_layout)
+
+
+def document_multiple(path: MegatronPath, cp: int) -> int:
+    """What every packed document's length must be a multiple of on this path (the loader pads to it)."""
+    return 2 * cp if path.document_split else 1
 
 
 @register("megatron")
@@ -96,12 +112,15 @@ def ddp_options(path: MegatronPath) -> dict[str, bool]:
 
 
 def packed_seq_params(cu_seqlens: torch.Tensor, path: MegatronPath):
-    """PackedSeqParams for one packed sequence: THD with the longest document as max_seqlen for TE's
-    attention; the sbhd form this project's ContextParallelAttention reads otherwise."""
+    """PackedSeqParams for one packed sequence (cu_seqlens of the whole sequence, on every CP rank): THD with
+    the longest document as max_seqlen for TE's attention and for the per-document CP split; the sbhd form
+    ContextParallelAttention reads for the whole-sequence split. The per-document pads are left in the
+    documents (cu_seqlens = cu_seqlens_padded): they follow each document's last token, so causal attention
+    never shows them to a real token, and they carry no loss."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cu = cu_seqlens.to(torch.int32)
-    if not path.thd_attention:
+    if not (path.thd_attention or path.document_split):
         return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
     longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,

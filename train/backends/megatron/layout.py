@@ -242,6 +242,13 @@ def check_config(cfg: Any, world_size: int) -> ParallelSizes:
     sizes = resolve_sizes(cfg.parallel, world_size)
     check_layout(cfg.model, sizes, cfg.backend.precision, cfg.stage.seq_len, cfg.parallel.sequence_parallel,
                  cfg.moe_aux_loss_form())
+    text = cfg.model.text
+    if sizes.cp > 1 and cfg.parallel.cp_comm_type == "a2a" and (
+            (text.num_attention_heads // sizes.tp) % sizes.cp or (text.num_key_value_heads // sizes.tp) % sizes.cp):
+        raise ParallelLayoutError(f"megatron layout {sizes.describe()}: parallel.cp_comm_type=a2a scatters each "
+                                  f"TP rank's {text.num_attention_heads // sizes.tp} query / "
+                                  f"{text.num_key_value_heads // sizes.tp} key-value heads over cp={sizes.cp}: "
+                                  f"not divisible; use cp_comm_type=p2p")
     micro = cfg.stage.global_batch_size // (sizes.dp or 1)
     if sizes.vpp is not None and micro % sizes.pp:
         # the interleaved schedule runs micro-batches in groups of pp per model chunk

@@ -4,9 +4,9 @@
   with TE; train/backends/megatron/fast_path.py decides and logs it): RMSNorm, per-head QK RMSNorm (Qwen3's
   q_norm/k_norm), GQA, SwiGLU, no biases; MoE layers (where `is_moe_layer`) from megatron's MoE spec with
   softmax top-k routing (`moe_router_pre_softmax=False` = softmax over the top-k logits = Qwen3's
-  normalised top-k probabilities). Core attention is TE's over packed THD documents on the TE path without
-  CP, else `ContextParallelAttention`: the only local attention that honours packed-document boundaries
-  (cu_seqlens) and the load-balanced CP split of the whole packed sequence.
+  normalised top-k probabilities). Core attention is TE's over packed THD documents on the TE path (with
+  CP: split per document), else `ContextParallelAttention`: the only local attention that honours
+  packed-document boundaries (cu_seqlens) and both CP splits (train/backends/megatron/fast_path.py).
 - Vision tower and mergers: the reference model's own `VisionTower` module (reused, not rebuilt), on the
   first pipeline stage, with the reference `embed` placing the features at the placeholders; its linear
   layers tensor-parallel over the TP group (train/backends/megatron/vision_tp.py).
@@ -14,9 +14,10 @@
 - Interleaved MRoPE: angles computed with the reference rope helpers and handed to every layer as
   `rotary_pos_emb` (megatron's own mrope is the contiguous Qwen2-VL layout; its `rotary_interleaved` is
   GPT-J rotate-every-two, neither is Qwen3-VL).
-- Context parallel: train/parallel/vision_shard.py builds this rank's load-balanced share (the layout
-  ContextParallelAttention expects), the vision tower sharded by item over the CP group; with sequence
-  parallelism the share is further scattered over the TP ranks.
+- Context parallel: train/parallel/vision_shard.py builds this rank's share (the whole sequence's
+  load-balanced split, or every document's on the TE path / cp_layout=document: train/parallel/context.py),
+  the vision tower sharded by item over the CP group; with sequence parallelism the share is further
+  scattered over the TP ranks.
 
 The MoE load-balancing loss is the reference's (train/models/qwen3vl/moe.py, pooled or per layer as
 backend.moe_aux_loss decides): router logits are tapped from megatron's routers during forward and
@@ -55,7 +56,7 @@ from train.models.qwen3vl import Qwen3VLModel
 from train.models.qwen3vl.common import maybe_checkpoint
 from train.models.qwen3vl.rope import mrope_angles
 from train.models.qwen3vl.vision import VisionTower
-from train.parallel.context import shard_index
+from train.parallel.context import context_shares
 from train.parallel.vision_shard import embed_context_share
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -63,8 +64,10 @@ SpecBuilders = tuple[Callable[..., ModuleSpec], Callable[..., ModuleSpec]]  # (T
 
 
 def transformer_config(model_cfg: ModelConfig, sizes: ParallelSizes, precision: str = "fp32",
-                       sequence_parallel: bool = False, path: MegatronPath = LOCAL_PATH) -> TransformerConfig:
-    """The megatron TransformerConfig of the Qwen3-VL LLM under the given layout and fast path."""
+                       sequence_parallel: bool = False, path: MegatronPath = LOCAL_PATH,
+                       cp_comm_type: str = "p2p") -> TransformerConfig:
+    """The megatron TransformerConfig of the Qwen3-VL LLM under the given layout and fast path
+    (cp_comm_type: how TE's context-parallel attention exchanges K/V; the local attention all-gathers)."""
     text = model_cfg.text
     dtype = DTYPES[precision]
     kwargs: dict[str, Any] = dict(
@@ -79,7 +82,7 @@ def transformer_config(model_cfg: ModelConfig, sizes: ParallelSizes, precision: 
         # The loss is already normalised by the global weight (train/loss.py): megatron must neither divide
         # it by the micro-batch count nor average gradients over data-parallel ranks (it sums them).
         calculate_per_token_loss=True, sequence_parallel=sequence_parallel and sizes.tp > 1,
-        **config_kwargs(sizes))
+        cp_comm_type=cp_comm_type if sizes.cp > 1 else None, **config_kwargs(sizes))
     if text.is_moe:
         kwargs.update(num_moe_experts=text.num_experts, moe_router_topk=text.num_experts_per_tok,
                       moe_ffn_hidden_size=text.moe_intermediate_size, moe_router_score_function="softmax",
@@ -223,16 +226,18 @@ class MegatronQwen3VL(LanguageModule):
         return tensor_parallel.gather_from_tensor_model_parallel_region(weight.t()).t()
 
     # ----------------------------------------------------------------------------------------- forward
-    def cp_shares(self, seq_len: int) -> list[Tensor] | None:
-        """Positions held by every CP rank (None without context parallelism)."""
+    def cp_shares(self, batch: PackedBatch) -> list[Tensor] | None:
+        """Positions of `batch` held by every CP rank, in this path's layout (None without context
+        parallelism)."""
         cp = mpu.get_context_parallel_world_size()
         if cp == 1:
             return None
-        return [shard_index(seq_len, cp, r, load_balanced=True) for r in range(cp)]
+        layout = "document" if self.path.document_split else "sequence"
+        return context_shares(layout, batch.cu_seqlens, batch.seq_len, cp)
 
-    def cp_index(self, seq_len: int) -> Tensor | None:
+    def cp_index(self, batch: PackedBatch) -> Tensor | None:
         """Positions this CP rank holds (None without context parallelism)."""
-        shares = self.cp_shares(seq_len)
+        shares = self.cp_shares(batch)
         return None if shares is None else shares[mpu.get_context_parallel_rank()]
 
     def _native_view(self) -> types.SimpleNamespace:
@@ -266,13 +271,17 @@ class MegatronQwen3VL(LanguageModule):
     def forward(self, batch: PackedBatch, router_logits: list[Tensor] | None = None) -> Tensor:
         """Hidden states [n, 1, H] of this rank's share of one packed sequence. MoE router logits of the
         layers on this stage are appended to `router_logits` when given."""
-        shares = self.cp_shares(batch.seq_len)
+        shares = self.cp_shares(batch)
         index = None if shares is None else shares[mpu.get_context_parallel_rank()]
         if self.pre_process:
             hidden, deepstack = self._first_stage_inputs(batch, shares)
         else:
             hidden, deepstack = self.input_tensor, []
-        positions = batch.position_ids if index is None else batch.position_ids[:, index.to(batch.position_ids.device)]
+        positions = batch.position_ids
+        if index is not None and not self.path.document_split:
+            # THD (per-document split): megatron's rotary code takes this rank's rows of the whole sequence's
+            # angles itself (rope_utils._apply_rotary_pos_emb_thd, by cu_seqlens, the same chunks as ours).
+            positions = positions[:, index.to(positions.device)]
         text = self.model_cfg.text
         rope = mrope_angles(positions, text.head_dim, text.rope_theta, text.mrope_section)[:, None, None, :]
         cu = batch.cu_seqlens.to(torch.int32)
