@@ -6,6 +6,9 @@ programs/megatron_reshard.py, ~30 s): saved at TP=2 + sequence parallel, loaded 
   - the weights-only load exports bitwise the saved weights, gives the logits of the same layout handed
     those weights natively (bitwise) and of the saving TP=2 model (<= 1e-6, reduction order), and its next
     step equals that native handoff's step (fresh optimizer on the loaded weights).
+A change of expert-parallel size too (the tiny MoE model): saved at EP=2, fully loaded at EP=1 (DP=2; megatron
+then has one optimizer instead of a dense + expert chain), and that run's save at EP=2 again: weights,
+fp32 masters and moments bitwise in model space, the next step within 1e-5.
 """
 from __future__ import annotations
 
@@ -37,6 +40,17 @@ def test_tp2_checkpoint_weights_load_in_other_layout(reshard_run, layout):
     full = [line for line in lines if "full load: weights diff 0," in line]
     assert full and "next step vs tp2's next step" in full[0], _context(reshard_run)
     assert " 0 unequal" in full[0] and " 0 exp_avg_sq" not in full[0], _context(reshard_run)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_ep2_checkpoint_resumes_at_ep1_and_back(reshard_run):
+    lines = [line for line in reshard_run.stdout.splitlines() if line.startswith("[ep1]")]
+    print("\n".join(lines))
+    assert not [line for line in reshard_run.stdout.splitlines() if "FAIL ep" in line], _context(reshard_run)
+    assert lines and "full load: weights diff 0," in lines[0], _context(reshard_run)
+    assert "re-save at ep2: weights diff 0," in lines[0], _context(reshard_run)
+    assert lines[0].count(" 0 unequal") == 2 and " 0 exp_avg_sq" not in lines[0], _context(reshard_run)
 
 
 @pytest.mark.dist

@@ -18,6 +18,10 @@ vacuous):
     saving TP=2 model within 1e-6 (TP=2 sums its row-parallel halves in another order: rounding),
   - the next step equals that natively loaded backend's step bitwise: the optimizer starts fresh and steps
     the loaded weights, not the ones the backend was built with.
+Then a change of expert-parallel size: the tiny MoE model saved at EP=2 (each rank 2 of the 4 experts, expert
+DP 1) resumes at EP=1 (DP=2, every rank all experts), and what that run saves resumes at EP=2 again, with the
+same full-load checks (weights, fp32 masters and moments bitwise in model space, the next step within 1e-5 of
+the saving run's).
 """
 from __future__ import annotations
 
@@ -118,10 +122,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def check_full_load(name: str, ckpt: Path, want_state: dict, want_logits: torch.Tensor, probe, step_batches,
-                    want_next: dict, failures: list[str]) -> str:
-    """backend.load (model + optimizer, fully reshardable) into this layout: the weights come back bitwise,
-    and the next step continues the saving run's: Adam's moments were resharded too, not started afresh."""
-    backend = MegatronBackend(layout_config(name, seed=3000))
+                    want_next: dict, failures: list[str], cfg=None) -> str:
+    """backend.load (model + optimizer, fully reshardable) into layout `name` (or `cfg`): the weights come back
+    bitwise, and the next step continues the saving run's: Adam's moments were resharded too, not afresh."""
+    backend = MegatronBackend(cfg or layout_config(name, seed=3000))
     backend.load(ckpt)
     weights = compare_exports(gathered_state_dict(backend), want_state, failures, f"{name} full-load weights")
     resaved = ckpt.with_name(f"{ckpt.name}_{name}")
@@ -181,6 +185,37 @@ def _broadcast_state(state: dict) -> dict:
     return box[0]
 
 
+def check_expert_parallel_change(ckpt: Path, failures: list[str]) -> None:
+    """Saved at EP=2, fully loaded at EP=1 (DP=2); the other seed's weights differ first (not vacuous)."""
+    t0 = time.time()
+    cfg = mode_config("ep")
+    cfg.seed = 21
+    saved = MegatronBackend(cfg)
+    train(saved, global_batch(cfg.model, 0))
+    saved.save(ckpt)
+    want_state = _broadcast_state(gathered_state_dict(saved))
+    probe = global_batch(cfg.model, 5)[1]
+    want_logits = full_logits(saved, probe)
+    train(saved, global_batch(cfg.model, 1))
+    want_next = gathered_state_dict(saved)
+    saved.close()
+    target = mode_config("ep")
+    target.parallel.ep, target.seed = 1, 3000
+    fresh = MegatronBackend(target)
+    before = compare_logits(full_logits(fresh, probe), want_logits, [], "ep1")
+    fresh.close()
+    if not before > 1e-3:
+        failures.append(f"ep1: fresh model already gives the saved logits (diff {before}): vacuous")
+    full = check_full_load("ep1", ckpt, want_state, want_logits, probe, global_batch(cfg.model, 1), want_next,
+                           failures, target)
+    cfg.seed = 4000
+    back = check_full_load("ep2", ckpt.with_name(f"{ckpt.name}_ep1"), want_state, want_logits, probe,
+                           global_batch(cfg.model, 1), want_next, failures, cfg)  # what ep1 saved, at ep2
+    if dist.get_rank() == 0:
+        print(f"[ep1] saved at ep2, fresh logits diff {before:.3g}; full load: {full}; then its re-save at ep2: "
+              f"{back}; time {time.time() - t0:.1f}s", flush=True)
+
+
 def main(ckpt: Path) -> None:
     start()
     failures: list[str] = []
@@ -199,6 +234,7 @@ def main(ckpt: Path) -> None:
         print(f"[tp2] saved after one step; time {time.time() - t0:.1f}s", flush=True)
     for name in ("tp1", "pp2"):
         check_layout(name, ckpt, want_state, want_logits, probe, global_batch(cfg.model, 1), want_next, failures)
+    check_expert_parallel_change(ckpt.with_name(f"{ckpt.name}_moe"), failures)
     finish(failures)
 
 

@@ -26,8 +26,11 @@ from train.models.native_io import CheckpointError
 
 SUBDIR = "megatron"
 # The distributed optimizer's state in model space (each parameter's moments in the parameter's global shape):
-# it loads into any TP/PP/DP layout (gathered over the DP group at save).
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# it loads into any TP/PP/DP layout (gathered over the DP group at save). With expert parallelism megatron
+# chains a dense and an expert optimizer, at EP=1 it builds one (experts are then ordinary parameters): without
+# the "chained_N." key prefix the moments' keys are the same in both, so the state loads across an EP change.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+PREFIXED_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # checkpoints saved before 2026-12-04
 RESHARDABLE = ("tp", "pp", "cp", "ep", "dp", "etp", "first", "last", "vpp")  # layout keys a full load may change
 
 
@@ -52,11 +55,30 @@ def _optimizer_parts(optimizer: Any) -> list[Any]:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _state(ddps: list, optimizer: Any, step: int, is_loading: bool, layout: dict[str, Any]) -> dict[str, Any]:
+def _state(ddps: list, optimizer: Any, step: int, is_loading: bool, layout: dict[str, Any],
+           metadata: dict[str, Any] = OPTIMIZER_METADATA) -> dict[str, Any]:
     model_state = _model_state(ddps)
-    optim_state = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
+    optim_state = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
     return {"model": model_state, "optimizer": optim_state, "step": step, "adam_steps": _adam_steps(optimizer),
-            "layout": layout}
+            "layout": layout, "optimizer_metadata": metadata}
+
+
+def _saved_parts(common: dict[str, Any]) -> int:
+    """How many chained optimizers wrote the saved state (their states are keyed 0, 1, ...; one: unkeyed)."""
+    return sum(isinstance(key, int) for key in common["optimizer"]) or 1
+
+
+def _own_structure(optimizer: Any, loaded: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer state dict for THIS optimizer's chain from a load across an EP change: the loaded
+    parameter states sit where this optimizer's request put them, but the rest (param groups) came from the
+    saved chain, which has another number of parts; take this optimizer's own (the same hyper-parameters:
+    one config; the Adam steps are restored from the saved counts afterwards)."""
+    parts = _optimizer_parts(optimizer)
+    states = [loaded] if len(parts) == 1 else [loaded[index] for index in range(len(parts))]
+    own = [{**part.state_dict(), "param_state": state["param_state"],
+            "param_state_sharding_type": OPTIMIZER_METADATA["distrib_optim_sharding_type"]}
+           for part, state in zip(parts, states)]
+    return own[0] if len(parts) == 1 else dict(enumerate(own))
 
 
 def _adam_steps(optimizer: Any) -> list[float]:
@@ -93,7 +115,10 @@ def _restore_adam_steps(optimizer: Any, steps: list[float]) -> None:
     """megatron 0.16 restores torch AdamW's step as ONE tensor shared by every parameter, which the
     foreach update then advances once per parameter group (and after the dummy initialisation): the bias
     correction of the resumed run would be off. Give each parameter its own, saved, count."""
-    for part, step in zip(_optimizer_parts(optimizer), steps):
+    parts = _optimizer_parts(optimizer)
+    if len(steps) != len(parts):  # another EP size: one chain or two, which step together
+        steps = [max(steps)] * len(parts)
+    for part, step in zip(parts, steps):
         for state in part.optimizer.state.values():
             if "step" in state:
                 state["step"] = torch.tensor(step, dtype=torch.float32)
@@ -170,11 +195,16 @@ def _checkpoint_dir(directory: Path) -> Path:
     return target
 
 
-def saved_layout(directory: Path) -> dict[str, Any]:
-    """The layout a checkpoint was written in (read from its common state, no tensors loaded)."""
+def _saved_common(directory: Path) -> dict[str, Any]:
+    """A checkpoint's common state (layout, step, optimizer hyper-parameters; no tensors loaded)."""
     from megatron.core import dist_checkpointing
 
-    layout = dist_checkpointing.load_common_state_dict(str(_checkpoint_dir(directory))).get("layout")
+    return dist_checkpointing.load_common_state_dict(str(_checkpoint_dir(directory)))
+
+
+def saved_layout(directory: Path) -> dict[str, Any]:
+    """The layout a checkpoint was written in (read from its common state, no tensors loaded)."""
+    layout = _saved_common(directory).get("layout")
     return dict(layout) if layout is not None else {}
 
 
@@ -187,12 +217,18 @@ def load_training_state(directory: Path, ddps: list, optimizer: Any, layout: dic
     from megatron.core import dist_checkpointing
 
     target = _checkpoint_dir(directory)
-    saved = saved_layout(directory)
+    common = _saved_common(directory)
+    saved = dict(common.get("layout") or {})
     keys = {*saved, *layout} - (set(RESHARDABLE) if saved.get("reshardable") else set())
     changed = ", ".join(f"{k} {saved.get(k)}->{layout.get(k)}" for k in sorted(keys) if saved.get(k) != layout.get(k))
     if saved and changed:
         raise CheckpointError(f"{target}: optimizer state was saved in another layout ({changed}); it only "
                               f"resumes with those unchanged: load the weights alone (a new stage) instead")
+    metadata = common.get("optimizer_metadata", PREFIXED_METADATA)
+    rechained = _saved_parts(common) != len(_optimizer_parts(optimizer))
+    if rechained and metadata != OPTIMIZER_METADATA:
+        raise CheckpointError(f"{target}: saved at parallel.ep={saved.get('ep')} with chained-optimizer key "
+                              f"prefixes (before 2026-12-04): resume at that expert-parallel size")
     for part in _optimizer_parts(optimizer):
         # A fresh distributed optimizer has no Adam state yet; dist_checkpointing loads into existing tensors.
         init = getattr(part, "_init_optimizer_states_with_dummy_values", None)
@@ -200,9 +236,10 @@ def load_training_state(directory: Path, ddps: list, optimizer: Any, layout: dic
             init()
         _skip_step_in_reshardable_load(part)
     with torch.no_grad():
-        state = dist_checkpointing.load(_state(ddps, optimizer, 0, is_loading=True, layout=layout), str(target))
+        request = _state(ddps, optimizer, 0, is_loading=True, layout=layout, metadata=metadata)
+        state = dist_checkpointing.load(request, str(target))
         _load_model(ddps, state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(_own_structure(optimizer, state["optimizer"]) if rechained else state["optimizer"])
     _restore_adam_steps(optimizer, state["adam_steps"])
     return int(state["step"])
 
