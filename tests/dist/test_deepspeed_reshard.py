@@ -22,13 +22,18 @@ REPO = HERE.parent.parent
 PROGRAM = HERE / "programs" / "deepspeed_reshard.py"
 
 
-def _launch(ranks: int, stage: int, saved: Path, out: Path, step: int, moe: bool = False) -> str:
+def _launch(ranks: int, stage: int, saved: Path, out: Path, step: int, moe: bool = False,
+            refused: str = "") -> str:
+    """Run the program; with `refused`, expect it to fail with that message instead."""
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests' / 'unit'}", "OMP_NUM_THREADS": "1",
            "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", str(PROGRAM),
            str(stage), str(saved), str(out), str(step)] + (["moe"] if moe else [])
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    if refused:
+        assert proc.returncode != 0 and refused in proc.stderr, proc.stdout[-4000:] + proc.stderr[-4000:]
+        return proc.stderr
     assert proc.returncode == 0 and "ALL OK" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -59,3 +64,15 @@ def test_moe_expert_parallel_two_ranks_to_one_to_two(stage: int, tmp_path: Path)
     assert any("world 1: loaded" in line for line in lines) and any("world 2: loaded" in line for line in lines)
     assert {path: path.read_bytes() for path in saved} == saved, "the conversion modified the saved checkpoint"
     assert not list(tmp_path.rglob(".*.universal")), "the universal copy outlives the load"
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_moe_zero0_resumes_at_its_layout_only(tmp_path: Path) -> None:
+    """ZeRO-0 in fp32: DeepSpeed saves rank 0's torch optimizer state only; every rank's expert moments are in
+    its expert file. A same-layout resume restores them bitwise (rank 1 got rank 0's before); another layout
+    is refused in one line."""
+    _launch(2, 0, tmp_path / "none", tmp_path / "two", 0, moe=True)
+    again = _launch(2, 0, tmp_path / "two", tmp_path / "again", 1, moe=True)
+    assert "world 2: loaded" in again
+    _launch(1, 0, tmp_path / "two", tmp_path / "one", 1, moe=True, refused="ZeRO-0 checkpoint of an MoE model")

@@ -48,16 +48,19 @@ def model_space(backend) -> dict[str, torch.Tensor]:
         # created the later groups' state: re-link now that every group has it.
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
+    fp32, moment = safe_get_full_fp32_param, safe_get_full_optimizer_state
+    if backend.cfg.backend.zero_stage == 0:  # fp32: torch AdamW keyed by the parameters themselves
+        fp32, moment = torch.Tensor.detach, lambda param, key: zero.state[param][key]
     out: dict[str, torch.Tensor] = {}
     for name, param in backend.engine.module.named_parameters():
         if not param.requires_grad:
             continue
         full = experts.gather if experts is not None and experts.is_expert_param(name.removeprefix("model.")) \
             else torch.Tensor.clone
-        out[f"{name}/fp32"] = full(safe_get_full_fp32_param(param))
+        out[f"{name}/fp32"] = full(fp32(param))
         for key in MOMENTS:
-            out[f"{name}/{key}"] = full(safe_get_full_optimizer_state(param, key))
-    optimizer = backend.engine.optimizer.optimizer
+            out[f"{name}/{key}"] = full(moment(param, key))
+    optimizer = getattr(zero, "optimizer", zero)
     steps = {float(state["step"]) for state in optimizer.state.values() if "step" in state}
     out["adam_step"] = torch.tensor(sorted(steps))
     return out

@@ -226,7 +226,8 @@ class DeepSpeedBackend:
         files, deferred = self.checkpoint_io.take_pending()
         if self.experts is not None:
             path = self.experts.file(Path(directory))
-            files.append((path, self.checkpoint_io.buffers.copy(path.name, self.experts.state())))
+            optimizer = self.engine.optimizer if self._plain_optimizer() else None
+            files.append((path, self.checkpoint_io.buffers.copy(path.name, self.experts.state(optimizer))))
 
         def write() -> list[WrittenFile]:
             for other in deferred:
@@ -244,7 +245,7 @@ class DeepSpeedBackend:
             else:
                 path, client = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
                 if path is not None and self.experts is not None:
-                    self.experts.load(Path(directory), self.engine.optimizer)
+                    self.experts.load(Path(directory), self.engine.optimizer, self._plain_optimizer())
         if path is None:
             raise FileNotFoundError(f"no deepspeed checkpoint under {directory}")
         self.step = int(client["step"])

@@ -139,18 +139,32 @@ class ExpertParallelism:
     def file(self, directory: Path) -> Path:
         return directory / f"experts_rank{dist.get_rank():05d}.pt"
 
-    def state(self) -> dict[str, torch.Tensor]:
+    def state(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, torch.Tensor]:
         """This rank's expert weights (live tensors: the backend snapshots them into host memory and writes
-        them to `file(directory)`)."""
-        return {f"{layer}.{n}": p.detach() for layer, module in self.layers.items()
-                for n, p in module.named_parameters()}
+        them to `file(directory)`), and with `optimizer` their Adam state too: at ZeRO-0 in fp32 the torch
+        optimizer is keyed by the parameters themselves and DeepSpeed saves rank 0's only, whose expert
+        moments are those of rank 0's experts."""
+        out = {}
+        for layer, module in self.layers.items():
+            for n, p in module.named_parameters():
+                out[f"{layer}.{n}"] = p.detach()
+                if optimizer is not None:
+                    out.update({f"{layer}.{n}/{key}": value for key, value in optimizer.state.get(p, {}).items()
+                                if torch.is_tensor(value)})
+        return out
 
     @torch.no_grad()
-    def load(self, directory: Path, optimizer: Any) -> None:
+    def load(self, directory: Path, optimizer: Any, plain: bool = False) -> None:
+        """Restore this rank's expert weights, and with `plain` (ZeRO-0 in fp32: see `state`) their Adam
+        state over the rank-0 copy DeepSpeed's load gave every rank."""
         state = torch.load(self.file(directory), map_location="cpu", weights_only=True)
         for layer, module in self.layers.items():
             for n, p in module.named_parameters():
                 p.copy_(state[f"{layer}.{n}"])
+                prefix = f"{layer}.{n}/"
+                if plain and p in optimizer.state:
+                    optimizer.state[p].update({key[len(prefix):]: value for key, value in state.items()
+                                               if key.startswith(prefix)})
         refresh = getattr(optimizer, "refresh_fp32_params", None)
         if refresh is not None:
             refresh()
