@@ -32,7 +32,7 @@ from train.checkpoint_save import Checkpointer
 from train.config.schema import TrainConfig
 from train.device import comm_tensor, compute_device
 from train.fast_path import describe as describe_run_path
-from train.models.weight_source import WeightSource
+from train.models.weight_source import WeightSource, ZeroInit
 from train.metrics import MetricsLogger, StepTimer, global_data_counts, make_record, read_history
 from train.parallel.vision_balance import balance_micro_batches
 
@@ -104,8 +104,10 @@ def train_stage(cfg: TrainConfig, runtime: StageRuntime) -> StageResult:
     seed_everything(cfg.seed)  # the same initial weights on every rank and in every run
     latest = resume_checkpoint(stage_dir)
     # A fresh stage with init_from is built from those weights directly (never randomly initialised first);
-    # a resumed one from the random initialisation, which its checkpoint then overwrites.
-    initial = read_model_dir(cfg.stage.init_from, cfg.model) if latest is None and cfg.stage.init_from else None
+    # a resumed one from zeros (the verified checkpoint then overwrites every value); a fresh one without
+    # init_from from the random initialisation (the backend's default).
+    initial = ZeroInit(cfg.model) if latest is not None else (
+        read_model_dir(cfg.stage.init_from, cfg.model) if cfg.stage.init_from else None)
     backend = runtime.build_backend(cfg, initial)
     info = backend.info
     loader = runtime.build_loader(cfg, info, cfg.data.seed)

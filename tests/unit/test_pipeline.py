@@ -155,7 +155,9 @@ def test_rerun_after_a_stop_skips_done_stages_and_resumes_from_the_checkpoint(da
     log.clear()
     assert run_pipeline(configs(), _runtime(log)) == 0
     assert [b.cfg.stage.name for b in log] == ["s1", "s2", "s3"]  # s0 is done and not rebuilt
-    assert log[0].loaded is None  # s1's checkpoint wins over its init_from (s0's final weights)
+    # s1's checkpoint wins over its init_from (s0's final weights): it is built from zeros (no random init
+    # pass, no read of s0's weights), then loads the checkpoint
+    assert log[0].loaded is not None and not any(v.any() for v in log[0].loaded.values())
     assert log[0].steps == 12 and log[1].loaded is not None
     assert StageResult.load(tmp_path / "s1" / "summary.json").resumed_from == 2
 

@@ -202,6 +202,27 @@ class RandomInit:
             yield block, first - begin, stop - begin
 
 
+class ZeroInit:
+    """Zeros for every parameter: the initial values of a backend that a resume checkpoint is about to
+    overwrite in full (train/trainer.py). RandomInit would generate every value of the model (row blocks
+    whole, so a row-parallel TP piece costs the full tensor) only for the load to replace it; zeros cost a
+    memset. The load itself refuses a checkpoint that misses a tensor, so no zero survives it."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.shapes = dict(init_kinds(cfg)[1])
+        if cfg.text.tie_word_embeddings:
+            self.shapes[LM_HEAD] = self.shapes[EMBED]
+
+    def names(self) -> set[str]:
+        return set(self.shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def read(self, name: str, index: Index | None = None) -> torch.Tensor:
+        return torch.zeros(sliced_shape(full_index(index, self.shapes[name])))
+
+
 def _block_seed(seed: int, name: str, block: int) -> int:
     digest = hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
