@@ -158,12 +158,11 @@ class StateDictSource:
         return tensor[full_index(index, tuple(tensor.shape))]
 
 
-class RandomInit:
-    """The reference model's initialisation, layout-independent: normal(0, 0.02) for matrices, embeddings,
-    the MoE router and experts; zeros for biases; ones for norm gains (RMSNorm and LayerNorm)."""
+class _GeneratedSource:
+    """A source that makes its values (no files): the native model's parameter names and shapes."""
 
-    def __init__(self, cfg: ModelConfig, seed: int, std: float = INIT_STD) -> None:
-        self.cfg, self.seed, self.std = cfg, int(seed), std
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
         self.kinds, self.shapes = init_kinds(cfg)
         if cfg.text.tie_word_embeddings:
             self.shapes[LM_HEAD] = self.shapes[EMBED]
@@ -173,6 +172,15 @@ class RandomInit:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.shapes[name]
+
+
+class RandomInit(_GeneratedSource):
+    """The reference model's initialisation, layout-independent: normal(0, 0.02) for matrices, embeddings,
+    the MoE router and experts; zeros for biases; ones for norm gains (RMSNorm and LayerNorm)."""
+
+    def __init__(self, cfg: ModelConfig, seed: int, std: float = INIT_STD) -> None:
+        super().__init__(cfg)
+        self.seed, self.std = int(seed), std
 
     def read(self, name: str, index: Index | None = None) -> torch.Tensor:
         if name == LM_HEAD and self.cfg.text.tie_word_embeddings:
@@ -202,22 +210,11 @@ class RandomInit:
             yield block, first - begin, stop - begin
 
 
-class ZeroInit:
+class ZeroInit(_GeneratedSource):
     """Zeros for every parameter: the initial values of a backend that a resume checkpoint is about to
     overwrite in full (train/trainer.py). RandomInit would generate every value of the model (row blocks
     whole, so a row-parallel TP piece costs the full tensor) only for the load to replace it; zeros cost a
     memset. The load itself refuses a checkpoint that misses a tensor, so no zero survives it."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        self.shapes = dict(init_kinds(cfg)[1])
-        if cfg.text.tie_word_embeddings:
-            self.shapes[LM_HEAD] = self.shapes[EMBED]
-
-    def names(self) -> set[str]:
-        return set(self.shapes)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.shapes[name]
 
     def read(self, name: str, index: Index | None = None) -> torch.Tensor:
         return torch.zeros(sliced_shape(full_index(index, self.shapes[name])))
