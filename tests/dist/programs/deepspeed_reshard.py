@@ -1,10 +1,11 @@
 """torchrun program (gloo): a DeepSpeed ZeRO checkpoint written by one number of data-parallel ranks resumes
 on another (elastic resume), compared in model space.
 
-    deepspeed_reshard.py STAGE SAVED_DIR OUT_DIR STEP [moe]
+    deepspeed_reshard.py STAGE SAVED_DIR OUT_DIR STEP [moe] [frozen]
 
 `moe`: the tiny MoE model with its experts sliced over every rank (parallel.ep = world size), so a change
-of world size changes the expert-parallel size too.
+of world size changes the expert-parallel size too. `frozen`: the merger is frozen (stage.trainable), so
+the load must restore parameters the optimizer does not own (the backend is built with other weights).
 
 Loads SAVED_DIR/ckpt (written by a run at any world size; SAVED_DIR/model_space.pt holds that run's model-space
 state after its save and its next step) unless STEP is 0, in which case it starts from the reference initial
@@ -82,10 +83,13 @@ def compare_bitwise(got: dict, want: dict, failures: list[str], what: str) -> No
         failures.append(f"{what}: {len(differ)} tensors differ, first {differ[0]}")
 
 
-def main(stage: int, saved: Path, out: Path, step: int, moe: bool) -> None:
+def main(stage: int, saved: Path, out: Path, step: int, flags: list[str]) -> None:
     rank = start()
     failures: list[str] = []
+    moe = "moe" in flags
     cfg = make_config(moe=moe, zero_stage=stage, ep=dist.get_world_size() if moe else 1)
+    if "frozen" in flags:
+        cfg.stage.trainable = ["vision", "llm"]
     backend = build_backend(cfg)
     if step == 0:
         backend.load_model_weights(StateDictSource(initial_state(cfg)))
@@ -116,4 +120,4 @@ def main(stage: int, saved: Path, out: Path, step: int, moe: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5:] == ["moe"])
+    main(int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])

@@ -27,6 +27,7 @@ from train.checkpoint_files import WrittenFile, save_hashed
 from train.backends.deepspeed.config import check_layout, deepspeed_config
 from train.backends.deepspeed import moe_universal
 from train.backends.deepspeed.experts import ExpertParallelism, expert_param_names, saved_expert_parallel_size
+from train.backends.deepspeed.frozen import saved_frozen
 from train.backends.deepspeed.module import LossModule
 from train.backends.deepspeed.partition import build_partitioned
 from train.backends.deepspeed.reshard import Converter, ds_to_universal, load_resharded, saved_partitions
@@ -242,6 +243,7 @@ class DeepSpeedBackend:
         with self._checkpointing():
             if self._layout_changed(folder, saved_ep):
                 path, client = load_resharded(self.engine, folder, self._universal_converter(saved_ep))
+                self._restore_frozen(Path(directory), folder, saved_ep)
             else:
                 path, client = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
                 if path is not None and self.experts is not None:
@@ -265,6 +267,15 @@ class DeepSpeedBackend:
                                   f"this run has ep={ep} over {self.engine.dp_world_size} ranks: resume it at its "
                                   f"own layout, or use ZeRO 1/2")
         return changed
+
+    def _restore_frozen(self, directory: Path, folder: Path, saved_ep: int) -> None:
+        """The universal load restores only what the optimizer owns: frozen parameters from the checkpoint."""
+        frozen = {name for name, param in self.model.named_parameters() if not param.requires_grad}
+        if not frozen:
+            return
+        zero3 = self.cfg.backend.zero_stage == 3
+        source = saved_frozen(directory, folder, frozen, expert_param_names(self.model), zero3, saved_ep)
+        load_weights(self.model, source, zero3, self.experts, only=frozen)
 
     def _universal_converter(self, saved_ep: int) -> Converter:
         """ds_to_universal, or with expert parallelism on either side the model-space conversion (expert

@@ -53,15 +53,20 @@ def iter_native(model: Qwen3VLModel, zero3: bool, experts: "ExpertParallelism | 
 
 
 def load_weights(model: Qwen3VLModel, source: WeightSource, zero3: bool,
-                 experts: "ExpertParallelism | None") -> None:
-    """Fill this rank's share of the model from `source`, reading only that share straight into it: under
-    ZeRO-3 each parameter's own partition (a flat range of the tensor; no gather, no collective), with
-    expert parallelism the rank's experts, otherwise (ZeRO 0-2 replicate parameters by design) every
-    tensor. Every rank calls it."""
-    if not zero3:
+                 experts: "ExpertParallelism | None", only: set[str] | None = None) -> None:
+    """Fill this rank's share of the model (of its parameters named in `only`: all by default) from `source`,
+    reading only that share straight into it: under ZeRO-3 each parameter's own partition (a flat range of
+    the tensor; no gather, no collective), with expert parallelism the rank's experts, otherwise (ZeRO 0-2
+    replicate parameters by design) every tensor. Every rank calls it."""
+    if not zero3 and only is None:
         fill_native(model, source, lambda name: experts.local_index(name) if experts is not None else None)
         return
     for name, param in model.named_parameters():
+        if only is not None and name not in only:
+            continue
+        if not zero3:
+            read_into(source, name, param.data, experts.local_index(name) if experts is not None else None)
+            continue
         start, stop = partition_range(param)
         flat_range_into(source, name, start, param.ds_tensor.narrow(0, 0, stop - start))
         if param.numel() and getattr(param, "ds_persist", False):  # a persistent, already gathered copy
