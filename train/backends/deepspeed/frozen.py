@@ -2,8 +2,8 @@
 
 DeepSpeed's universal load restores the parameters its optimizer owns (from their fp32 masters) and does
 not read the module state, so a parameter frozen by `stage.trainable` would keep whatever the backend was
-built with: a resumed stage is built from the random initialisation, and e.g. a merger-only stage would
-silently continue with a random vision tower and LLM. Their saved values are put back from the checkpoint
+built with: a resumed stage is built from zeros (ZeroInit), and e.g. a merger-only stage would silently
+continue with a zeroed vision tower and LLM. Their saved values are put back from the checkpoint
 itself: ZeRO 0-2 save the whole module on rank 0 (expert slices: every rank's expert file), ZeRO-3 each
 rank's partition of every frozen parameter (`frozen_param_fragments` of its model-states file).
 """
