@@ -61,7 +61,6 @@ class _Builder:
         self.image_grids: list[torch.Tensor] = []
         self.videos: list[torch.Tensor] = []
         self.video_grids: list[torch.Tensor] = []
-        self.stamps: list[float] = []  # the temporal-patch timestamps of the videos so far
 
     def add(self, ids: list[int], learn: bool) -> None:
         self.ids.extend(ids)
@@ -107,10 +106,7 @@ class DocumentEncoder:
     def _add_text(self, b: _Builder, part: Part) -> None:
         text = part.text
         if part.time is not None:
-            time = part.time
-            if self.cfg.video.answer_times == "frame" and b.stamps:
-                time = min(b.stamps, key=lambda stamp: abs(stamp - part.time))
-            text = f"{format_timestamp(time, self.cfg.video.timestamp_format)} {text}"
+            text = f"{format_timestamp(part.time, self.cfg.video.timestamp_format)} {text}"
         ids = self.tok.encode(text)
         if self._vision_ids.intersection(ids):
             # A literal "<|image_pad|>" in text would desynchronise placeholders and pixels.
@@ -129,7 +125,6 @@ class DocumentEncoder:
         b.videos.append(clip.pixel_values)
         b.video_grids.append(clip.grid_thw)
         per_patch = clip.grid_thw[0, 1] * clip.grid_thw[0, 2]
-        b.stamps.extend(clip.timestamps)
         for t in clip.timestamps:
             if self.cfg.video.frame_timestamps:
                 b.add(self.tok.encode(format_timestamp(t, self.cfg.video.timestamp_format)), False)

@@ -40,12 +40,6 @@ class VideoConfig:
     # Write `<t seconds>` before each temporal patch (Qwen3-VL). False is an ablation (docs/eval.md): frames
     # carry no time text; answers keep theirs, so the model must tell time from the frames' order alone.
     frame_timestamps: bool = True
-    # How a timestamped answer after a video writes its time. "given": the sample's time as it is (e.g. a
-    # needle's middle in the source video). "frame": the timestamp of the video's temporal patch nearest to
-    # it, i.e. a `<t seconds>` the model read before that patch, so answering the time is copying what it
-    # saw rather than converting a frame's position into a number (at 1 fps the answer is then off by at
-    # most about one second from the given time).
-    answer_times: str = "given"
 
     def validate(self, prefix: str = "data.video") -> None:
         if not self.fps > 0:
@@ -56,8 +50,6 @@ class VideoConfig:
         if not 0 < self.min_pixels <= self.max_pixels:
             raise DataError(f"{prefix}.min_pixels={self.min_pixels} must be in (0, {prefix}.max_pixels="
                             f"{self.max_pixels}]")
-        if self.answer_times not in ("given", "frame"):
-            raise DataError(f"{prefix}.answer_times={self.answer_times!r} is not one of given, frame")
         if self.timestamp_format not in TIMESTAMP_FORMATS:
             raise DataError(f"{prefix}.timestamp_format={self.timestamp_format!r} is not one of "
                             f"{TIMESTAMP_FORMATS}")

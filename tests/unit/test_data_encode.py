@@ -129,21 +129,6 @@ def test_video_qa_with_timestamped_answer(tok):
     assert "<00:00:00.3>" in tok.decode(doc.input_ids.tolist())
 
 
-def test_answer_times_frame_writes_the_nearest_patch_timestamp(tok):
-    """answer_times=frame: the answer's time is the `<t seconds>` of the patch nearest to the given time
-    (patch times 0.3 and 1.6 here), a stamp the model read before that patch; given: the time as it is."""
-    qa = [{"question": "when is it red", "answer": "it is red", "time": 1.2}]
-    sample = {"mp4": _mp4(), "json": _json({"qa": qa})}
-    for mode, stamp in (("frame", "<1.6 seconds>"), ("given", "<1.2 seconds>")):
-        cfg = EncodeConfig(image=CFG.image, video=VideoConfig(min_pixels=2 * 32 * 32, max_pixels=8 * 32 * 32,
-                                                             answer_times=mode))
-        doc = DocumentEncoder(tok, cfg, 512).encode(sample, "k", 0)
-        answer = tok.encode(f"{stamp} it is red\n") + [tok.eos_id]
-        assert doc.input_ids[-len(answer):].tolist() == answer, mode
-    with pytest.raises(Exception, match="answer_times='nearest' is not one of given, frame"):
-        VideoConfig(answer_times="nearest").validate()
-
-
 @pytest.mark.parametrize("sample,match", [
     ({"jpg": _png()[:200], "json": _json({"caption": "x"})}, "k1: jpg: undecodable image"),
     ({"mp4": b"\x00" * 500, "json": _json({"caption": "x"})}, "k1: mp4: undecodable video"),
