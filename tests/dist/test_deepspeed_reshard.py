@@ -3,13 +3,15 @@ saved by 2 data-parallel ranks resumes on 1, and that run's checkpoint on 2 agai
 checkpoint, train/backends/deepspeed/reshard.py). After each load the weights, the fp32 master weights, both
 Adam moments (gathered per parameter, in model space) and the Adam step equal the saved ones bitwise; the
 next step's loss equals the saving run's next loss within 1e-4 relative, and so do the weights after it
-(another DP size only reorders the gradient sums). ZeRO-3 and MoE ZeRO-2 run with the merger frozen: DeepSpeed's
-universal load restores only what its optimizer owns, the backend puts the frozen weights back
-(train/backends/deepspeed/frozen.py; the backend is built with other weights, so they are checked).
+(another DP size only reorders the gradient sums). ZeRO-3 and MoE ZeRO-2 run with the merger frozen, MoE ZeRO-1
+with the LLM (experts included) frozen: DeepSpeed's universal load restores only what its optimizer owns, the
+backend puts the frozen weights back (train/backends/deepspeed/frozen.py; the backend is built with other
+weights, so they are checked).
 
 The MoE case slices the experts over every rank (parallel.ep = world size), so 2 -> 1 -> 2 ranks also changes
 the expert-parallel size 2 -> 1 -> 2: the expert parameters' optimizer state is put together in model space
-(train/backends/deepspeed/moe_universal.py) and compared as full stacked tensors of all experts."""
+(train/backends/deepspeed/moe_universal.py) and compared as full stacked tensors of all experts (ZeRO-2; at
+ZeRO-1, the same file format, the experts are frozen: weights from the expert files)."""
 from __future__ import annotations
 
 import os
@@ -25,13 +27,13 @@ PROGRAM = HERE / "programs" / "deepspeed_reshard.py"
 
 
 def _launch(ranks: int, stage: int, saved: Path, out: Path, step: int, moe: bool = False,
-            refused: str = "", frozen: bool = False) -> str:
+            refused: str = "", frozen: str = "") -> str:
     """Run the program; with `refused`, expect it to fail with that message instead."""
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests' / 'unit'}", "OMP_NUM_THREADS": "1",
            "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", str(PROGRAM),
-           str(stage), str(saved), str(out), str(step)] + (["moe"] if moe else []) + (["frozen"] if frozen else [])
+           str(stage), str(saved), str(out), str(step)] + (["moe"] if moe else []) + ([f"frozen={frozen}"] if frozen else [])
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     if refused:
         assert proc.returncode != 0 and refused in proc.stderr, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -42,8 +44,8 @@ def _launch(ranks: int, stage: int, saved: Path, out: Path, step: int, moe: bool
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,frozen", [(1, False), (2, False), (3, True)])
-def test_two_ranks_to_one_to_two(stage: int, frozen: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage,frozen", [(1, ""), (2, ""), (3, "merger")])
+def test_two_ranks_to_one_to_two(stage: int, frozen: str, tmp_path: Path) -> None:
     _launch(2, stage, tmp_path / "none", tmp_path / "two", 0, frozen=frozen)
     one = _launch(1, stage, tmp_path / "two", tmp_path / "one", 1, frozen=frozen)
     again = _launch(2, stage, tmp_path / "one", tmp_path / "again", 2, frozen=frozen)
@@ -55,8 +57,8 @@ def test_two_ranks_to_one_to_two(stage: int, frozen: bool, tmp_path: Path) -> No
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,frozen", [(1, False), (2, True)])
-def test_moe_expert_parallel_two_ranks_to_one_to_two(stage: int, frozen: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage,frozen", [(1, "llm"), (2, "merger")])
+def test_moe_expert_parallel_two_ranks_to_one_to_two(stage: int, frozen: str, tmp_path: Path) -> None:
     _launch(2, stage, tmp_path / "none", tmp_path / "two", 0, moe=True, frozen=frozen)
     saved = {path: path.read_bytes() for path in (tmp_path / "two" / "ckpt").rglob("*.pt")}
     one = _launch(1, stage, tmp_path / "two", tmp_path / "one", 1, moe=True, frozen=frozen)

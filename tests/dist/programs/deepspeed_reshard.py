@@ -1,11 +1,12 @@
 """torchrun program (gloo): a DeepSpeed ZeRO checkpoint written by one number of data-parallel ranks resumes
 on another (elastic resume), compared in model space.
 
-    deepspeed_reshard.py STAGE SAVED_DIR OUT_DIR STEP [moe] [frozen]
+    deepspeed_reshard.py STAGE SAVED_DIR OUT_DIR STEP [moe] [frozen=GROUP]
 
 `moe`: the tiny MoE model with its experts sliced over every rank (parallel.ep = world size), so a change
-of world size changes the expert-parallel size too. `frozen`: the merger is frozen (stage.trainable), so
-the load must restore parameters the optimizer does not own (the backend is built with other weights).
+of world size changes the expert-parallel size too. `frozen=GROUP`: that trainable group (merger, llm: the
+experts too) is frozen, so the load must restore parameters the optimizer does not own (the backend is built
+with other weights).
 
 Loads SAVED_DIR/ckpt (written by a run at any world size; SAVED_DIR/model_space.pt holds that run's model-space
 state after its save and its next step) unless STEP is 0, in which case it starts from the reference initial
@@ -88,8 +89,8 @@ def main(stage: int, saved: Path, out: Path, step: int, flags: list[str]) -> Non
     failures: list[str] = []
     moe = "moe" in flags
     cfg = make_config(moe=moe, zero_stage=stage, ep=dist.get_world_size() if moe else 1)
-    if "frozen" in flags:
-        cfg.stage.trainable = ["vision", "llm"]
+    frozen = [flag.split("=", 1)[1] for flag in flags if flag.startswith("frozen=")]
+    cfg.stage.trainable = [group for group in cfg.stage.trainable if group not in frozen]
     backend = build_backend(cfg)
     if step == 0:
         backend.load_model_weights(StateDictSource(initial_state(cfg)))

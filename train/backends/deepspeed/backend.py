@@ -99,6 +99,7 @@ class DeepSpeedBackend:
         self.model = model
         groups = param_groups(model, cfg.optim, decayed=weight_decay_names(cfg.model))
         if self.experts is not None:
+            self.experts.unmark_if_frozen()
             groups = self.experts.optimizer_groups(groups)
         module = LossModule(model, cp_group)
         self.engine, *_ = deepspeed.initialize(model=module, model_parameters=groups, config=ds_config)

@@ -101,6 +101,16 @@ class ExpertParallelism:
             layers[f"{module_name}.experts"] = block.experts
         return cls(ep_size, group, layers)
 
+    def unmark_if_frozen(self) -> None:
+        """With every expert frozen (a stage that does not train the LLM) there is no `moe` param group, which
+        DeepSpeed's ZeRO optimizers assert when the model has MoE layers: drop the markers. The slices stay
+        expert-parallel (DeepSpeed broadcasts `allreduce=False` parameters within their expert-data-parallel
+        group either way) and are saved in the expert files as before."""
+        if any(p.requires_grad for layer in self.layers.values() for p in layer.parameters()):
+            return
+        for layer in self.layers.values():
+            del layer.deepspeed_marker
+
     def optimizer_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Move expert parameters into their own `moe` groups (same hyper-parameters), as DeepSpeed needs."""
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
