@@ -126,12 +126,13 @@ class _Built(Exception):
 
 
 def planned_stage_split(cfg, ranks: int) -> tuple[int | None, int | None]:
-    """The planner's first/last stage layer counts for this layout (balanced by bytes; None: even or pp=1)."""
+    """The planner's first/last stage layer counts for this layout, balanced by parameter-state bytes (this
+    bench builds and loads, it does not train: no activations; None: even or pp=1)."""
     from launch.plan import configured_layout
     from launch.planner.model_stats import model_stats
     from launch.planner.stages import balanced_stage_split
 
-    layout = balanced_stage_split(cfg, model_stats(cfg.model), configured_layout(cfg, ranks))
+    layout = balanced_stage_split(cfg, model_stats(cfg.model), configured_layout(cfg, ranks), activations=False)
     return layout.first, layout.last
 
 

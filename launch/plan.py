@@ -19,8 +19,8 @@ Memory per GPU (worst pipeline stage), P = parameters this GPU holds, T = its tr
   placement  ViT, mergers and token embedding on the first stage; LM head and final norm on the last
              (a tied head is copied there when pp > 1); decoder layers as megatron-core places them
              (train/backends/megatron/layout.py: even, or parallel.first/last_stage_layers; the search
-             picks first/last by bytes, launch/planner/stages.py: the heaviest stage's weights + grads +
-             optimizer as small as possible, e.g. qwen3vl_2b at tp=2 pp=2: 10 / 18 layers).
+             picks first/last by bytes, launch/planner/stages.py: the heaviest stage's total below as
+             small as possible, e.g. qwen3vl_8b s1 at tp=2 pp=4: 3 / 11 / 11 / 11 layers).
              LLM, ViT and merger matrices / tp (train/backends/megatron/vision_tp.py); norms, row-parallel
              biases, routers, patch embedding, position table replicated; routed experts / (ep x expert_tp).
   weights    2 B x P (bf16); DeepSpeed ZeRO-3: / shard

@@ -1,6 +1,7 @@
 """Per-GPU memory and step time of one parallel layout (the formulas are documented in launch/plan.py)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from launch.planner.model_stats import ModelStats
@@ -189,16 +190,27 @@ def _in_flight(layout: Layout, stage: int, micro: int) -> float:
     return min(chunk_forwards, micro * layout.vpp) / layout.vpp
 
 
-def _activation_bytes(cfg: TrainConfig, layout: Layout, stage: int, layers: list[int], recompute: bool) -> float:
-    """Activations of one pipeline stage (`_in_flight` sequences of its decoder `layers`);
-    one micro-batch is one packed sequence of seq_len tokens, seq_len / cp per rank; sequence parallel
-    spreads everything over TP. Full recompute keeps each layer's input plus one layer's working set."""
+def layer_activation_bytes(cfg: TrainConfig, layout: Layout) -> list[float]:
+    """Per decoder layer (global index): the bytes one micro-batch's activations of it keep for backward
+    without recompute, per GPU (one packed sequence of seq_len tokens, seq_len / cp per rank; sequence
+    parallel spreads them over TP)."""
+    t = cfg.model.text
+    tokens = cfg.stage.seq_len / layout.cp
+    return [2.0 * tokens * _layer_elements(cfg, t.is_moe_layer(i)) / layout.tp for i in range(t.num_hidden_layers)]
+
+
+def _activation_bytes(cfg: TrainConfig, layout: Layout, stage: int, layers: Sequence[int], recompute: bool,
+                      per_layer_bytes: list[float] | None = None) -> float:
+    """Activations of one pipeline stage (`_in_flight` sequences of its decoder `layers`). Full recompute
+    keeps each layer's input plus one layer's working set. `per_layer_bytes`: layer_activation_bytes, when
+    the caller already has it (the stage balancing tries many splits)."""
     t = cfg.model.text
     tokens = cfg.stage.seq_len / layout.cp
     micro = cfg.stage.global_batch_size // layout.dp
     in_flight = _in_flight(layout, stage, micro)
     n_layers = len(layers)
-    per_layer = [2.0 * tokens * _layer_elements(cfg, t.is_moe_layer(i)) / layout.tp for i in layers]
+    every_layer = per_layer_bytes if per_layer_bytes is not None else layer_activation_bytes(cfg, layout)
+    per_layer = [every_layer[i] for i in layers]
     if recompute:
         kept = 2.0 * tokens * t.hidden_size / layout.tp * n_layers * in_flight + max(per_layer, default=0.0)
     else:
@@ -207,6 +219,13 @@ def _activation_bytes(cfg: TrainConfig, layout: Layout, stage: int, layers: list
         per_sequence, working = _vision_bytes(cfg, layout.tp, layout.cp, recompute)
         kept += per_sequence * in_flight + working
     return kept
+
+
+def logits_bytes(cfg: TrainConfig, layout: Layout, stage: int) -> float:
+    """bf16 logits + their fp32 softmax in the loss, for the micro-batch being processed (last stage)."""
+    if stage != layout.pp - 1:
+        return 0.0
+    return 6.0 * cfg.stage.seq_len / layout.cp * cfg.model.text.vocab_size / layout.tp
 
 
 def memory(cfg: TrainConfig, stats: ModelStats, layout: Layout) -> Memory:
@@ -219,10 +238,7 @@ def memory(cfg: TrainConfig, stats: ModelStats, layout: Layout) -> Memory:
         params = _stage_params(stats, layout, stage, layers, trainable)
         weights, grads, optimizer = _state_bytes(params, layout)
         act = {rc: _activation_bytes(cfg, layout, stage, layers, rc) for rc in (False, True)}
-        # bf16 logits + their fp32 softmax in the loss, for the micro-batch being processed
-        logits = 0.0
-        if stage == layout.pp - 1:
-            logits = 6.0 * cfg.stage.seq_len / layout.cp * cfg.model.text.vocab_size / layout.tp
+        logits = logits_bytes(cfg, layout, stage)
         buffers = 0.0
         if layout.backend == "deepspeed" and layout.zero >= 3:
             largest = max(sum(layer.values()) for layer in stats.layers)

@@ -114,11 +114,11 @@ def test_stage_layers_split_every_layer_once():
     assert sum(suggest_stage_split(94, 16)) == 94 and stage_layer_counts(4, 1) == [4]
 
 
-def test_pipeline_stages_are_balanced_by_bytes():
+def test_pipeline_stages_are_balanced_by_state_bytes():
     """The first stage carries the ViT + embedding, the last the head (a tied copy): 2B at TP=2 x PP=2 gets
     10 / 18 layers, no split has a lighter heaviest stage, and the even 14 / 14 is >= 15% heavier."""
     cfg, stats = _setup("s1", "qwen3vl_2b")
-    layout = balanced_stage_split(cfg, stats, Layout("megatron", 2, 2, 1, 1, 1, 0, False))
+    layout = balanced_stage_split(cfg, stats, Layout("megatron", 2, 2, 1, 1, 1, 0, False), activations=False)
     assert (layout.first, layout.last) == (10, 18)
     heaviest = {f: max(stage_state_bytes(cfg, stats, layout, [f, 28 - f])) for f in range(3, 28)}
     assert heaviest[10] == min(heaviest.values())
@@ -126,6 +126,23 @@ def test_pipeline_stages_are_balanced_by_bytes():
     for first, last in split_options(94, 8):  # the end stages never hold more than a middle one
         counts = stage_layer_counts(94, 8, first, last)
         assert sum(counts) == 94 and max(first, last) <= counts[1]
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_pipeline_stages_are_balanced_by_what_a_training_stage_holds(recompute):
+    """With activations (1F1B: stage s holds pp - s micro-batches in flight, the first also the ViT's, the
+    last the logits) the split minimises the planner's own worst-stage memory over every split megatron
+    accepts with the 3 DeepStack layers on the first stage, which gets fewer layers than the state alone
+    would give it."""
+    cfg, stats = _setup("s1", "qwen3vl_8b")
+    base = Layout("megatron", 2, 4, 1, 1, 8, 1, recompute)
+    layout = balanced_stage_split(cfg, stats, base)
+    worst = {split: memory(cfg, stats, Layout(**{**base.__dict__, "first": split[0], "last": split[1]})).total
+             for split in split_options(36, 4, min_first=3)}
+    assert worst[(layout.first, layout.last)] == pytest.approx(min(worst.values()), rel=1e-9)
+    state_only = balanced_stage_split(cfg, stats, base, activations=False)
+    assert layout.first < (state_only.first or 9), (layout, state_only)
+    assert memory(cfg, stats, layout).total < memory(cfg, stats, state_only).total
 
 
 def test_cli_prints_requested_and_proposed_layouts(capsys):
