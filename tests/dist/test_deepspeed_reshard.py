@@ -26,14 +26,14 @@ REPO = HERE.parent.parent
 PROGRAM = HERE / "programs" / "deepspeed_reshard.py"
 
 
-def _launch(ranks: int, stage: int, saved: Path, out: Path, step: int, moe: bool = False,
-            refused: str = "", frozen: str = "") -> str:
-    """Run the program; with `refused`, expect it to fail with that message instead."""
+def _launch(ranks: int, stage: int, saved: Path, out: Path, step: int, *flags: str, refused: str = "") -> str:
+    """Run the program (`flags`: its moe / frozen=GROUP / bf16); with `refused`, expect it to fail with that
+    message instead."""
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests' / 'unit'}", "OMP_NUM_THREADS": "1",
            "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", str(PROGRAM),
-           str(stage), str(saved), str(out), str(step)] + (["moe"] if moe else []) + ([f"frozen={frozen}"] if frozen else [])
+           str(stage), str(saved), str(out), str(step), *flags]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     if refused:
         assert proc.returncode != 0 and refused in proc.stderr, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -42,27 +42,11 @@ def _launch(ranks: int, stage: int, saved: Path, out: Path, step: int, moe: bool
     return proc.stdout
 
 
-@pytest.mark.dist
-@pytest.mark.slow
-@pytest.mark.parametrize("stage,frozen", [(1, ""), (2, ""), (3, "merger")])
-def test_two_ranks_to_one_to_two(stage: int, frozen: str, tmp_path: Path) -> None:
-    _launch(2, stage, tmp_path / "none", tmp_path / "two", 0, frozen=frozen)
-    one = _launch(1, stage, tmp_path / "two", tmp_path / "one", 1, frozen=frozen)
-    again = _launch(2, stage, tmp_path / "one", tmp_path / "again", 2, frozen=frozen)
-    lines = [line for out in (one, again) for line in out.splitlines() if line.startswith("[stage")]
-    print("\n".join(lines))
-    assert any("world 1: loaded" in line for line in lines) and any("world 2: loaded" in line for line in lines)
-    assert not list(tmp_path.rglob(".*.universal")), "the universal copy outlives the load"
-
-
-@pytest.mark.dist
-@pytest.mark.slow
-@pytest.mark.parametrize("stage,frozen", [(1, "llm"), (2, "merger")])
-def test_moe_expert_parallel_two_ranks_to_one_to_two(stage: int, frozen: str, tmp_path: Path) -> None:
-    _launch(2, stage, tmp_path / "none", tmp_path / "two", 0, moe=True, frozen=frozen)
+def _two_to_one_to_two(stage: int, tmp_path: Path, *flags: str) -> None:
+    _launch(2, stage, tmp_path / "none", tmp_path / "two", 0, *flags)
     saved = {path: path.read_bytes() for path in (tmp_path / "two" / "ckpt").rglob("*.pt")}
-    one = _launch(1, stage, tmp_path / "two", tmp_path / "one", 1, moe=True, frozen=frozen)
-    again = _launch(2, stage, tmp_path / "one", tmp_path / "again", 2, moe=True, frozen=frozen)
+    one = _launch(1, stage, tmp_path / "two", tmp_path / "one", 1, *flags)
+    again = _launch(2, stage, tmp_path / "one", tmp_path / "again", 2, *flags)
     lines = [line for out in (one, again) for line in out.splitlines() if line.startswith("[stage")]
     print("\n".join(lines))
     assert any("world 1: loaded" in line for line in lines) and any("world 2: loaded" in line for line in lines)
@@ -72,11 +56,28 @@ def test_moe_expert_parallel_two_ranks_to_one_to_two(stage: int, frozen: str, tm
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_moe_zero0_resumes_at_its_layout_only(tmp_path: Path) -> None:
-    """ZeRO-0 in fp32: DeepSpeed saves rank 0's torch optimizer state only; every rank's expert moments are in
-    its expert file. A same-layout resume restores them bitwise (rank 1 got rank 0's before); another layout
-    is refused in one line."""
-    _launch(2, 0, tmp_path / "none", tmp_path / "two", 0, moe=True)
-    again = _launch(2, 0, tmp_path / "two", tmp_path / "again", 1, moe=True)
+@pytest.mark.parametrize("stage,flags", [(1, []), (2, []), (3, ["frozen=merger"])])
+def test_two_ranks_to_one_to_two(stage: int, flags: list[str], tmp_path: Path) -> None:
+    _two_to_one_to_two(stage, tmp_path, *flags)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,frozen", [(1, "llm"), (2, "merger")])
+def test_moe_expert_parallel_two_ranks_to_one_to_two(stage: int, frozen: str, tmp_path: Path) -> None:
+    _two_to_one_to_two(stage, tmp_path, "moe", f"frozen={frozen}")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,flags", [(0, []), (0, ["bf16"]), (2, ["bf16"])])
+def test_moe_resumes_bitwise_at_its_layout(stage: int, flags: list[str], tmp_path: Path) -> None:
+    """Same layout, MoE EP2. ZeRO-0: DeepSpeed saves rank 0's optimizer state only (fp32: our AdamW's; bf16:
+    its FP16_UnfusedOptimizer's fp32 masters too), so every rank's expert file holds its experts' masters and
+    moments (rank 1 got rank 0's before); another layout is refused in one line. ZeRO-2 bf16: the fp32
+    masters are DeepSpeed's own partitions, not refreshed from the bf16 weights (which rounded all of them)."""
+    _launch(2, stage, tmp_path / "none", tmp_path / "two", 0, "moe", *flags)
+    again = _launch(2, stage, tmp_path / "two", tmp_path / "again", 1, "moe", *flags)
     assert "world 2: loaded" in again
-    _launch(1, 0, tmp_path / "two", tmp_path / "one", 1, moe=True, refused="ZeRO-0 checkpoint of an MoE model")
+    if stage == 0 and not flags:
+        _launch(1, 0, tmp_path / "two", tmp_path / "one", 1, "moe", refused="ZeRO-0 checkpoint of an MoE model")

@@ -1,12 +1,12 @@
 """torchrun program (gloo): a DeepSpeed ZeRO checkpoint written by one number of data-parallel ranks resumes
 on another (elastic resume), compared in model space.
 
-    deepspeed_reshard.py STAGE SAVED_DIR OUT_DIR STEP [moe] [frozen=GROUP]
+    deepspeed_reshard.py STAGE SAVED_DIR OUT_DIR STEP [moe] [frozen=GROUP] [bf16]
 
 `moe`: the tiny MoE model with its experts sliced over every rank (parallel.ep = world size), so a change
 of world size changes the expert-parallel size too. `frozen=GROUP`: that trainable group (merger, llm: the
 experts too) is frozen, so the load must restore parameters the optimizer does not own (the backend is built
-with other weights).
+with other weights). `bf16`: bf16 training (fp32 masters).
 
 Loads SAVED_DIR/ckpt (written by a run at any world size; SAVED_DIR/model_space.pt holds that run's model-space
 state after its save and its next step) unless STEP is 0, in which case it starts from the reference initial
@@ -51,8 +51,13 @@ def model_space(backend) -> dict[str, torch.Tensor]:
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
     fp32, moment = safe_get_full_fp32_param, safe_get_full_optimizer_state
-    if backend.cfg.backend.zero_stage == 0:  # fp32: torch AdamW keyed by the parameters themselves
-        fp32, moment = torch.Tensor.detach, lambda param, key: zero.state[param][key]
+    if backend.cfg.backend.zero_stage == 0:  # torch AdamW keyed by the parameters (fp32) or their fp32 copies
+        masters = {id(low): high for lows, highs in zip(getattr(zero, "fp16_groups", []),
+                                                        getattr(zero, "fp32_groups", []))
+                   for low, high in zip(lows, highs)}
+        inner = zero.optimizer if masters else zero
+        fp32 = lambda param: masters.get(id(param), param).detach()  # noqa: E731
+        moment = lambda param, key: inner.state[masters.get(id(param), param)][key]  # noqa: E731
     out: dict[str, torch.Tensor] = {}
     for name, param in backend.engine.module.named_parameters():
         if not param.requires_grad:
@@ -88,7 +93,8 @@ def main(stage: int, saved: Path, out: Path, step: int, flags: list[str]) -> Non
     rank = start()
     failures: list[str] = []
     moe = "moe" in flags
-    cfg = make_config(moe=moe, zero_stage=stage, ep=dist.get_world_size() if moe else 1)
+    cfg = make_config(moe=moe, zero_stage=stage, ep=dist.get_world_size() if moe else 1,
+                      precision="bf16" if "bf16" in flags else "fp32")
     frozen = [flag.split("=", 1)[1] for flag in flags if flag.startswith("frozen=")]
     cfg.stage.trainable = [group for group in cfg.stage.trainable if group not in frozen]
     backend = build_backend(cfg)

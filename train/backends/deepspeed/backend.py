@@ -186,6 +186,10 @@ class DeepSpeedBackend:
         """ZeRO-0 in fp32 hands our torch AdamW the gradients directly: DeepSpeed has no overflow check."""
         return self.cfg.backend.zero_stage == 0 and self.cfg.backend.precision == "fp32"
 
+    def _zero0_optimizer(self):
+        """The engine's optimizer at ZeRO-0 (its expert state is saved per rank: experts.py), else None."""
+        return self.engine.optimizer if self.cfg.backend.zero_stage == 0 else None
+
     def _grads_finite(self) -> bool:
         """ZeRO-0: every rank holds the all-reduced gradients after the last backward, so all agree."""
         return all(bool(torch.isfinite(p.grad).all()) for p in self.model.parameters() if p.grad is not None)
@@ -228,8 +232,8 @@ class DeepSpeedBackend:
         files, deferred = self.checkpoint_io.take_pending()
         if self.experts is not None:
             path = self.experts.file(Path(directory))
-            optimizer = self.engine.optimizer if self._plain_optimizer() else None
-            files.append((path, self.checkpoint_io.buffers.copy(path.name, self.experts.state(optimizer))))
+            state = self.experts.state(self._zero0_optimizer())
+            files.append((path, self.checkpoint_io.buffers.copy(path.name, state)))
 
         def write() -> list[WrittenFile]:
             for other in deferred:
@@ -248,7 +252,7 @@ class DeepSpeedBackend:
             else:
                 path, client = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
                 if path is not None and self.experts is not None:
-                    self.experts.load(Path(directory), self.engine.optimizer, self._plain_optimizer())
+                    self.experts.load(Path(directory), self._zero0_optimizer())
         if path is None:
             raise FileNotFoundError(f"no deepspeed checkpoint under {directory}")
         self.step = int(client["step"])

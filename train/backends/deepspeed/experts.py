@@ -149,32 +149,52 @@ class ExpertParallelism:
     def file(self, directory: Path) -> Path:
         return directory / f"experts_rank{dist.get_rank():05d}.pt"
 
-    def state(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, torch.Tensor]:
-        """This rank's expert weights (live tensors: the backend snapshots them into host memory and writes
-        them to `file(directory)`), and with `optimizer` their Adam state too: at ZeRO-0 in fp32 the torch
-        optimizer is keyed by the parameters themselves and DeepSpeed saves rank 0's only, whose expert
-        moments are those of rank 0's experts."""
-        out = {}
+    def _owners(self, optimizer: Any) -> Iterator[tuple[str, nn.Parameter, torch.Tensor, Any]]:
+        """(name, expert parameter, the tensor its Adam state is keyed by, the torch optimizer holding that
+        state) at ZeRO-0: in fp32 our AdamW steps the parameter itself, in bf16 DeepSpeed's
+        FP16_UnfusedOptimizer steps an fp32 master copy of it (fp16_groups / fp32_groups, position by
+        position)."""
+        masters = {id(low): high for lows, highs in zip(getattr(optimizer, "fp16_groups", []),
+                                                        getattr(optimizer, "fp32_groups", []))
+                   for low, high in zip(lows, highs)}
+        inner = optimizer.optimizer if masters else optimizer
         for layer, module in self.layers.items():
             for n, p in module.named_parameters():
-                out[f"{layer}.{n}"] = p.detach()
-                if optimizer is not None:
-                    out.update({f"{layer}.{n}/{key}": value for key, value in optimizer.state.get(p, {}).items()
-                                if torch.is_tensor(value)})
+                yield f"{layer}.{n}", p, masters.get(id(p), p), inner
+
+    def state(self, zero0_optimizer: Any = None) -> dict[str, torch.Tensor]:
+        """This rank's expert weights (live tensors: the backend snapshots them into host memory and writes
+        them to `file(directory)`), and with `zero0_optimizer` their fp32 masters and Adam state too: at
+        ZeRO-0 DeepSpeed saves rank 0's optimizer state only, whose expert entries are rank 0's experts'
+        (ZeRO 1/2 save every rank's partitions, expert groups included)."""
+        if zero0_optimizer is None:
+            return {f"{layer}.{n}": p.detach() for layer, module in self.layers.items()
+                    for n, p in module.named_parameters()}
+        out = {}
+        for name, p, owner, inner in self._owners(zero0_optimizer):
+            out[name] = p.detach()
+            if owner is not p:
+                out[f"{name}/fp32"] = owner.detach()
+            out.update({f"{name}/{key}": value for key, value in inner.state.get(owner, {}).items()
+                        if torch.is_tensor(value)})
         return out
 
     @torch.no_grad()
-    def load(self, directory: Path, optimizer: Any, plain: bool = False) -> None:
-        """Restore this rank's expert weights, and with `plain` (ZeRO-0 in fp32: see `state`) their Adam
-        state over the rank-0 copy DeepSpeed's load gave every rank."""
+    def load(self, directory: Path, zero0_optimizer: Any = None) -> None:
+        """Restore this rank's expert weights, and with `zero0_optimizer` (see `state`) their fp32 masters
+        and Adam state over the rank-0 copies DeepSpeed's load gave every rank. At ZeRO 1/2 the fp32 masters
+        are DeepSpeed's own (each rank's partitions) and are not refreshed from the weights: in bf16 that
+        would round every master to bf16."""
         state = torch.load(self.file(directory), map_location="cpu", weights_only=True)
-        for layer, module in self.layers.items():
-            for n, p in module.named_parameters():
-                p.copy_(state[f"{layer}.{n}"])
-                prefix = f"{layer}.{n}/"
-                if plain and p in optimizer.state:
-                    optimizer.state[p].update({key[len(prefix):]: value for key, value in state.items()
-                                               if key.startswith(prefix)})
-        refresh = getattr(optimizer, "refresh_fp32_params", None)
-        if refresh is not None:
-            refresh()
+        if zero0_optimizer is None:
+            for layer, module in self.layers.items():
+                for n, p in module.named_parameters():
+                    p.copy_(state[f"{layer}.{n}"])
+            return
+        for name, p, owner, inner in self._owners(zero0_optimizer):
+            p.copy_(state[name])
+            if owner is not p and f"{name}/fp32" in state:
+                owner.copy_(state[f"{name}/fp32"])
+            if owner in inner.state:
+                inner.state[owner].update({key[len(name) + 1:]: value for key, value in state.items()
+                                           if key.startswith(f"{name}/") and key != f"{name}/fp32"})
