@@ -11,7 +11,8 @@ weights, so they are checked).
 The MoE case slices the experts over every rank (parallel.ep = world size), so 2 -> 1 -> 2 ranks also changes
 the expert-parallel size 2 -> 1 -> 2: the expert parameters' optimizer state is put together in model space
 (train/backends/deepspeed/moe_universal.py) and compared as full stacked tensors of all experts (ZeRO-2; at
-ZeRO-1, the same file format, the experts are frozen: weights from the expert files)."""
+ZeRO-1, the same file format, the experts are frozen: weights from the expert files). One case runs 4 ranks
+at EP2, where two ranks hold each expert slice (~32 s)."""
 from __future__ import annotations
 
 import os
@@ -81,3 +82,15 @@ def test_moe_resumes_bitwise_at_its_layout(stage: int, flags: list[str], tmp_pat
     assert "world 2: loaded" in again
     if stage == 0 and not flags:
         _launch(1, 0, tmp_path / "two", tmp_path / "one", 1, "moe", refused="ZeRO-0 checkpoint of an MoE model")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_moe_expert_slices_held_by_two_ranks_each(tmp_path: Path) -> None:
+    """4 ranks at EP2: each expert slice is held by an expert-data-parallel group of two ranks (0 and 2, 1
+    and 3), over whose ZeRO-2 partitions moe_universal.py must join the slice's optimizer state (by slice,
+    then by place in the group). 4 ranks -> 2 ranks (expert-DP 1) -> 4 ranks, bitwise as above."""
+    _launch(4, 2, tmp_path / "none", tmp_path / "four", 0, "moe", "ep=2")
+    two = _launch(2, 2, tmp_path / "four", tmp_path / "two", 1, "moe", "ep=2")
+    again = _launch(4, 2, tmp_path / "two", tmp_path / "again", 2, "moe", "ep=2")
+    assert "world 2: loaded" in two and "world 4: loaded" in again

@@ -1,10 +1,11 @@
 """torchrun program (gloo): a DeepSpeed ZeRO checkpoint written by one number of data-parallel ranks resumes
 on another (elastic resume), compared in model space.
 
-    deepspeed_reshard.py STAGE SAVED_DIR OUT_DIR STEP [moe] [frozen=GROUP] [bf16]
+    deepspeed_reshard.py STAGE SAVED_DIR OUT_DIR STEP [moe] [ep=N] [frozen=GROUP] [bf16]
 
 `moe`: the tiny MoE model with its experts sliced over every rank (parallel.ep = world size), so a change
-of world size changes the expert-parallel size too. `frozen=GROUP`: that trainable group (merger, llm: the
+of world size changes the expert-parallel size too; `ep=N` slices them over N ranks instead (with more
+ranks than N, each expert slice is held by world / N ranks: its expert-data-parallel group). `frozen=GROUP`: that trainable group (merger, llm: the
 experts too) is frozen, so the load must restore parameters the optimizer does not own (the backend is built
 with other weights). `bf16`: bf16 training (fp32 masters).
 
@@ -93,8 +94,8 @@ def main(stage: int, saved: Path, out: Path, step: int, flags: list[str]) -> Non
     rank = start()
     failures: list[str] = []
     moe = "moe" in flags
-    cfg = make_config(moe=moe, zero_stage=stage, ep=dist.get_world_size() if moe else 1,
-                      precision="bf16" if "bf16" in flags else "fp32")
+    ep = next((int(flag.split("=", 1)[1]) for flag in flags if flag.startswith("ep=")), dist.get_world_size())
+    cfg = make_config(moe=moe, zero_stage=stage, ep=ep if moe else 1, precision="bf16" if "bf16" in flags else "fp32")
     frozen = [flag.split("=", 1)[1] for flag in flags if flag.startswith("frozen=")]
     cfg.stage.trainable = [group for group in cfg.stage.trainable if group not in frozen]
     backend = build_backend(cfg)
