@@ -60,7 +60,7 @@ def emulate_cp_rank(monkeypatch, rank: int, size: int, full: dict[str, torch.Ten
     monkeypatch.setattr(cp_attention.dist, "get_world_size", lambda group=None: size)
     monkeypatch.setattr(cp_attention.dist, "get_rank", lambda group=None: rank)
     gathered = iter([full["k"], full["v"]])  # forward gathers K, then V
-    monkeypatch.setattr(cp_attention, "gather_sequence", lambda local, group, shares: next(gathered))
+    monkeypatch.setattr(cp_attention, "gather_sequence", lambda local, group, order: next(gathered))
 
 
 def local_share(tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
@@ -109,7 +109,8 @@ def test_gather_sequence_restores_global_order_for_cp4(monkeypatch, layout):
     # The all-gather concatenates the ranks' shares in rank order.
     monkeypatch.setattr(cp_attention._GatherSequence, "apply",
                         lambda local, group: torch.cat([full.index_select(0, s) for s in shares]))
-    assert torch.equal(cp_attention.gather_sequence(full.index_select(0, shares[0]), None, shares), full)
+    order = cp_attention.sequence_order(shares)
+    assert torch.equal(cp_attention.gather_sequence(full.index_select(0, shares[0]), None, order), full)
 
 
 def run_emulated_cp(monkeypatch, full: dict[str, torch.Tensor], size: int, packed, block: tuple[int, int]) -> list[torch.Tensor]:

@@ -21,6 +21,7 @@ only: the keys before the run unmasked, the diagonal block causally, both blockw
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -83,12 +84,27 @@ def context_layout(packed_seq_params: PackedSeqParams | None, total_len: int) ->
     return layout, bounds
 
 
-def gather_sequence(local: Tensor, group: dist.ProcessGroup, shares: list[Tensor]) -> Tensor:
-    """Rebuild the full sequence (dim 0, global order) from every CP rank's share (`shares`: the positions
-    each rank holds, context_shares)."""
+def sequence_order(shares: list[Tensor]) -> Tensor:
+    """The rows of the rank-ordered concatenation of `shares` (the positions each CP rank holds,
+    context_shares) that put it back in sequence order."""
+    return torch.argsort(torch.cat(shares))
+
+
+def gather_sequence(local: Tensor, group: dist.ProcessGroup, order: Tensor) -> Tensor:
+    """Rebuild the full sequence (dim 0, global order) from every CP rank's share (`order`: sequence_order)."""
     gathered = _GatherSequence.apply(local, group)  # rank order: share 0, share 1, ...
-    order = torch.argsort(torch.cat(shares)).to(gathered.device)
-    return gathered.index_select(0, order)
+    return gathered.index_select(0, order.to(gathered.device))
+
+
+@functools.lru_cache(maxsize=8)
+def rank_plan(layout: str, bounds: tuple[int, ...], total_len: int, cp_size: int,
+              cp_rank: int) -> tuple[Tensor | None, list[tuple[int, int, int, int]]]:
+    """(sequence_order of the CP shares, None without CP; this rank's query_runs): the same for every layer
+    of a forward, so each layer after the first finds it here instead of recomputing the shares."""
+    if cp_size == 1:
+        return None, query_runs(torch.arange(total_len), list(bounds))
+    shares = context_shares(layout, torch.tensor(bounds), total_len, cp_size)
+    return sequence_order(shares), query_runs(shares[cp_rank], list(bounds))
 
 
 def query_runs(index: Tensor, bounds: list[int]) -> list[tuple[int, int, int, int]]:
@@ -176,15 +192,13 @@ class ContextParallelAttention(MegatronModule):
         layout, bounds = context_layout(packed_seq_params, total_len)
         if len(bounds) > 2 and query.shape[1] != 1:
             raise ValueError(f"packed sequences need micro-batch size 1, got {query.shape[1]}")
-        if cp_size > 1:
-            shares = context_shares(layout, torch.tensor(bounds), total_len, cp_size)
-            index = shares[dist.get_rank(self.cp_group)]
-            key, value = gather_sequence(key, self.cp_group, shares), gather_sequence(value, self.cp_group, shares)
-        else:
-            index = torch.arange(total_len)
+        cp_rank = dist.get_rank(self.cp_group) if cp_size > 1 else 0
+        order, runs = rank_plan(layout, tuple(bounds), total_len, cp_size, cp_rank)
+        if order is not None:
+            key, value = gather_sequence(key, self.cp_group, order), gather_sequence(value, self.cp_group, order)
         dropout_p = self.dropout_p if self.training else 0.0
         pieces = []
-        for row, doc_start, start, end in query_runs(index, bounds):
+        for row, doc_start, start, end in runs:
             q = query[row: row + end - start]
             pieces.append(self._attend(q, key[doc_start:end], value[doc_start:end], dropout_p))
         context = torch.cat(pieces, dim=0)
