@@ -41,7 +41,7 @@ from data.batch import Document, PackedBatch
 from data.config import DataConfig
 from data.errors import BadSample, DataError
 from data.mixture import SourceSchedule, mixture_probabilities
-from data.packing import BestFitPacker, BufferEntry, VisionTokens, fit_document
+from data.packing import BestFitPacker, BufferEntry, VisionTokens, fit_document, multiple_problem
 from data.shards import RestoreKey, Sample, ShardError, SourceStream, list_shards, read_samples
 from data.sources import FetchRetry
 
@@ -226,9 +226,9 @@ class StreamingLoader:
             raise DataError(f"seq_len={seq_len} must be >= 2")
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
-        if document_multiple < 1 or seq_len % document_multiple:
-            raise DataError(f"seq_len={seq_len} is not a multiple of the per-document padding multiple "
-                            f"{document_multiple} (2 x parallel.cp with the per-document context-parallel split)")
+        problem = multiple_problem(seq_len, document_multiple)
+        if problem:  # here, not first in a worker process's packer
+            raise DataError(problem)
         self.spec = _Spec(cfg, encode, seq_len, dp_rank, dp_size, tokens, document_multiple)  # lists shards
         self._streams: dict[int, dict[str, Any]] = {}  # stream -> its state after its last consumed batch
         self._turns = [0] * self.spec.num_logical  # per worker: which of its streams hands out the next batch

@@ -134,6 +134,14 @@ def _cat(parts: list[Any]) -> torch.Tensor | None:
     return torch.cat(parts) if parts else None
 
 
+def multiple_problem(seq_len: int, document_multiple: int) -> str | None:
+    """Why documents cannot be padded to `document_multiple` in sequences of seq_len tokens (None: they can)."""
+    if document_multiple < 1 or seq_len % document_multiple:
+        return (f"seq_len={seq_len} is not a multiple of the per-document padding multiple {document_multiple} "
+                f"(2 x parallel.cp with the per-document context-parallel split)")
+    return None
+
+
 def padded_length(num_tokens: int, multiple: int) -> int:
     """`num_tokens` rounded up to a multiple of `multiple` (what a document occupies in a sequence)."""
     return -(-num_tokens // multiple) * multiple
@@ -194,9 +202,9 @@ class BestFitPacker:
 
     def __init__(self, seq_len: int, buffer_size: int, weighting: str, pad_id: int = 0,
                  buffer_bytes: int | None = None, document_multiple: int = 1) -> None:
-        if document_multiple < 1 or seq_len % document_multiple:
-            raise ValueError(f"seq_len={seq_len} is not a multiple of the per-document padding multiple "
-                             f"{document_multiple} (2 x parallel.cp with the per-document split)")
+        problem = multiple_problem(seq_len, document_multiple)
+        if problem:
+            raise ValueError(problem)
         self.seq_len, self.buffer_size, self.weighting, self.pad_id = seq_len, buffer_size, weighting, pad_id
         self.buffer_bytes, self.multiple = buffer_bytes, document_multiple
         self.buffer: list[BufferEntry] = []

@@ -40,9 +40,9 @@ def default_runtime() -> StageRuntime:
 
 
 def build_stage_backend(cfg: TrainConfig, weights: WeightSource | None = None) -> Backend:
-    """The configured backend filled from `weights` (the trainer passes stage.init_from's; None: the random
-    initialisation, which a resumed checkpoint then overwrites), the stage's frozen groups frozen by name
-    before its optimizer exists."""
+    """The configured backend filled from `weights` (the trainer passes stage.init_from's, or zeros for a
+    stage it resumes; None: the random initialisation), the stage's frozen groups frozen by name before its
+    optimizer exists."""
     from train.backends import build_backend
 
     return build_backend(cfg, weights)

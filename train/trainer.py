@@ -279,5 +279,5 @@ def build_stage_loader(cfg: TrainConfig, info: Any, seed: int) -> Any:
         tokens = VisionTokens.from_tokenizer(tok, cfg.model.vision.spatial_merge_size)
         loader = StreamingLoader(replace(cfg.data, seed=seed), encoder.encode, cfg.stage.seq_len,
                                  dp_rank=info.dp_rank, dp_size=info.dp_size, tokens=tokens,
-                                 document_multiple=getattr(info, "document_multiple", 1))
+                                 document_multiple=info.document_multiple)
     return loader if group is None else GroupLoader(loader, group, info.model_parallel_ranks)
