@@ -219,6 +219,12 @@ class ZeroInit(_GeneratedSource):
     def read(self, name: str, index: Index | None = None) -> torch.Tensor:
         return torch.zeros(sliced_shape(full_index(index, self.shapes[name])))
 
+    def read_into(self, name: str, out: torch.Tensor, index: Index | None = None) -> None:
+        out.zero_()  # read_into / flat_range_into have checked the shape and range: nothing to copy
+
+    def read_flat_into(self, name: str, start: int, out: torch.Tensor) -> None:
+        out.zero_()
+
 
 def _block_seed(seed: int, name: str, block: int) -> int:
     digest = hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest()
