@@ -98,7 +98,7 @@ class DocumentEncoder:
             elif part.kind == "image":
                 self._add_image(b, sample[part.member], part.member, budget)
             else:
-                self._add_video(b, sample[part.member], part.member, budget)
+                self._add_video(b, sample[part.member], part.member, budget, part.start)
         b.add([self.tok.eos_id], True)
         b.target[0] = False
         return self._document(b, key, source)
@@ -120,14 +120,15 @@ class DocumentEncoder:
         b.image_grids.append(grid)
         b.add(self._vision_span(self.tok.image_pad_id, grid[0, 1] * grid[0, 2]), False)
 
-    def _add_video(self, b: _Builder, data: bytes, member: str, budget_tokens: int) -> None:
+    def _add_video(self, b: _Builder, data: bytes, member: str, budget_tokens: int, start: float = 0.0) -> None:
         clip = process_video(data, self.cfg.video, self.cfg.image, budget_tokens, member)
+        # A clip cut from a longer video keeps that video's clock: its timestamps start at `start`.
         b.videos.append(clip.pixel_values)
         b.video_grids.append(clip.grid_thw)
         per_patch = clip.grid_thw[0, 1] * clip.grid_thw[0, 2]
         for t in clip.timestamps:
             if self.cfg.video.frame_timestamps:
-                b.add(self.tok.encode(format_timestamp(t, self.cfg.video.timestamp_format)), False)
+                b.add(self.tok.encode(format_timestamp(start + t, self.cfg.video.timestamp_format)), False)
             b.add(self._vision_span(self.tok.video_pad_id, per_patch), False)
 
     def _vision_span(self, pad_id: int, patches: torch.Tensor | int) -> list[int]:

@@ -8,7 +8,10 @@ to its first dot) and are read as a dict {ext: bytes}. Four sample types (docs/d
 - interleaved: KEY.json {"type": "interleaved", "content": [{"text": str, "learn": bool (opt.)},
                {"image": "page1.png"}, {"video": "clip.mp4"}, ...]} + the members it names (KEY.page1.png)
 - video:       KEY.mp4 + KEY.json {"caption": str} or {"qa": [{"question": str, "answer": str,
-               "time": seconds (optional, rendered as a timestamp before the answer)}], "prompt": opt.}
+               "time": seconds (optional, rendered as a timestamp before the answer)}], "prompt": opt.,
+               "start": seconds (optional: the clip's start in the video it was cut from; its frame
+               timestamps are written in that video's time, and answer times are given in it too)}
+  An interleaved {"video": ...} item takes the same optional "start".
 
 `parse_sample` turns a sample into an ordered list of parts (text / image / video) and raises BadSample
 naming the member for anything malformed; data.encode turns the parts into tokens and pixels.
@@ -36,6 +39,7 @@ class Part:
     member: str = ""  # kind == "image" / "video": the sample member (extension key) holding the bytes
     learn: bool = True  # text only: is it a training target (captions, answers) or context (prompts)?
     time: float | None = None  # text only: a timestamp (seconds) rendered before the text
+    start: float = 0.0  # video only: the clip's start (seconds) in its source video, added to frame times
 
 
 def member_kind(member: str) -> str | None:
@@ -82,7 +86,7 @@ def _media_and_prompt(meta: dict, members: dict[str, bytes], kind: str) -> list[
     found = sorted(m for m in members if member_kind(m) == kind)
     if len(found) != 1:
         raise BadSample(f"{kind} sample needs exactly one {kind} member, has {found or 'none'}")
-    parts = [Part(kind, member=found[0])]
+    parts = [Part(kind, member=found[0], start=_clip_start(meta, "start") if kind == "video" else 0.0)]
     if "prompt" in meta:
         parts.append(Part("text", text=_field(meta, "prompt", str), learn=False))
     return parts
@@ -108,7 +112,8 @@ def _interleaved_parts(meta: dict, members: dict[str, bytes]) -> list[Part]:
             raise BadSample(f"json: content[{i}] names member {member}, which the sample does not have")
         if member_kind(member) != kind:
             raise BadSample(f"json: content[{i}].{kind}={member!r} is not a {kind} file name")
-        parts.append(Part(kind, member=member))
+        parts.append(Part(kind, member=member,
+                          start=_clip_start(item, f"content[{i}].start") if kind == "video" else 0.0))
     if not parts:
         raise BadSample("json: interleaved content is empty")
     return parts
@@ -129,6 +134,13 @@ def _video_parts(meta: dict, members: dict[str, bytes]) -> list[Part]:
         return parts
     parts.append(Part("text", text=_field(meta, "caption", str)))
     return parts
+
+
+def _clip_start(obj: dict, where: str) -> float:
+    start = obj.get("start", 0.0)
+    if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 <= start < float("inf"):
+        raise BadSample(f"json: {where}={start!r} is not a non-negative number of seconds")
+    return float(start)
 
 
 def _utf8(data: bytes, member: str) -> str:

@@ -10,6 +10,10 @@ the loss falls within a few hundred steps):
   DIR/needle/   haystack mp4s with a one-second "needle" (a large shape) at a random time, a question and
                 an answer timestamped at the needle's middle
   DIR/tokenizer.model  sentencepiece model (vocab 2048, the project's fixed special ids)
+
+`--preset needle` (and `needle_small`) writes the needle miniature's corpus instead (configs/pipeline/
+needle.yaml): captions, and haystacks of three length ranges answered at the needle's middle;
+`--preset needle_clips` the same with each haystack a clip of a 144 s video (docs/eval.md).
   DIR/manifest.json    data sets, sample counts, shards
 
 Same seed and scale -> byte-identical files: every sample draws from its own RNG seeded by (seed, data set,
@@ -34,7 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data.shard_format import ShardWriter
 from data.tokenizer import train_sentencepiece
-from data.video import VideoConfig, encode_mp4, format_timestamp, frame_indices, num_sampled_frames
+from data.video import VideoConfig, encode_mp4, format_timestamp, frame_indices, num_sampled_frames, patch_timestamps
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
           "purple": (140, 60, 180), "orange": (240, 130, 30), "black": (20, 20, 20), "white": (250, 250, 250)}
@@ -184,9 +188,16 @@ def needle_span(total: int, fps: float, depth: float, indices: list[int], needle
 
 
 def needle_sample(rng: random.Random, size: int = 64, fps: int = 4, seconds: tuple[int, int] = (6, 12),
-                  sample_fps: float = 2.0, needle_seconds: float = 1.0) -> tuple[dict[str, bytes], str]:
+                  sample_fps: float = 2.0, needle_seconds: float = 1.0, source_seconds: int = 0,
+                  answer: str = "middle") -> tuple[dict[str, bytes], str]:
     """A haystack of `seconds` (inclusive range) with a needle at a uniform depth, placed as train.eval vniah
-    places it for sampling at `sample_fps` (the encoder's video.fps), answered at the needle's middle."""
+    places it for sampling at `sample_fps` (the encoder's video.fps).
+
+    source_seconds > 0: the haystack is a clip cut at a uniform start from a video that long, and its json
+    says so ("start"), so the encoder writes the frame timestamps in the source video's time: where the
+    needle sits in the sequence then no longer tells its time, only the timestamp text before it does.
+    answer: "middle" answers at the needle's middle; "patch" at the timestamp the encoder writes before the
+    temporal patch that shows it (at sample_fps), so the answer's time can be copied from the input."""
     n = fps * rng.randint(*seconds)
     base = np.random.default_rng(rng.getrandbits(32)).integers(60, 120, (size // 8, size // 8), dtype=np.uint8)
     frames = haystack_frames(base, range(n), fps)
@@ -195,30 +206,51 @@ def needle_sample(rng: random.Random, size: int = 64, fps: int = 4, seconds: tup
     color, shape = rng.choice(NEEDLE_COLORS), rng.choice(SHAPES)
     for i in range(start, start + count):
         frames[i] = draw_needle(frames[i], color, shape)
-    middle = (start + (count - 1) / 2) / fps
-    qa = {"question": NEEDLE_QUESTION, "answer": f"A {color} {shape}.", "time": round(middle, 1)}
-    meta = {"type": "video", "qa": [qa]}
+    clip_start = rng.randint(0, max(0, source_seconds - n // fps)) if source_seconds else 0
+    if answer == "patch":
+        first = next(k for k, i in enumerate(sampled) if start <= i < start + count)
+        time = clip_start + patch_timestamps(sampled, fps)[first // 2]
+    elif answer == "middle":
+        time = clip_start + round((start + (count - 1) / 2) / fps, 1)
+    else:
+        raise ValueError(f"answer={answer!r} is not 'middle' or 'patch'")
+    qa = {"question": NEEDLE_QUESTION, "answer": f"A {color} {shape}.", "time": time}
+    meta = {"type": "video", "qa": [qa], **({"start": clip_start} if source_seconds else {})}
     return {"mp4": encode_mp4(frames, fps), "json": json.dumps(meta).encode()}, qa["answer"]
 
 
 # The needle pipeline's haystacks (configs/pipeline/needle.yaml), sampled at train.eval vniah's 1 fps: short
 # ones for the short stages, long ones up to what the last stage's sequence holds.
 NEEDLE_SECONDS = {"needle_short": (4, 30), "needle_mid": (30, 70), "needle_long": (70, 144)}
+# `--preset needle_clips`: each haystack is a clip of a 144 s video (the longest haystack) whose timestamps
+# start where the clip does, answered with the timestamp before the needle's patch, so its time can only be
+# read, not inferred from the position (docs/eval.md: the tiny model did not learn to read it in budget).
+CLIP_SOURCE_SECONDS = 144
 
 GENERATORS: dict[str, tuple[str, Callable[[random.Random], tuple[dict[str, bytes], str]]]] = {
     "text": ("text", text_sample), "caption": ("caption", caption_sample), "ocr": ("interleaved", ocr_sample),
     "video": ("video", video_sample), "needle": ("video", needle_sample),
     **{name: ("video", functools.partial(needle_sample, seconds=seconds, sample_fps=1.0))
+       for name, seconds in NEEDLE_SECONDS.items()},
+    **{f"{name}_clips": ("video", functools.partial(needle_sample, seconds=seconds, sample_fps=1.0,
+                                                    source_seconds=CLIP_SOURCE_SECONDS, answer="patch"))
        for name, seconds in NEEDLE_SECONDS.items()}}
 # Samples per data set at --scale 1: the demo corpus (about 4 MB), the needle-heavy one, and a small needle
 # corpus for quick checks (tests/e2e/test_needle.py): enough captions and short haystacks for the first two
 # stages to learn to find the needle, few of the long haystacks that take most of the build time.
 PRESETS = {"demo": BASE_COUNTS, "needle": {"caption": 400, "needle_short": 800, "needle_mid": 400, "needle_long": 400},
-           "needle_small": {"caption": 100, "needle_short": 200, "needle_mid": 20, "needle_long": 20}}
+           "needle_small": {"caption": 100, "needle_short": 200, "needle_mid": 20, "needle_long": 20},
+           "needle_clips": {"caption": 400, "needle_short": 800, "needle_mid": 400, "needle_long": 400}}
 
 
-def _samples(name: str, count: int, seed: int) -> Iterator[tuple[str, dict[str, bytes], str]]:
-    _, make = GENERATORS[name]
+def _generator(preset: str, name: str) -> tuple[str, Callable[[random.Random], tuple[dict[str, bytes], str]]]:
+    """The generator of data set `name`; needle_clips writes the clip haystacks under the needle set names,
+    so configs/data/needle.yaml reads either corpus."""
+    return GENERATORS[f"{name}_clips" if preset == "needle_clips" and name in NEEDLE_SECONDS else name]
+
+
+def _samples(name: str, count: int, seed: int, preset: str = "demo") -> Iterator[tuple[str, dict[str, bytes], str]]:
+    _, make = _generator(preset, name)
     for i in range(count):
         members, text = make(_rng(seed, name, i))
         yield f"{name}{i:06d}", members, text
@@ -230,8 +262,9 @@ def _timestamp_texts() -> list[str]:
 
 
 def make_corpus(out: str | os.PathLike, seed: int = 0, scale: float = 1.0, shards_per_set: int = 4,
-                vocab_size: int = 2048, preset: str = "demo") -> dict:
-    """Write the corpus `preset` under `out` and return its manifest (also written to out/manifest.json)."""
+                vocab_size: int = 2048, preset: str = "demo", whole_numbers: int = 0) -> dict:
+    """Write the corpus `preset` under `out` and return its manifest (also written to out/manifest.json).
+    whole_numbers = N: the tokenizer keeps each whole number below N as one piece (data.tokenizer)."""
     if scale <= 0:
         raise ValueError(f"--scale {scale} must be > 0")
     if preset not in PRESETS:
@@ -241,18 +274,18 @@ def make_corpus(out: str | os.PathLike, seed: int = 0, scale: float = 1.0, shard
     manifest: dict = {"seed": seed, "scale": scale, "preset": preset, "tokenizer": "tokenizer.model",
                       "datasets": {}}
     for name, base_count in PRESETS[preset].items():
-        kind = GENERATORS[name][0]
+        kind = _generator(preset, name)[0]
         # A whole number of samples per shard, so every data set has exactly shards_per_set shards (the
         # loader splits shards over ranks x workers).
         per_shard = max(1, round(base_count * scale / shards_per_set))
         count = per_shard * shards_per_set
         with ShardWriter(out / name, max_samples=per_shard) as writer:
-            for key, members, text in _samples(name, count, seed):
+            for key, members, text in _samples(name, count, seed, preset):
                 writer.write(key, members)
                 texts.append(text)
             shards = [os.path.relpath(p, out) for p in writer.shards]
         manifest["datasets"][name] = {"type": kind, "samples": count, "shards": shards}
-    train_sentencepiece(texts, vocab_size, out / "tokenizer.model")
+    train_sentencepiece(texts, vocab_size, out / "tokenizer.model", whole_numbers=whole_numbers)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
@@ -268,10 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo",
                         help="demo: every data set; needle: captions + short and long needle haystacks; "
                              "needle_small: the same with a quarter of the captions and short haystacks and "
-                             "1/20 of the long ones")
+                             "1/20 of the long ones; needle_clips: needle with the haystacks as clips of a 144 s "
+                             "video (timestamps from the clip's start, answers at the needle patch's stamp)")
+    parser.add_argument("--whole-numbers", type=int, default=0, metavar="N",
+                        help="tokenize each whole number below N as one piece (default: digits one by one)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    manifest = make_corpus(args.out, args.seed, args.scale, args.shards_per_set, args.vocab_size, args.preset)
+    manifest = make_corpus(args.out, args.seed, args.scale, args.shards_per_set, args.vocab_size, args.preset,
+                           args.whole_numbers)
     total = sum(os.path.getsize(os.path.join(args.out, s)) for d in manifest["datasets"].values()
                 for s in d["shards"])
     for name, d in manifest["datasets"].items():

@@ -115,8 +115,12 @@ class Tokenizer:
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, out: str | os.PathLike,
-                        model_type: str = "bpe") -> Tokenizer:
-    """Train a sentencepiece model with the fixed special ids (see the module docstring) and load it."""
+                        model_type: str = "bpe", whole_numbers: int = 0) -> Tokenizer:
+    """Train a sentencepiece model with the fixed special ids (see the module docstring) and load it.
+
+    Digits are split one by one (as Qwen's tokenizer does), except that with whole_numbers = N each whole
+    number 0..N-1 is one piece: `<107.5 seconds>` is then `<` `107` `.` `5` ` seconds` `>`, so reading a
+    time off a timestamp is copying two tokens instead of four digits."""
     import sentencepiece as spm
 
     out = Path(out)
@@ -130,7 +134,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out: str | os.Pat
     spm.SentencePieceTrainer.train(
         sentence_iterator=_nonempty_lines(texts), model_writer=model, vocab_size=vocab_size,
         model_type=model_type, pad_id=0, unk_id=1, bos_id=-1, eos_id=2, eos_piece=EOS,
-        user_defined_symbols=list(VISION_SYMBOLS),
+        user_defined_symbols=list(VISION_SYMBOLS) + [str(i) for i in range(whole_numbers)],
         # A small demo corpus may not have vocab_size distinct pieces: take what it has.
         hard_vocab_limit=False, byte_fallback=True, character_coverage=1.0,
         # Encode text as is: the encoder concatenates separately encoded segments (text, timestamps, vision

@@ -129,7 +129,25 @@ def test_video_qa_with_timestamped_answer(tok):
     assert "<00:00:00.3>" in tok.decode(doc.input_ids.tolist())
 
 
+def test_clip_start_shifts_frame_timestamps_into_source_time(tok):
+    """A clip cut at 100 s of its video: stamps read 100.3 and 101.6 s, the answer's time is given as is."""
+    meta = {"start": 100, "qa": [{"question": "when is it red", "answer": "it is red", "time": 101.6}]}
+    interleaved = {"type": "interleaved", "content": [{"video": "c.mp4", "start": 100.0}, {"text": "x"}]}
+    for sample in ({"mp4": _mp4(), "json": _json(meta)}, {"c.mp4": _mp4(), "json": _json(interleaved)}):
+        doc = DocumentEncoder(tok, CFG, 512).encode(sample, "k", 0)
+        text = tok.decode([i for i in doc.input_ids.tolist() if i != tok.video_pad_id])
+        assert text.startswith("<100.3 seconds><|vision_start|><|vision_end|><101.6 seconds><|vision_start|>"), text
+    assert text.endswith("x")
+    assert tok.decode(doc.input_ids.tolist()).count("seconds>") == 2
+    unshifted = DocumentEncoder(tok, CFG, 512).encode({"mp4": _mp4(), "json": _json({"caption": "x"})}, "k", 0)
+    assert "<0.3 seconds>" in tok.decode(unshifted.input_ids.tolist())
+
+
 @pytest.mark.parametrize("sample,match", [
+    ({"mp4": _mp4(), "json": _json({"caption": "x", "start": -1})}, "k1: json: start=-1 is not a non-negative"),
+    ({"mp4": _mp4(), "json": _json({"caption": "x", "start": "5"})}, "k1: json: start='5' is not a non-negative"),
+    ({"c.mp4": _mp4(), "json": _json({"type": "interleaved", "content": [{"video": "c.mp4", "start": True}]})},
+     r"k1: json: content\[0\].start=True is not"),
     ({"jpg": _png()[:200], "json": _json({"caption": "x"})}, "k1: jpg: undecodable image"),
     ({"mp4": b"\x00" * 500, "json": _json({"caption": "x"})}, "k1: mp4: undecodable video"),
     ({"png": _png(), "json": b"{not json"}, "k1: json: malformed"),

@@ -1,17 +1,21 @@
 """data.synth: byte-identical per seed, every sample encodes, the needle is where the answer says."""
 from __future__ import annotations
 
+import functools
 import io
 import json
+import random
+import re
 import tarfile
 from pathlib import Path
 
 import decord
 import numpy as np
 import pytest
+import torch
 
 from data.encode import DocumentEncoder, EncodeConfig
-from data.synth import main, make_corpus
+from data.synth import GENERATORS, NEEDLE_COLORS, NEEDLE_QUESTION, SHAPES, main, make_corpus
 from data.tokenizer import Tokenizer
 from data.video import VideoConfig
 from data.vision import ImageConfig
@@ -86,3 +90,45 @@ def test_needle_is_at_the_answer_time(corpus):
         assert len(needle) == int(fps), key  # one second long
         assert abs((needle.mean() / fps) - qa["time"]) <= 0.05, key
         assert qa["answer"].split()[1] in {"red", "green", "blue", "yellow", "purple", "orange", "white"}
+
+
+def test_needle_clips_answer_with_the_timestamp_before_the_needle():
+    """`--preset needle_clips` haystacks are clips of a 144 s video: their frame timestamps start at the clip's
+    start (so the sequence position does not tell the time), and the answer's time is the text written before
+    the temporal patch that shows the needle, found here from the document's own pixels."""
+    tok = Tokenizer.load(_needle_tokenizer())
+    cfg = EncodeConfig(image=ImageConfig(min_pixels=1024, max_pixels=16384),
+                       video=VideoConfig(fps=1.0, max_frames=4096, min_pixels=1024, max_pixels=4096))
+    enc = DocumentEncoder(tok, cfg, 256)
+    starts = []
+    for i in range(12):
+        members, _ = GENERATORS["needle_short_clips"][1](random.Random(i))
+        meta = json.loads(members["json"])
+        doc = enc.encode(members, f"k{i}", 0)
+        patches = doc.pixel_values_videos.reshape(int(doc.video_grid_thw[0, 0]), -1)  # uint8 pixels
+        # The haystack is gray in 60..120; every needle color has a channel far outside. The first patch
+        # showing it (a needle stretched to the sampling gap may reach into the next one):
+        needle_share = ((patches < 45) | (patches > 135)).float().mean(dim=1)
+        needle_patch = int(torch.nonzero(needle_share > 0.01)[0])
+        text = tok.decode(doc.input_ids.tolist())
+        stamps = re.findall(r"<[0-9.]+ seconds>(?=<\|vision_start\|>)", text)
+        answer = re.findall(r"\n(<[0-9.]+ seconds>) A ", text)
+        assert answer == [stamps[needle_patch]], (i, stamps, answer, needle_patch)
+        assert float(stamps[0][1:].split()[0]) >= meta["start"]
+        assert 0 <= meta["start"] <= 144 - 4
+        starts.append(meta["start"])
+    assert len(set(starts)) > 6  # spread over the source video, not one offset
+    plain = json.loads(GENERATORS["needle_short"][1](random.Random(0))[0]["json"])  # the needle preset's
+    assert "start" not in plain and plain["qa"][0]["time"] == round(plain["qa"][0]["time"], 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _needle_tokenizer() -> Path:
+    import tempfile
+
+    from data.synth import _timestamp_texts
+    from data.tokenizer import train_sentencepiece
+    path = Path(tempfile.mkdtemp()) / "t.model"
+    texts = _timestamp_texts() + [f"A {c} {s}." for c in NEEDLE_COLORS for s in SHAPES] + [NEEDLE_QUESTION]
+    train_sentencepiece(texts, 512, path)
+    return path

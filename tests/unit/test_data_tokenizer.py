@@ -33,6 +33,22 @@ def test_sentencepiece_fixed_ids_and_round_trip(tmp_path):
     assert reloaded.encode(text) == tok.encode(text)
 
 
+def test_digits_are_split_unless_whole_numbers_are_pieces(tmp_path):
+    texts = _corpus() + [f"<{t / 10:.1f} seconds>" for t in range(0, 3000, 7)]
+    split = train_sentencepiece(texts, 2048, tmp_path / "split.model")
+    whole = train_sentencepiece(texts, 2048, tmp_path / "whole.model", whole_numbers=300)
+
+    def pieces(tok: Tokenizer, text: str) -> list[str]:
+        return [tok.decode([i]) for i in tok.encode(text)]
+
+    assert pieces(split, "<107.5 seconds>") == ["<", "1", "0", "7", ".", "5", " seconds", ">"]
+    assert pieces(whole, "<107.5 seconds>") == ["<", "107", ".", "5", " seconds", ">"]
+    assert pieces(whole, "<0.5 seconds>")[:2] == ["<", "0"]
+    assert pieces(whole, "2999") == ["299", "9"]  # longest whole-number piece first, then the rest
+    for tok in (split, whole):
+        assert tok.decode(tok.encode("<250.1 seconds> 12345")) == "<250.1 seconds> 12345"
+
+
 def test_sentencepiece_training_is_deterministic(tmp_path):
     train_sentencepiece(_corpus(), 2048, tmp_path / "a.model")
     train_sentencepiece(_corpus(), 2048, tmp_path / "b.model")
