@@ -88,13 +88,15 @@ def copy_accuracy(model: Qwen3VLModel, docs: list) -> float:
     return right / len(docs)
 
 
-def train(whole: bool, steps: int, seed: int, lr: float = 3e-3, docs_per_step: int = 8) -> dict[int, float]:
+def train(whole: bool, steps: int, seed: int, lr: float = 3e-3,
+          docs_per_step: int = 8) -> tuple[dict[int, float], list[float]]:
+    """({step: copy accuracy} after 1/3, 2/3 and all of the steps, the loss of every step)."""
     torch.manual_seed(seed)
     model = Qwen3VLModel(load_model_config_yaml(ROOT / "configs" / "model" / "tiny.yaml"))
     text_params = [p for n, p in model.named_parameters() if not n.startswith("visual")]
     opt = torch.optim.AdamW(text_params, lr=lr, weight_decay=0.0)
     rng, held_out = random.Random(seed), [document(random.Random(f"eval/{i}"), whole) for i in range(200)]
-    marks, out = {steps // 3, 2 * steps // 3, steps}, {}
+    marks, out, losses = {steps // 3, 2 * steps // 3, steps}, {}, []
     for step in range(1, steps + 1):
         scale = min(1.0, step / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
         for group in opt.param_groups:
@@ -107,11 +109,12 @@ def train(whole: bool, steps: int, seed: int, lr: float = 3e-3, docs_per_step: i
         loss.backward()
         torch.nn.utils.clip_grad_norm_(text_params, 1.0)
         opt.step()
+        losses.append(loss.item())
         if step in marks:
             out[step] = copy_accuracy(model, held_out)
             print(f"{'whole' if whole else 'digits'} step {step}: loss {loss.item():.3f}, copy {out[step]:.3f}",
                   flush=True)
-    return out
+    return out, losses
 
 
 def main() -> None:
@@ -125,7 +128,7 @@ def main() -> None:
     figures = {"needle_copy_baseline_random_patch": sum(1 / len(d[3]) for d in held_out) / len(held_out)}
     start = time.time()
     for whole in {"digits": [False], "whole": [True], "both": [False, True]}[args.tokens]:
-        for step, accuracy in train(whole, args.steps, args.seed).items():
+        for step, accuracy in train(whole, args.steps, args.seed)[0].items():
             figures[f"needle_copy_{'whole' if whole else 'digits'}_step{step}"] = accuracy
     figures["needle_copy_seconds"] = time.time() - start
     print_results(figures)

@@ -122,12 +122,11 @@ class DocumentEncoder:
 
     def _add_video(self, b: _Builder, data: bytes, member: str, budget_tokens: int, start: float = 0.0) -> None:
         clip = process_video(data, self.cfg.video, self.cfg.image, budget_tokens, member)
-        # A clip cut from a longer video keeps that video's clock: its timestamps start at `start`.
         b.videos.append(clip.pixel_values)
         b.video_grids.append(clip.grid_thw)
         per_patch = clip.grid_thw[0, 1] * clip.grid_thw[0, 2]
         for t in clip.timestamps:
-            if self.cfg.video.frame_timestamps:
+            if self.cfg.video.frame_timestamps:  # a clip cut from a longer video keeps that video's clock
                 b.add(self.tok.encode(format_timestamp(start + t, self.cfg.video.timestamp_format)), False)
             b.add(self._vision_span(self.tok.video_pad_id, per_patch), False)
 

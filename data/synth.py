@@ -10,11 +10,11 @@ the loss falls within a few hundred steps):
   DIR/needle/   haystack mp4s with a one-second "needle" (a large shape) at a random time, a question and
                 an answer timestamped at the needle's middle
   DIR/tokenizer.model  sentencepiece model (vocab 2048, the project's fixed special ids)
+  DIR/manifest.json    data sets, sample counts, shards
 
 `--preset needle` (and `needle_small`) writes the needle miniature's corpus instead (configs/pipeline/
 needle.yaml): captions, and haystacks of three length ranges answered at the needle's middle;
 `--preset needle_clips` the same with each haystack a clip of a 144 s video (docs/eval.md).
-  DIR/manifest.json    data sets, sample counts, shards
 
 Same seed and scale -> byte-identical files: every sample draws from its own RNG seeded by (seed, data set,
 index), images are rendered without randomness outside that RNG, mp4s are written bit-exact.
@@ -238,9 +238,9 @@ GENERATORS: dict[str, tuple[str, Callable[[random.Random], tuple[dict[str, bytes
 # Samples per data set at --scale 1: the demo corpus (about 4 MB), the needle-heavy one, and a small needle
 # corpus for quick checks (tests/e2e/test_needle.py): enough captions and short haystacks for the first two
 # stages to learn to find the needle, few of the long haystacks that take most of the build time.
-PRESETS = {"demo": BASE_COUNTS, "needle": {"caption": 400, "needle_short": 800, "needle_mid": 400, "needle_long": 400},
-           "needle_small": {"caption": 100, "needle_short": 200, "needle_mid": 20, "needle_long": 20},
-           "needle_clips": {"caption": 400, "needle_short": 800, "needle_mid": 400, "needle_long": 400}}
+NEEDLE_COUNTS = {"caption": 400, "needle_short": 800, "needle_mid": 400, "needle_long": 400}
+PRESETS = {"demo": BASE_COUNTS, "needle": NEEDLE_COUNTS, "needle_clips": NEEDLE_COUNTS,
+           "needle_small": {"caption": 100, "needle_short": 200, "needle_mid": 20, "needle_long": 20}}
 
 
 def _generator(preset: str, name: str) -> tuple[str, Callable[[random.Random], tuple[dict[str, bytes], str]]]:

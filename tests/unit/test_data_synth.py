@@ -1,7 +1,6 @@
 """data.synth: byte-identical per seed, every sample encodes, the needle is where the answer says."""
 from __future__ import annotations
 
-import functools
 import io
 import json
 import random
@@ -92,11 +91,19 @@ def test_needle_is_at_the_answer_time(corpus):
         assert qa["answer"].split()[1] in {"red", "green", "blue", "yellow", "purple", "orange", "white"}
 
 
-def test_needle_clips_answer_with_the_timestamp_before_the_needle():
+@pytest.fixture(scope="module")
+def needle_tokenizer(tmp_path_factory) -> Tokenizer:
+    from data.synth import _timestamp_texts
+    from data.tokenizer import train_sentencepiece
+    texts = _timestamp_texts() + [f"A {c} {s}." for c in NEEDLE_COLORS for s in SHAPES] + [NEEDLE_QUESTION]
+    return train_sentencepiece(texts, 512, tmp_path_factory.mktemp("tok") / "t.model")
+
+
+def test_needle_clips_answer_with_the_timestamp_before_the_needle(needle_tokenizer):
     """`--preset needle_clips` haystacks are clips of a 144 s video: their frame timestamps start at the clip's
     start (so the sequence position does not tell the time), and the answer's time is the text written before
     the temporal patch that shows the needle, found here from the document's own pixels."""
-    tok = Tokenizer.load(_needle_tokenizer())
+    tok = needle_tokenizer
     cfg = EncodeConfig(image=ImageConfig(min_pixels=1024, max_pixels=16384),
                        video=VideoConfig(fps=1.0, max_frames=4096, min_pixels=1024, max_pixels=4096))
     enc = DocumentEncoder(tok, cfg, 256)
@@ -120,15 +127,3 @@ def test_needle_clips_answer_with_the_timestamp_before_the_needle():
     assert len(set(starts)) > 6  # spread over the source video, not one offset
     plain = json.loads(GENERATORS["needle_short"][1](random.Random(0))[0]["json"])  # the needle preset's
     assert "start" not in plain and plain["qa"][0]["time"] == round(plain["qa"][0]["time"], 1)
-
-
-@functools.lru_cache(maxsize=1)
-def _needle_tokenizer() -> Path:
-    import tempfile
-
-    from data.synth import _timestamp_texts
-    from data.tokenizer import train_sentencepiece
-    path = Path(tempfile.mkdtemp()) / "t.model"
-    texts = _timestamp_texts() + [f"A {c} {s}." for c in NEEDLE_COLORS for s in SHAPES] + [NEEDLE_QUESTION]
-    train_sentencepiece(texts, 512, path)
-    return path
