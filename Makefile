@@ -32,12 +32,16 @@ train: setup
 # The needle miniature (configs/pipeline/needle.yaml), then the video needle-in-a-haystack eval at its own
 # protocol: 1 fps, the last stage's visual-token budget (0.9 x 1024 tokens) and frame sizes, haystack
 # lengths up to what the last stage's 1024-token sequence holds (144 s) plus 2x that (288 s, never trained).
-NEEDLE_RUN ?= runs/needle
+# NEEDLE_PIPELINE=needle_read: the same with a language-model stage first (configs/pipeline/needle_read.yaml).
+NEEDLE_PIPELINE ?= needle
+NEEDLE_RUN ?= runs/$(NEEDLE_PIPELINE)
+NEEDLE_DATA = $(NEEDLE_PIPELINE)_data
+NEEDLE_LAST = $(if $(filter needle,$(NEEDLE_PIPELINE)),needle_s3,$(NEEDLE_PIPELINE)_s3)
 NEEDLE_EVAL ?= lengths=[8,36,72,108,144,288] depths=[0,0.25,0.5,0.75,1] trials=4 budget=921 \
 	video.min_pixels=1024 video.max_pixels=4096
 needle: setup
-	$(PY) -m train pipeline=needle run_dir=$(NEEDLE_RUN)
-	$(PY) -m train.eval vniah checkpoint=$(NEEDLE_RUN)/needle_s3/final tokenizer=needle_data/tokenizer.model \
+	$(PY) -m train pipeline=$(NEEDLE_PIPELINE) run_dir=$(NEEDLE_RUN)
+	$(PY) -m train.eval vniah checkpoint=$(NEEDLE_RUN)/$(NEEDLE_LAST)/final tokenizer=$(NEEDLE_DATA)/tokenizer.model \
 		$(NEEDLE_EVAL) out=$(NEEDLE_RUN)
 
 test: setup

@@ -14,7 +14,9 @@ the loss falls within a few hundred steps):
 
 `--preset needle` (and `needle_small`) writes the needle miniature's corpus instead (configs/pipeline/
 needle.yaml): captions, and haystacks of three length ranges answered at the needle's middle;
-`--preset needle_clips` the same with each haystack a clip of a 144 s video (docs/eval.md).
+`--preset needle_clips` the same with each haystack a clip of a 144 s video (docs/eval.md); `--preset
+needle_read` (configs/pipeline/needle_read.yaml) those clips, a quarter of the short ones cut at the video's
+start, and DIR/stamp_text/ and DIR/stamp_text_long/: needle clips of 4-30 s and 30-144 s written in words.
 
 Same seed and scale -> byte-identical files: every sample draws from its own RNG seeded by (seed, data set,
 index), images are rendered without randomness outside that RNG, mp4s are written bit-exact.
@@ -187,15 +189,24 @@ def needle_span(total: int, fps: float, depth: float, indices: list[int], needle
     return round(depth * (total - count)), count
 
 
+def _clip_start(rng: random.Random, source_seconds: int, seconds: int, from_start: float) -> int:
+    """Where a clip of `seconds` starts in a video of `source_seconds`: 0 with probability from_start (the draw
+    is skipped when from_start is 0, so the clip corpora of before keep their bytes), else uniform."""
+    if from_start and rng.random() < from_start:
+        return 0
+    return rng.randint(0, max(0, source_seconds - seconds))
+
+
 def needle_sample(rng: random.Random, size: int = 64, fps: int = 4, seconds: tuple[int, int] = (6, 12),
                   sample_fps: float = 2.0, needle_seconds: float = 1.0, source_seconds: int = 0,
-                  answer: str = "middle") -> tuple[dict[str, bytes], str]:
+                  answer: str = "middle", from_start: float = 0.0) -> tuple[dict[str, bytes], str]:
     """A haystack of `seconds` (inclusive range) with a needle at a uniform depth, placed as train.eval vniah
     places it for sampling at `sample_fps` (the encoder's video.fps).
 
     source_seconds > 0: the haystack is a clip cut at a uniform start from a video that long, and its json
     says so ("start"), so the encoder writes the frame timestamps in the source video's time: where the
     needle sits in the sequence then no longer tells its time, only the timestamp text before it does.
+    from_start: the share of those clips cut at the source's start (timestamps from 0, as the eval's).
     answer: "middle" answers at the needle's middle; "patch" at the timestamp the encoder writes before the
     temporal patch that shows it (at sample_fps), so the answer's time can be copied from the input."""
     n = fps * rng.randint(*seconds)
@@ -206,7 +217,7 @@ def needle_sample(rng: random.Random, size: int = 64, fps: int = 4, seconds: tup
     color, shape = rng.choice(NEEDLE_COLORS), rng.choice(SHAPES)
     for i in range(start, start + count):
         frames[i] = draw_needle(frames[i], color, shape)
-    clip_start = rng.randint(0, max(0, source_seconds - n // fps)) if source_seconds else 0
+    clip_start = _clip_start(rng, source_seconds, n // fps, from_start) if source_seconds else 0
     if answer == "patch":
         first = next(k for k, i in enumerate(sampled) if start <= i < start + count)
         time = clip_start + patch_timestamps(sampled, fps)[first // 2]
@@ -224,29 +235,68 @@ def needle_sample(rng: random.Random, size: int = 64, fps: int = 4, seconds: tup
 NEEDLE_SECONDS = {"needle_short": (4, 30), "needle_mid": (30, 70), "needle_long": (70, 144)}
 # `--preset needle_clips`: each haystack is a clip of a 144 s video (the longest haystack) whose timestamps
 # start where the clip does, answered with the timestamp before the needle's patch, so its time can only be
-# read, not inferred from the position (docs/eval.md: the tiny model did not learn to read it in budget).
+# read, not inferred from the position (docs/eval.md: the tiny model learns to read it only after a
+# language-model stage, --preset needle_read).
 CLIP_SOURCE_SECONDS = 144
+
+HAYSTACK_WORDS = ("gray", "dim", "dark", "pale")
+# needle_read's short clips and stamp texts: a quarter start at 0, so single-digit timestamps (the first
+# seconds of every eval haystack) are as common in training as in the eval, not 1 clip in 14.
+READ_FROM_START = 0.25
+
+
+def stamp_text_sample(rng: random.Random, seconds: tuple[int, int] = (4, 30), fps: int = 4,
+                      source_seconds: int = CLIP_SOURCE_SECONDS,
+                      from_start: float = READ_FROM_START) -> tuple[dict[str, bytes], str]:
+    """A needle clip written in words: the timestamps the encoder writes for a `needle_sample` clip at 1 fps,
+    each followed by two words standing for its patch (haystack words, or the needle's color and shape), then
+    the needle question, answered at the needle patch's timestamp. Text only and a few dozen tokens, so a
+    stage can show the language model many of them: reading the time off the stamp before the needle is the
+    copy a pretrained LLM brings to Qwen3-VL's recipe, and the tiny model of the needle miniature does not."""
+    n = fps * rng.randint(*seconds)
+    sampled = frame_indices(n, num_sampled_frames(n, fps, VideoConfig(fps=1.0, max_frames=1 << 20)))
+    clip_start = _clip_start(rng, source_seconds, n // fps, from_start)
+    stamps = [clip_start + t for t in patch_timestamps(sampled, fps)]
+    needle, color, shape = rng.randrange(len(stamps)), rng.choice(NEEDLE_COLORS), rng.choice(SHAPES)
+    content = []
+    for k, t in enumerate(stamps):
+        words = f"{color} {shape}" if k == needle else " ".join(rng.choice(HAYSTACK_WORDS) for _ in range(2))
+        content += [{"text": format_timestamp(t), "learn": False}, {"text": words, "learn": False}]
+    answer = f"{format_timestamp(stamps[needle])} A {color} {shape}.\n"
+    content += [{"text": NEEDLE_QUESTION + "\n", "learn": False}, {"text": answer}]
+    text = " ".join(item["text"] for item in content)
+    return {"json": json.dumps({"type": "interleaved", "content": content}).encode()}, text
+
 
 GENERATORS: dict[str, tuple[str, Callable[[random.Random], tuple[dict[str, bytes], str]]]] = {
     "text": ("text", text_sample), "caption": ("caption", caption_sample), "ocr": ("interleaved", ocr_sample),
     "video": ("video", video_sample), "needle": ("video", needle_sample),
+    "stamp_text": ("interleaved", stamp_text_sample),
+    "stamp_text_long": ("interleaved", functools.partial(stamp_text_sample, seconds=(30, 144))),
     **{name: ("video", functools.partial(needle_sample, seconds=seconds, sample_fps=1.0))
        for name, seconds in NEEDLE_SECONDS.items()},
     **{f"{name}_clips": ("video", functools.partial(needle_sample, seconds=seconds, sample_fps=1.0,
                                                     source_seconds=CLIP_SOURCE_SECONDS, answer="patch"))
-       for name, seconds in NEEDLE_SECONDS.items()}}
+       for name, seconds in NEEDLE_SECONDS.items()},
+    "needle_short_read": ("video", functools.partial(needle_sample, seconds=NEEDLE_SECONDS["needle_short"],
+                                                     sample_fps=1.0, source_seconds=CLIP_SOURCE_SECONDS,
+                                                     answer="patch", from_start=READ_FROM_START))}
 # Samples per data set at --scale 1: the demo corpus (about 4 MB), the needle-heavy one, and a small needle
 # corpus for quick checks (tests/e2e/test_needle.py): enough captions and short haystacks for the first two
 # stages to learn to find the needle, few of the long haystacks that take most of the build time.
 NEEDLE_COUNTS = {"caption": 400, "needle_short": 800, "needle_mid": 400, "needle_long": 400}
 PRESETS = {"demo": BASE_COUNTS, "needle": NEEDLE_COUNTS, "needle_clips": NEEDLE_COUNTS,
+           "needle_read": {**NEEDLE_COUNTS, "stamp_text": 8000, "stamp_text_long": 2000},
            "needle_small": {"caption": 100, "needle_short": 200, "needle_mid": 20, "needle_long": 20}}
 
 
 def _generator(preset: str, name: str) -> tuple[str, Callable[[random.Random], tuple[dict[str, bytes], str]]]:
-    """The generator of data set `name`; needle_clips writes the clip haystacks under the needle set names,
-    so configs/data/needle.yaml reads either corpus."""
-    return GENERATORS[f"{name}_clips" if preset == "needle_clips" and name in NEEDLE_SECONDS else name]
+    """The generator of data set `name`; needle_clips and needle_read write the clip haystacks under the needle
+    set names, so configs/data/needle.yaml reads every needle corpus."""
+    if preset == "needle_read" and name == "needle_short":
+        return GENERATORS["needle_short_read"]
+    clips = preset in ("needle_clips", "needle_read") and name in NEEDLE_SECONDS
+    return GENERATORS[f"{name}_clips" if clips else name]
 
 
 def _samples(name: str, count: int, seed: int, preset: str = "demo") -> Iterator[tuple[str, dict[str, bytes], str]]:
@@ -302,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="demo: every data set; needle: captions + short and long needle haystacks; "
                              "needle_small: the same with a quarter of the captions and short haystacks and "
                              "1/20 of the long ones; needle_clips: needle with the haystacks as clips of a 144 s "
-                             "video (timestamps from the clip's start, answers at the needle patch's stamp)")
+                             "video (timestamps from the clip's start, answers at the needle patch's stamp); "
+                             "needle_read: needle_clips plus needle clips written in words (stamp_text)")
     parser.add_argument("--whole-numbers", type=int, default=0, metavar="N",
                         help="tokenize each whole number below N as one piece (default: digits one by one)")
     args = parser.parse_args(argv)

@@ -208,7 +208,7 @@ def summary_table(results: Sequence[StageResult]) -> str:
 
 
 # Pipelines that write their own synthetic corpus (data.synth preset) when <data_root> has none.
-SYNTH_CORPUS_PIPELINES = {"demo": "demo", "needle": "needle"}
+SYNTH_CORPUS_PIPELINES = {"demo": "demo", "needle": "needle", "needle_read": "needle_read"}
 
 
 def ensure_demo_corpus(configs: Sequence[TrainConfig]) -> None:

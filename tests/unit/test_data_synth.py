@@ -127,3 +127,48 @@ def test_needle_clips_answer_with_the_timestamp_before_the_needle(needle_tokeniz
     assert len(set(starts)) > 6  # spread over the source video, not one offset
     plain = json.loads(GENERATORS["needle_short"][1](random.Random(0))[0]["json"])  # the needle preset's
     assert "start" not in plain and plain["qa"][0]["time"] == round(plain["qa"][0]["time"], 1)
+
+
+def test_stamp_text_answers_with_the_stamp_before_the_needle_words(needle_tokenizer):
+    """`--preset needle_read`'s stamp_text documents: a needle clip in words (per patch the timestamp the
+    encoder writes at 1 fps, then two words), the needle's color and shape at one patch, answered with that
+    patch's stamp; only the answer is learned. A quarter of the clips start at 0, as the eval's haystacks."""
+    tok = needle_tokenizer
+    enc = DocumentEncoder(tok, EncodeConfig(), 256)
+    starts = []
+    for i in range(40):
+        members, _ = GENERATORS["stamp_text"][1](random.Random(i))
+        content = json.loads(members["json"])["content"]
+        patches = [(content[k]["text"], content[k + 1]["text"]) for k in range(0, len(content) - 2, 2)]
+        needles = [stamp for stamp, words in patches if words.split()[0] in NEEDLE_COLORS]
+        assert len(needles) == 1 and len(patches) >= 2, patches
+        assert content[-1] == {"text": f"{needles[0]} A {patches[[s for s, _ in patches].index(needles[0])][1]}.\n"}
+        assert content[-2] == {"text": NEEDLE_QUESTION + "\n", "learn": False}
+        seconds = [float(stamp[1:].split()[0]) for stamp, _ in patches]
+        assert seconds == sorted(seconds) and seconds[-1] <= 144
+        starts.append(seconds[0])
+        doc = enc.encode(members, f"k{i}", 0)
+        learned = tok.decode(doc.input_ids[doc.target_mask].tolist())
+        assert learned.startswith(needles[0]) and NEEDLE_QUESTION not in learned, learned
+    from_zero = sum(s < 1.5 for s in starts)  # the first patch's stamp of a clip from 0 is below 1.5 s
+    assert 4 <= from_zero <= 20 and max(starts) > 60, starts
+
+
+def test_needle_read_clips_start_at_zero_a_quarter_of_the_time():
+    """needle_read's haystack clips: timestamps from 0 (the eval's case) for about a quarter, the rest
+    anywhere in the 144 s source; needle_clips' clips are unchanged (no extra draw)."""
+    read = [json.loads(GENERATORS["needle_short_read"][1](random.Random(i))[0]["json"])["start"] for i in range(40)]
+    assert 4 <= read.count(0) <= 20 and max(read) > 60, read
+    clips = [json.loads(GENERATORS["needle_short_clips"][1](random.Random(i))[0]["json"])["start"] for i in range(40)]
+    assert clips.count(0) <= 2, clips
+
+
+@pytest.mark.parametrize("pipeline", ["needle", "needle_read"])
+def test_needle_pipelines_read_only_data_sets_their_preset_writes(pipeline):
+    """`python -m train pipeline=P` writes the corpus of data.synth's preset P on first use: every data set its
+    stages mix must be one that preset writes."""
+    from data.synth import PRESETS
+    from train.config.compose import stage_configs
+    from train.pipeline import SYNTH_CORPUS_PIPELINES
+    read = {d.name for cfg in stage_configs([f"pipeline={pipeline}"]) for d in cfg.data.datasets}
+    assert read and read <= set(PRESETS[SYNTH_CORPUS_PIPELINES[pipeline]]), read
