@@ -169,3 +169,41 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     assert eval_main(["vniah", f"checkpoint={tmp_path}", "budget=abc"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "budget" in err
+
+
+def test_stamp_time_is_the_timestamp_the_prompt_writes_before_the_needle(tiny_checkpoint, tokenizer, tmp_path,
+                                                                         monkeypatch):
+    """Each sample records the `<t seconds>` text the prompt holds before the first patch showing the needle
+    (stamp_time) and what an exact copy of it scores (stamp_error). An oracle that reads that text from the
+    prompt (the patch found from the needle's frames) is scored `copied` with time_error == stamp_error; the
+    tiny random model does not copy."""
+    import re
+
+    import train.eval.vniah as vniah
+    needles, original_place = [], vniah.place_needle
+
+    def place(*args, **kwargs):
+        needles.append(original_place(*args, **kwargs))
+        return needles[-1]
+
+    def oracle(model, tok, ids, clip, max_new_tokens):
+        stamps = re.findall(r"<[0-9.]+ seconds>(?=<\|vision_start\|>)", tok.decode(ids))
+        needle = needles[-1]
+        first = next(k for k, i in enumerate(clip.frame_indices) if needle.start <= i < needle.start + needle.count)
+        return tok.encode(f"{stamps[first // 2]} {needle.answer}")
+
+    monkeypatch.setattr(vniah, "place_needle", place)
+    monkeypatch.setattr(vniah, "greedy_answer", oracle)
+    out = tmp_path / "oracle"
+    assert eval_main(["vniah", f"checkpoint={tiny_checkpoint}", f"tokenizer={tokenizer.path}", "lengths=[8,36]",
+                      "depths=[0.0,0.5,1.0]", "trials=2", "budget=512", f"out={out}"]) == 0
+    result = json.loads((out / "vniah.json").read_text())
+    for s in result["samples"]:
+        assert s["copied"] and s["correct"], s
+        assert s["time_error"] == pytest.approx(s["stamp_error"]) and s["stamp_error"] <= 1.0, s
+    assert result["copied"] == [[1.0] * 3] * 2
+    monkeypatch.undo()
+    out = tmp_path / "random"
+    assert eval_main(["vniah", f"checkpoint={tiny_checkpoint}", f"tokenizer={tokenizer.path}", "lengths=[36]",
+                      "depths=[0.0,0.5,1.0]", "trials=2", "budget=512", f"out={out}"]) == 0
+    assert not any(s["copied"] for s in json.loads((out / "vniah.json").read_text())["samples"])

@@ -23,7 +23,8 @@ from typing import Any
 from train.eval.config import VNIAHConfig
 from train.eval.generate import check_tokenizer_matches, find_tokenizer, greedy_answer, load_model
 from train.eval.needle import (NUM_CHOICES, Needle, NeedleVideo, SyntheticHaystack, VideoFileHaystack,
-                               chance_accuracy, needle_rng, place_needle, prompt_ids, sample_clip, sampling_plan)
+                               chance_accuracy, needle_patch_times, needle_rng, place_needle, prompt_ids, sample_clip,
+                               sampling_plan)
 
 _SECONDS = re.compile(r"<\s*(\d+(?:\.\d+)?)\s*seconds?\s*>")
 _HMS = re.compile(r"<\s*(\d+):(\d{1,2}):(\d{1,2}(?:\.\d+)?)\s*>")
@@ -73,10 +74,16 @@ def run_cell(cfg: VNIAHConfig, model, tok, length: float, depth: float, trial: i
     answer = tok.decode(greedy_answer(model, tok, ids, clip, cfg.max_new_tokens))
     truth = needle.time(haystack.fps)
     score = score_answer(answer, needle, truth)
+    # The timestamp written before the first patch showing the needle, to the tenth as the prompt writes it
+    # (with video.frame_timestamps off, the one it would write): a model that copies it scores stamp_error,
+    # the floor of the timestamp error at the eval's frame rate.
+    stamp = round(needle_patch_times(clip, needle, cfg.image.temporal_patch_size)[0], 1)
     return {"length": length, "depth": depth, "trial": trial, "needle": needle.answer, "needle_time": truth,
             "frames": len(indices), "visual_tokens": int(clip.grid_thw.prod()) // cfg.image.merge_size ** 2,
             "prompt_tokens": len(ids), "answer": answer, "correct": score.correct, "exact": score.exact,
-            "answered_time": score.time, "time_error": score.time_error}
+            "answered_time": score.time, "time_error": score.time_error, "stamp_time": stamp,
+            "stamp_error": abs(stamp - truth),
+            "copied": score.time is not None and abs(score.time - stamp) < 0.05}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -91,7 +98,8 @@ def summarize(cfg: VNIAHConfig, samples: list[dict[str, Any]]) -> dict[str, Any]
     return {"checkpoint": cfg.checkpoint, "lengths": list(cfg.lengths), "depths": list(cfg.depths),
             "trials": cfg.trials, "budget": cfg.budget, "fps": cfg.video.fps, "num_choices": NUM_CHOICES,
             "chance": chance_accuracy(), "accuracy": table("correct"), "exact": table("exact"),
-            "timestamp_error": table("time_error"), "visual_tokens": [row[0] for row in table("visual_tokens")],
+            "timestamp_error": table("time_error"), "stamp_error": table("stamp_error"), "copied": table("copied"),
+            "visual_tokens": [row[0] for row in table("visual_tokens")],
             "samples": samples}
 
 
