@@ -189,6 +189,11 @@ def needle_span(total: int, fps: float, depth: float, indices: list[int], needle
     return round(depth * (total - count)), count
 
 
+def _sampled_frames(n: int, fps: float, sample_fps: float) -> list[int]:
+    """The frames of an n-frame video the encoder reads at `sample_fps` (no frame limit)."""
+    return frame_indices(n, num_sampled_frames(n, fps, VideoConfig(fps=sample_fps, max_frames=1 << 20)))
+
+
 def _clip_start(rng: random.Random, source_seconds: int, seconds: int, from_start: float) -> int:
     """Where a clip of `seconds` starts in a video of `source_seconds`: 0 with probability from_start (the draw
     is skipped when from_start is 0, so the clip corpora of before keep their bytes), else uniform."""
@@ -212,7 +217,7 @@ def needle_sample(rng: random.Random, size: int = 64, fps: int = 4, seconds: tup
     n = fps * rng.randint(*seconds)
     base = np.random.default_rng(rng.getrandbits(32)).integers(60, 120, (size // 8, size // 8), dtype=np.uint8)
     frames = haystack_frames(base, range(n), fps)
-    sampled = frame_indices(n, num_sampled_frames(n, fps, VideoConfig(fps=sample_fps, max_frames=1 << 20)))
+    sampled = _sampled_frames(n, fps, sample_fps)
     start, count = needle_span(n, fps, rng.random(), sampled, needle_seconds)
     color, shape = rng.choice(NEEDLE_COLORS), rng.choice(SHAPES)
     for i in range(start, start + count):
@@ -254,7 +259,7 @@ def stamp_text_sample(rng: random.Random, seconds: tuple[int, int] = (4, 30), fp
     stage can show the language model many of them: reading the time off the stamp before the needle is the
     copy a pretrained LLM brings to Qwen3-VL's recipe, and the tiny model of the needle miniature does not."""
     n = fps * rng.randint(*seconds)
-    sampled = frame_indices(n, num_sampled_frames(n, fps, VideoConfig(fps=1.0, max_frames=1 << 20)))
+    sampled = _sampled_frames(n, fps, 1.0)
     clip_start = _clip_start(rng, source_seconds, n // fps, from_start)
     stamps = [clip_start + t for t in patch_timestamps(sampled, fps)]
     needle, color, shape = rng.randrange(len(stamps)), rng.choice(NEEDLE_COLORS), rng.choice(SHAPES)
@@ -290,13 +295,16 @@ PRESETS = {"demo": BASE_COUNTS, "needle": NEEDLE_COUNTS, "needle_clips": NEEDLE_
            "needle_small": {"caption": 100, "needle_short": 200, "needle_mid": 20, "needle_long": 20}}
 
 
+# Presets that write a data set with another generator than the one of its name: needle_clips and needle_read
+# write clip haystacks under the needle set names, so configs/data/needle.yaml reads every needle corpus.
+PRESET_GENERATORS = {"needle_clips": {name: f"{name}_clips" for name in NEEDLE_SECONDS},
+                     "needle_read": {**{name: f"{name}_clips" for name in NEEDLE_SECONDS},
+                                     "needle_short": "needle_short_read"}}
+
+
 def _generator(preset: str, name: str) -> tuple[str, Callable[[random.Random], tuple[dict[str, bytes], str]]]:
-    """The generator of data set `name`; needle_clips and needle_read write the clip haystacks under the needle
-    set names, so configs/data/needle.yaml reads every needle corpus."""
-    if preset == "needle_read" and name == "needle_short":
-        return GENERATORS["needle_short_read"]
-    clips = preset in ("needle_clips", "needle_read") and name in NEEDLE_SECONDS
-    return GENERATORS[f"{name}_clips" if clips else name]
+    """The generator of data set `name` in corpus `preset`."""
+    return GENERATORS[PRESET_GENERATORS.get(preset, {}).get(name, name)]
 
 
 def _samples(name: str, count: int, seed: int, preset: str = "demo") -> Iterator[tuple[str, dict[str, bytes], str]]:

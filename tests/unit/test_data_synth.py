@@ -140,16 +140,17 @@ def test_stamp_text_answers_with_the_stamp_before_the_needle_words(needle_tokeni
         members, _ = GENERATORS["stamp_text"][1](random.Random(i))
         content = json.loads(members["json"])["content"]
         patches = [(content[k]["text"], content[k + 1]["text"]) for k in range(0, len(content) - 2, 2)]
-        needles = [stamp for stamp, words in patches if words.split()[0] in NEEDLE_COLORS]
+        needles = [(stamp, words) for stamp, words in patches if words.split()[0] in NEEDLE_COLORS]
         assert len(needles) == 1 and len(patches) >= 2, patches
-        assert content[-1] == {"text": f"{needles[0]} A {patches[[s for s, _ in patches].index(needles[0])][1]}.\n"}
+        (stamp, words), = needles
+        assert content[-1] == {"text": f"{stamp} A {words}.\n"}
         assert content[-2] == {"text": NEEDLE_QUESTION + "\n", "learn": False}
         seconds = [float(stamp[1:].split()[0]) for stamp, _ in patches]
         assert seconds == sorted(seconds) and seconds[-1] <= 144
         starts.append(seconds[0])
         doc = enc.encode(members, f"k{i}", 0)
         learned = tok.decode(doc.input_ids[doc.target_mask].tolist())
-        assert learned.startswith(needles[0]) and NEEDLE_QUESTION not in learned, learned
+        assert learned.startswith(stamp) and NEEDLE_QUESTION not in learned, learned
     from_zero = sum(s < 1.5 for s in starts)  # the first patch's stamp of a clip from 0 is below 1.5 s
     assert 4 <= from_zero <= 20 and max(starts) > 60, starts
 
