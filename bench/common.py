@@ -102,6 +102,13 @@ def append_section(title: str, lines: Iterable[str], path: Path = RESULTS) -> No
         f.write(header + "\n" + "\n".join(entry + list(lines)) + "\n")
 
 
+def publish(figures: dict[str, float], title: str, write: bool = True) -> None:
+    """Print the figures as RESULT lines and (when `write`) append them to RESULTS.md under `title`."""
+    print_results(figures)
+    if write:
+        append_section(title, [f"RESULT {k} {v:.4g}" for k, v in figures.items()])
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

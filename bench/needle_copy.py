@@ -35,7 +35,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import append_section, print_results  # noqa: E402
+from bench.common import publish  # noqa: E402
 from train.models.native_io import load_model_config_yaml  # noqa: E402
 from train.models.qwen3vl.model import Qwen3VLModel  # noqa: E402
 
@@ -131,10 +131,8 @@ def main() -> None:
         for step, accuracy in train(whole, args.steps, args.seed)[0].items():
             figures[f"needle_copy_{'whole' if whole else 'digits'}_step{step}"] = accuracy
     figures["needle_copy_seconds"] = time.time() - start
-    print_results(figures)
-    if not args.no_append:
-        append_section(f"needle_copy (--steps {args.steps} --seed {args.seed} --tokens {args.tokens})",
-                       [f"RESULT {k} {v:.4g}" for k, v in figures.items()])
+    publish(figures, f"needle_copy (--steps {args.steps} --seed {args.seed} --tokens {args.tokens})",
+            not args.no_append)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ class PackedBatch:
     image_grid_thw: torch.Tensor | None = None
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
-    doc_keys: list[str] = field(default_factory=list)  # keys of the documents in this sequence, in order
+    # keys of the documents in this sequence, in order; "" for a pad tail that is not the last segment
+    # (a batch joined by `concat_batches`), so index d is segment d's key
+    doc_keys: list[str] = field(default_factory=list)
     num_pad: int = 0  # padding tokens: the tail segment plus any per-document padding (packing.py)
 
     @property
@@ -81,3 +83,40 @@ class PackedBatch:
             value = getattr(self, f.name)
             moved[f.name] = value.to(device, non_blocking=non_blocking) if torch.is_tensor(value) else value
         return PackedBatch(**moved)
+
+
+def cat_optional(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """torch.cat of the tensors that exist (None when none does): documents without pixels have None."""
+    present = [p for p in parts if p is not None]
+    return torch.cat(present) if present else None
+
+
+def concat_batches(batches: list[PackedBatch]) -> PackedBatch:
+    """The packed sequences one after another as ONE packed sequence (for a forward pass over several).
+
+    Attention, positions and the loss are per document and its weights are already per token, so the
+    joined batch gives the same loss and gradients as its parts run one by one; each part's pad tail stays a
+    segment of its own."""
+    if len(batches) == 1:
+        return batches[0]
+    offsets = [0]
+    for b in batches:
+        offsets.append(offsets[-1] + b.seq_len)
+    keys: list[str] = []
+    for b in batches[:-1]:
+        keys += b.doc_keys + [""] * (b.cu_seqlens.numel() - 1 - len(b.doc_keys))
+    return PackedBatch(
+        input_ids=torch.cat([b.input_ids for b in batches]),
+        position_ids=torch.cat([b.position_ids for b in batches], dim=-1),
+        cu_seqlens=torch.cat([batches[0].cu_seqlens[:1]] + [b.cu_seqlens[1:] + off
+                                                               for b, off in zip(batches, offsets)]),
+        labels=torch.cat([b.labels for b in batches]),
+        loss_weights=torch.cat([b.loss_weights for b in batches]),
+        source_ids=torch.cat([b.source_ids for b in batches]),
+        pixel_values=cat_optional([b.pixel_values for b in batches]),
+        image_grid_thw=cat_optional([b.image_grid_thw for b in batches]),
+        pixel_values_videos=cat_optional([b.pixel_values_videos for b in batches]),
+        video_grid_thw=cat_optional([b.video_grid_thw for b in batches]),
+        doc_keys=keys + batches[-1].doc_keys,
+        num_pad=sum(b.num_pad for b in batches),
+    )

@@ -44,6 +44,7 @@ from data.mixture import SourceSchedule, mixture_probabilities
 from data.packing import BestFitPacker, BufferEntry, VisionTokens, fit_document, multiple_problem
 from data.shards import RestoreKey, Sample, ShardError, SourceStream, list_shards, read_samples
 from data.sources import FetchRetry
+from data.transfer import ByValue
 
 log = logging.getLogger(__name__)
 EncodeFn = Callable[[Sample, str, int], Document]  # (webdataset sample, key, source) -> Document
@@ -189,7 +190,7 @@ class _PackedDataset(IterableDataset):
     def __init__(self, spec: _Spec, states: dict[int, dict[str, Any]], rotation: int, turns: list[int]) -> None:
         self.spec, self.states, self.rotation, self.turns = spec, states, rotation, turns
 
-    def __iter__(self) -> Iterator[tuple[PackedBatch, int, int, dict[str, Any]]]:
+    def __iter__(self) -> Iterator[tuple[PackedBatch | ByValue, int, int, dict[str, Any]]]:
         """(batch, logical worker, stream, stream state): the worker's streams take turns, one batch each."""
         info = get_worker_info()
         logical = ((info.id if info else 0) + self.rotation) % self.spec.num_logical
@@ -200,8 +201,8 @@ class _PackedDataset(IterableDataset):
             got = next(streams[turn], None) if streams[turn] is not None else None
             if got is None:
                 streams[turn] = None
-            else:
-                yield got[0], logical, slots[turn], got[1]
+            else:  # out of a worker process, small tensors travel inside the message (data/transfer.py)
+                yield ByValue(got[0]) if info else got[0], logical, slots[turn], got[1]
             turn = (turn + 1) % len(slots)
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from data.batch import IGNORE_INDEX, Document, PackedBatch
+from data.batch import IGNORE_INDEX, Document, PackedBatch, cat_optional
 
 
 @dataclass(frozen=True)
@@ -129,11 +129,6 @@ def _kept_items(grid: torch.Tensor | None, kept_tokens: int, per_group: int,
     return torch.tensor(rows, dtype=grid.dtype), pixel_rows
 
 
-def _cat(parts: list[Any]) -> torch.Tensor | None:
-    parts = [p for p in parts if p is not None]
-    return torch.cat(parts) if parts else None
-
-
 def multiple_problem(seq_len: int, document_multiple: int) -> str | None:
     """Why documents cannot be padded to `document_multiple` in sequences of seq_len tokens (None: they can)."""
     if document_multiple < 1 or seq_len % document_multiple:
@@ -183,10 +178,10 @@ def build_packed(docs: list[Document], seq_len: int, weighting: str, pad_id: int
     cat = {key: torch.cat([s[key] for s in segments], dim=-1) for key in segments[0]}
     return PackedBatch(
         **cat, cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
-        pixel_values=_cat([d.pixel_values for d in docs]),
-        image_grid_thw=_cat([d.image_grid_thw for d in docs]),
-        pixel_values_videos=_cat([d.pixel_values_videos for d in docs]),
-        video_grid_thw=_cat([d.video_grid_thw for d in docs]),
+        pixel_values=cat_optional([d.pixel_values for d in docs]),
+        image_grid_thw=cat_optional([d.image_grid_thw for d in docs]),
+        pixel_values_videos=cat_optional([d.pixel_values_videos for d in docs]),
+        video_grid_thw=cat_optional([d.video_grid_thw for d in docs]),
         doc_keys=[d.key for d in docs], num_pad=seq_len - sum(len(d) for d in docs),
     )
 

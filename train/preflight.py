@@ -31,6 +31,10 @@ def check_layout(cfg: TrainConfig, world_size: int) -> int:
     if cfg.stage.global_batch_size % dp:
         raise PreflightError(f"stage.global_batch_size={cfg.stage.global_batch_size} is not divisible by the "
                              f"data-parallel size {dp} (world size {world_size})")
+    if (cfg.stage.global_batch_size // dp) % cfg.stage.micro_batch_size:
+        raise PreflightError(f"stage.micro_batch_size={cfg.stage.micro_batch_size} does not divide the "
+                             f"{cfg.stage.global_batch_size // dp} packed sequences per data-parallel rank "
+                             f"(stage.global_batch_size={cfg.stage.global_batch_size} / dp {dp})")
     return dp
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from data.batch import PackedBatch
+from data.batch import PackedBatch, concat_batches
 from data.errors import bad_fractions, over_limit
 from train.backends.base import Backend, StepMetrics
 from train.checkpoint import (
@@ -172,7 +172,7 @@ def _run_steps(cfg: TrainConfig, backend: Backend, loader: Any, stage_dir: Stage
         micro = _take(batches, per_rank, cfg.stage.name)
         if cfg.parallel.balance_vision:
             micro = balance_micro_batches(micro, cfg.model.vision.hidden_size, backend.info.dp_group)
-        metrics = backend.train_step(micro)
+        metrics = backend.train_step(join_micro_batches(micro, cfg.stage.micro_batch_size))
         checkpointer.poll()  # publishes the save in flight once every rank has written it
         bad_data = _check_bad_data(cfg, loader, backend.info.dp_rank, stage_dir)
         seconds = timer.lap()
@@ -221,6 +221,14 @@ def _take(batches: Iterator[PackedBatch], count: int, stage: str) -> list[Packed
             raise TrainingStopped(f"{stage}: the data loader ran out (data.max_epochs is set and the token "
                                   f"budget needs more data)") from None
     return micro
+
+
+def join_micro_batches(micro: list[PackedBatch], size: int) -> list[PackedBatch]:
+    """Consecutive groups of `size` packed sequences, each joined into one (stage.micro_batch_size)."""
+    if len(micro) % size:
+        raise ValueError(f"stage.micro_batch_size={size} does not divide the {len(micro)} packed sequences "
+                         f"of this rank's step")
+    return [concat_batches(micro[i:i + size]) for i in range(0, len(micro), size)]
 
 
 def _as_skipped(metrics: StepMetrics, skipped: bool) -> StepMetrics:

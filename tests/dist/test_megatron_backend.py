@@ -15,6 +15,8 @@ rescale).
   ep: EP=2 MoE (megatron all-to-all dispatcher, the reference's pooled load-balancing loss); its model has
       a dense layer among the MoE ones (mlp_only_layers), and resumes bitwise like dp
   pp: PP=2 1F1B over 4 micro-batches (DeepStack on the first stage)
+  pp_joined, cp_doc_joined: pp and cp_doc with stage.micro_batch_size=2 (the trainer joins each pair of packed
+      sequences into one micro-batch of twice the length): the same losses, norms and weights
   pp_moe: PP=2 MoE with megatron's per-layer load-balancing loss (each stage adds its layers' share)
   vpp: PP=2 x 2 virtual stages (interleaved 1F1B over 4 micro-batches, one-layer chunks: rank 0 holds layers 0
       and 2); resumes bitwise, and its checkpoint loads fully (model + optimizer) into PP=2 without virtual
@@ -34,7 +36,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-MODES = ["dp", "tp", "cp", "cp_doc", "ep", "pp", "pp_moe", "tp_ep", "vpp", "vpp_moe"]
+MODES = ["dp", "tp", "cp", "cp_doc", "ep", "pp", "pp_moe", "tp_ep", "vpp", "vpp_moe", "pp_joined", "cp_doc_joined"]
 
 
 def run_program(name: str, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:

@@ -78,3 +78,15 @@ def test_largest_tensor_tracks_the_biggest_op_output():
         torch.zeros(10, 10) + 1
         torch.ones(100, 50).sum()
     assert largest.bytes == 100 * 50 * 4 and largest.shape == (100, 50)
+
+
+
+def test_step_overhead_bench_measures_both_ways_at_toy_size():
+    import step_overhead
+
+    cfg = step_overhead.load_model_config_yaml(common.ROOT / "configs" / "model" / "tiny.yaml")
+    packed = [b for b, _ in common.pack(common.document_stream(cfg, 128, seed=1), 128, 4)]
+    for by_value in (False, True):  # every batch arrives as a PackedBatch (asserted inside)
+        assert step_overhead.transfer_ms(packed, 3, by_value) > 0
+    rates = step_overhead.joining([packed[:2], packed[2:]], 2, reps=1)
+    assert set(rates) == {1, 2} and all(r > 0 for r in rates.values())

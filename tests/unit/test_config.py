@@ -57,6 +57,7 @@ BAD_VALUES = [
     (["stage.seq_len=abc"], "stage.seq_len"),
     (["optim.lr=-0.001"], "optim.lr"),
     (["stage.seq_len=1000"], "stage.seq_len"),
+    (["stage.global_batch_size=6", "stage.micro_batch_size=4"], "stage.micro_batch_size"),
     (["model.text.num_attention_heads=6", "model.text.num_key_value_heads=4"], "model.text.num_attention_heads"),
     (["model.vision.deepstack_visual_indexes=[0,99]"], "model.vision.deepstack_visual_indexes[1]"),
     (["model.text.mrope_section=[1,1,1]"], "model.text.mrope_section"),

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from data.batch import IGNORE_INDEX, Document
+from data.batch import IGNORE_INDEX, Document, concat_batches
 from data.packing import (BestFitPacker, BufferEntry, VisionTokens, build_packed, document_loss_weight,
                           fit_document)
 from data.positions import document_position_ids
@@ -85,6 +85,24 @@ def test_vision_tensors_concatenate_in_document_order():
     assert torch.equal(batch.pixel_values, torch.cat([first.pixel_values, second.pixel_values]))
     assert torch.equal(batch.pixel_values_videos, second.pixel_values_videos)
     assert (batch.labels[batch.input_ids == TOK.image_pad] == IGNORE_INDEX).all()
+
+
+def test_joined_batches_keep_every_segment_and_vision_item_in_order():
+    first = build_packed([vision_doc("img", [3, ("image", 4, 4), 2]), text_doc("t", 5)], 32, "sqrt")
+    full = build_packed([text_doc("full", 16)], 16, "sqrt")  # no pad tail
+    last = build_packed([vision_doc("vid", [2, ("video", 2, 4, 4), 1])], 24, "sqrt")
+    joined = concat_batches([first, full, last])
+    assert joined.seq_len == 72 and joined.num_pad == first.num_pad + last.num_pad
+    assert joined.cu_seqlens.dtype == torch.int32
+    assert joined.cu_seqlens.tolist() == [0, 11, 16, 32, 48, 63, 72]
+    assert joined.doc_keys == ["img", "t", "", "full", "vid"]  # key d names segment d; "" a pad tail
+    for key in ("input_ids", "labels", "loss_weights", "source_ids"):
+        assert torch.equal(getattr(joined, key), torch.cat([getattr(b, key) for b in (first, full, last)]))
+    assert torch.equal(joined.position_ids, torch.cat([b.position_ids for b in (first, full, last)], dim=1))
+    assert torch.equal(joined.pixel_values, first.pixel_values)
+    assert torch.equal(joined.video_grid_thw, last.video_grid_thw)
+    assert joined.image_grid_thw.tolist() == [[1, 4, 4]]
+    assert concat_batches([full]) is full
 
 
 def test_cut_moves_before_the_vision_span_the_limit_falls_in():

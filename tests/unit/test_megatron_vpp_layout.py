@@ -57,7 +57,11 @@ def test_chunk_layers_are_megatrons(layers, pp, first, last, vpp):
     (["model.vision.deepstack_visual_indexes=[0,1]", "parallel.pp=2", "parallel.vpp=2"], 2,
      "first model chunk holds 1 decoder layers, fewer than the 2 DeepStack injections"),
     (["parallel.pp=2", "parallel.vpp=2", "stage.global_batch_size=3"], 2,
-     "parallel.vpp needs the micro-batches per step (stage.global_batch_size=3 / dp=1 = 3) to be a multiple of pp=2"),
+     "parallel.vpp needs the micro-batches per step (stage.global_batch_size=3 / dp=1 / stage.micro_batch_size=1 = 3) "
+     "to be a multiple of pp=2"),
+    # 4 sequences joined in pairs are 2 micro-batches: fine; joined in fours, 1: refused
+    (["parallel.pp=2", "parallel.vpp=2", "stage.global_batch_size=4", "stage.micro_batch_size=4"], 2,
+     "(stage.global_batch_size=4 / dp=1 / stage.micro_batch_size=4 = 1) to be a multiple of pp=2"),
 ])
 def test_bad_virtual_stages_are_one_line(overrides, world, fragment):
     cfg = load_config([*FOUR_LAYERS, *overrides])

@@ -46,6 +46,13 @@ def test_global_batch_not_divisible_by_data_parallel_size(tmp_path: Path) -> Non
     assert "stage.global_batch_size=8 is not divisible by the data-parallel size 3" in _one_line(err)
 
 
+def test_micro_batch_size_must_divide_each_ranks_share(tmp_path: Path) -> None:
+    assert check_layout(_cfg(tmp_path, "stage.micro_batch_size=4"), 2) == 2  # 4 sequences per rank
+    with pytest.raises(PreflightError) as err:
+        check_layout(_cfg(tmp_path, "stage.micro_batch_size=4"), 4)  # 2 per rank
+    assert "stage.micro_batch_size=4 does not divide the 2 packed sequences per data-parallel rank" in _one_line(err)
+
+
 def test_seq_len_not_divisible_by_two_cp(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "stage.seq_len=192")
     check_seq_len(cfg)

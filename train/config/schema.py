@@ -33,6 +33,10 @@ class StageConfig:
     token_budget: int = 0
     max_steps: int = 0
     global_batch_size: int = 8  # packed sequences per optimizer step, over all data-parallel ranks
+    # Packed sequences joined into one forward/backward pass (as Megatron's --micro-batch-size): fewer, longer
+    # passes cost less per token where per-pass overhead dominates (small models, CPU), at the memory of
+    # micro_batch_size x seq_len tokens of activations. The loss and gradients do not depend on it.
+    micro_batch_size: int = 1
     # Weights to start from when the stage's run dir has no checkpoint yet: a native or HF model directory,
     # or the previous stage (the pipeline runner fills it in). A checkpoint in the run dir always wins.
     init_from: Optional[str] = None
@@ -61,6 +65,9 @@ class StageConfig:
             raise ConfigError(f"{prefix}.trainable is empty: nothing would train")
         if self.global_batch_size <= 0:
             raise ConfigError(f"{prefix}.global_batch_size={self.global_batch_size} must be > 0")
+        if self.micro_batch_size <= 0 or self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"{prefix}.micro_batch_size={self.micro_batch_size} must be > 0 and divide "
+                              f"{prefix}.global_batch_size={self.global_batch_size}")
         if self.max_steps < 0 or self.token_budget < 0:
             raise ConfigError(f"{prefix}.max_steps / {prefix}.token_budget must be >= 0")
         if self.num_steps() <= 0:

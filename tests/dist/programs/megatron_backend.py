@@ -25,6 +25,7 @@ from rank_harness import finish, start
 from train.backends.base import gathered_state_dict
 from train.backends.megatron.backend import MegatronBackend
 from train.models.weight_source import StateDictSource
+from train.trainer import join_micro_batches
 
 MODES = {
     "dp": dict(parallel={}),
@@ -34,6 +35,9 @@ MODES = {
     "cp_doc": dict(cp=2, parallel=dict(cp_layout="document")),
     "ep": dict(moe=True, ep=2, parallel={}),
     "pp": dict(parallel=dict(pp=2), text=dict(num_hidden_layers=4), deepstack=[0, 1]),
+    # stage.micro_batch_size=2: the 4 sequences joined in pairs, 2 micro-batches of twice the length
+    "pp_joined": dict(parallel=dict(pp=2), text=dict(num_hidden_layers=4), deepstack=[0, 1], micro_batch_size=2),
+    "cp_doc_joined": dict(cp=2, parallel=dict(cp_layout="document"), micro_batch_size=2),
     # MoE over 2 pipeline stages: megatron's per-layer aux loss (each stage adds its own layers' share), with
     # a coefficient large enough that a wrong aux gradient moves the compared parameters
     # the published 235B fold on 2 ranks: experts over the TP ranks (expert TP 1, EP 2 = TP 2, expert-DP 1)
@@ -52,7 +56,9 @@ RESUMED = ("dp", "ep", "vpp")
 def mode_config(mode: str):
     spec = dict(MODES[mode])
     parallel, text, deepstack = spec.pop("parallel"), spec.pop("text", {}), spec.pop("deepstack", None)
+    micro_batch_size = spec.pop("micro_batch_size", 1)
     cfg = make_config(**spec)
+    cfg.stage.micro_batch_size = micro_batch_size
     cfg.backend.name, cfg.backend.precision, cfg.backend.distributed_optimizer = "megatron", "fp32", True
     for key, value in parallel.items():
         setattr(cfg.parallel, key, value)
@@ -65,7 +71,8 @@ def mode_config(mode: str):
 
 def train(backend, batches):
     info = backend.info
-    return backend.train_step(batches[info.dp_rank::info.dp_size])
+    return backend.train_step(join_micro_batches(batches[info.dp_rank::info.dp_size],
+                                                 backend.cfg.stage.micro_batch_size))
 
 
 def resume_check(backend, ckpt: Path, batches, want_loss: float, want_state: dict, failures: list[str],

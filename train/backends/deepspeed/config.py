@@ -49,14 +49,14 @@ def check_layout(cfg: TrainConfig, world_size: int) -> int:
     if cfg.stage.global_batch_size % dp:
         raise ConfigError(f"stage.global_batch_size={cfg.stage.global_batch_size} is not divisible by the "
                           f"data-parallel size {dp} (world {world_size} / parallel.cp {par.cp})")
-    return cfg.stage.global_batch_size // dp
+    return cfg.stage.global_batch_size // dp // cfg.stage.micro_batch_size  # micro-batches per rank and step
 
 
 def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int,
                      device: torch.device | None = None) -> dict[str, Any]:
     """The DeepSpeed config for a run on `device` (default: this rank's compute device). One packed sequence
-    per micro-batch; DeepSpeed's data-parallel group is the whole world (see module doc), hence
-    train_batch_size counts every rank. The LR is set by us every step (train/optim.py), so there is no
+    (stage.micro_batch_size of them joined) per micro-batch; DeepSpeed's data-parallel group is the whole
+    world (see module doc), hence train_batch_size counts every rank. The LR is set by us every step (train/optim.py), so there is no
     DeepSpeed scheduler."""
     optim, backend = cfg.optim, cfg.backend
     on_cuda = (device or compute_device()).type == "cuda"

@@ -249,10 +249,11 @@ def check_config(cfg: Any, world_size: int) -> ParallelSizes:
                                   f"TP rank's {text.num_attention_heads // sizes.tp} query / "
                                   f"{text.num_key_value_heads // sizes.tp} key-value heads over cp={sizes.cp}: "
                                   f"not divisible; use cp_comm_type=p2p")
-    micro = cfg.stage.global_batch_size // (sizes.dp or 1)
+    micro = cfg.stage.global_batch_size // (sizes.dp or 1) // cfg.stage.micro_batch_size
     if sizes.vpp is not None and micro % sizes.pp:
         # the interleaved schedule runs micro-batches in groups of pp per model chunk
         raise ParallelLayoutError(f"megatron layout {sizes.describe()}: parallel.vpp needs the micro-batches per "
-                                  f"step (stage.global_batch_size={cfg.stage.global_batch_size} / dp={sizes.dp} = "
-                                  f"{micro}) to be a multiple of pp={sizes.pp}")
+                                  f"step (stage.global_batch_size={cfg.stage.global_batch_size} / dp={sizes.dp} / "
+                                  f"stage.micro_batch_size={cfg.stage.micro_batch_size} = {micro}) to be a "
+                                  f"multiple of pp={sizes.pp}")
     return sizes

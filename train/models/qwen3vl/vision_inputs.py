@@ -21,7 +21,7 @@ def features_per_item(grid_thw: torch.Tensor | None, merge: int) -> list[int]:
 
 def _document_name(d: int, lo: int, hi: int, doc_keys: list[str] | None) -> str:
     where = f"document {d} (tokens {lo}..{hi})"
-    if doc_keys is not None and d < len(doc_keys):
+    if doc_keys is not None and d < len(doc_keys) and doc_keys[d]:
         return f"sample {doc_keys[d]!r}, {where}"
     return where
 
