@@ -39,6 +39,13 @@ NEEDLE_DATA = $(NEEDLE_PIPELINE)_data
 NEEDLE_LAST = $(if $(filter needle,$(NEEDLE_PIPELINE)),needle_s3,$(NEEDLE_PIPELINE)_s3)
 NEEDLE_EVAL ?= lengths=[8,36,72,108,144,288] depths=[0,0.25,0.5,0.75,1] trials=4 budget=921 \
 	video.min_pixels=1024 video.max_pixels=4096
+# needle_read runs with one torch thread, as its figures were measured (the tiny model's ops are too small
+# to split, and a second thread fights the loader worker for a 2-core machine: its S1 ran 7.4 steps/s with
+# one, 4.3 with torch's default of 2). The plain pipeline's figures were measured with the default; with
+# one thread it took 13 min 8 s instead of 12 and read times worse (docs/eval.md).
+ifeq ($(NEEDLE_PIPELINE),needle_read)
+needle: export OMP_NUM_THREADS ?= 1
+endif
 needle: setup
 	$(PY) -m train pipeline=$(NEEDLE_PIPELINE) run_dir=$(NEEDLE_RUN)
 	$(PY) -m train.eval vniah checkpoint=$(NEEDLE_RUN)/$(NEEDLE_LAST)/final tokenizer=$(NEEDLE_DATA)/tokenizer.model \
