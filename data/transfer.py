@@ -3,7 +3,7 @@
 torch's DataLoader sends every tensor a worker returns through shared memory: one file descriptor per tensor
 storage, each handed over on its own socket connection with an authentication handshake. A packed batch
 holds 6-10 tensors, most of a few KiB, so on small models the handshakes cost more than the batch: 18-26% of
-a needle-miniature training step was spent receiving batches (profiled with cProfile; bench/loader_transfer.py
+a needle-miniature training step was spent receiving batches (profiled with cProfile; bench/step_overhead.py
 measures the transfer alone). `ByValue` makes the batch pickle its small tensors as bytes inside the one
 message that carries it; tensors of at least `by_value_bytes` (the pixels of a long video) keep the
 shared-memory path, where copying them through the pipe would cost more than the handshake.
@@ -54,4 +54,3 @@ class _TensorBytes:
 
 def _rebuild_batch(parts: dict[str, Any]) -> PackedBatch:
     return PackedBatch(**{k: v.tensor() if isinstance(v, _TensorBytes) else v for k, v in parts.items()})
-

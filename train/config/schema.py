@@ -35,7 +35,8 @@ class StageConfig:
     global_batch_size: int = 8  # packed sequences per optimizer step, over all data-parallel ranks
     # Packed sequences joined into one forward/backward pass (as Megatron's --micro-batch-size): fewer, longer
     # passes cost less per token where per-pass overhead dominates (small models, CPU), at the memory of
-    # micro_batch_size x seq_len tokens of activations. The loss and gradients do not depend on it.
+    # micro_batch_size x seq_len tokens of activations. The loss and gradients do not depend on it (except an
+    # MoE model's load-balancing loss, computed per pass as in Megatron).
     micro_batch_size: int = 1
     # Weights to start from when the stage's run dir has no checkpoint yet: a native or HF model directory,
     # or the previous stage (the pipeline runner fills it in). A checkpoint in the run dir always wins.

@@ -56,8 +56,8 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int,
                      device: torch.device | None = None) -> dict[str, Any]:
     """The DeepSpeed config for a run on `device` (default: this rank's compute device). One packed sequence
     (stage.micro_batch_size of them joined) per micro-batch; DeepSpeed's data-parallel group is the whole
-    world (see module doc), hence train_batch_size counts every rank. The LR is set by us every step (train/optim.py), so there is no
-    DeepSpeed scheduler."""
+    world (see module doc), hence train_batch_size counts every rank. The LR is set by us every step
+    (train/optim.py), so there is no DeepSpeed scheduler."""
     optim, backend = cfg.optim, cfg.backend
     on_cuda = (device or compute_device()).type == "cuda"
     zero: dict[str, Any] = {"stage": backend.zero_stage}
