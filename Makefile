@@ -32,24 +32,18 @@ train: setup
 # The needle miniature (configs/pipeline/needle.yaml), then the video needle-in-a-haystack eval at its own
 # protocol: 1 fps, the last stage's visual-token budget (0.9 x 1024 tokens) and frame sizes, haystack
 # lengths up to what the last stage's 1024-token sequence holds (144 s) plus 2x that (288 s, never trained).
-# NEEDLE_PIPELINE=needle_read: the same with a language-model stage first (configs/pipeline/needle_read.yaml).
+# NEEDLE_PIPELINE=needle_position: the four stages without the language-model ones. The eval reads the last
+# stage's weights and the tokenizer of the pipeline's corpus, both named by its config.
 NEEDLE_PIPELINE ?= needle
 NEEDLE_RUN ?= runs/$(NEEDLE_PIPELINE)
-NEEDLE_DATA = $(NEEDLE_PIPELINE)_data
-NEEDLE_LAST = $(if $(filter needle,$(NEEDLE_PIPELINE)),needle_s3,$(NEEDLE_PIPELINE)_s3)
 NEEDLE_EVAL ?= lengths=[8,36,72,108,144,288] depths=[0,0.25,0.5,0.75,1] trials=4 budget=921 \
 	video.min_pixels=1024 video.max_pixels=4096
-# needle_read runs with one torch thread, as its figures were measured (the tiny model's ops are too small
-# to split, and a second thread fights the loader worker for a 2-core machine: its S1 ran 7.4 steps/s with
-# one, 4.3 with torch's default of 2). The plain pipeline's figures were measured with the default; with
-# one thread it took 13 min 8 s instead of 12 and read times worse (docs/eval.md).
-ifeq ($(NEEDLE_PIPELINE),needle_read)
-needle: export OMP_NUM_THREADS ?= 1
-endif
+NEEDLE_LAST_AND_DATA = $(shell $(PY) -c 'from train.config.compose import stage_configs; \
+	c = stage_configs(["pipeline=$(NEEDLE_PIPELINE)"])[-1]; print(c.stage.name, c.data_root)')
 needle: setup
 	$(PY) -m train pipeline=$(NEEDLE_PIPELINE) run_dir=$(NEEDLE_RUN)
-	$(PY) -m train.eval vniah checkpoint=$(NEEDLE_RUN)/$(NEEDLE_LAST)/final tokenizer=$(NEEDLE_DATA)/tokenizer.model \
-		$(NEEDLE_EVAL) out=$(NEEDLE_RUN)
+	$(PY) -m train.eval vniah checkpoint=$(NEEDLE_RUN)/$(word 1,$(NEEDLE_LAST_AND_DATA))/final \
+		tokenizer=$(word 2,$(NEEDLE_LAST_AND_DATA))/tokenizer.model $(NEEDLE_EVAL) out=$(NEEDLE_RUN)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -264,6 +264,14 @@ def _set_omp_threads(env: DistEnv) -> None:
         torch.set_num_threads(threads)
 
 
+def set_cpu_threads(threads: int) -> None:
+    """A config's `cpu_threads` for this process (and, through OMP_NUM_THREADS, processes it starts); 0 leaves
+    the launcher's choice. Set per stage, before the stage builds its model."""
+    if threads > 0:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 def shutdown_distributed(exit_code: int = 0) -> NoReturn:
     """End a rank: barrier, destroy the group, flush, os._exit. Ending any other way aborts sporadically
     at interpreter exit ("terminate called without an active exception"); see notes/cpu-backends.md."""

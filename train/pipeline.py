@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import torch.distributed as dist
 
+from launch.env import set_cpu_threads
 from launch.signals import PreemptionHandler, request_requeue
 from train.backends.base import Backend
 from train.checkpoint import StageDir, barrier, latest_kept, rank
@@ -139,6 +140,7 @@ def _run_stages(configs: list[TrainConfig], runtime: StageRuntime) -> int:
                     raise Preempted(f"stopped by signal after stage {configs[k - 1].stage.name} finished; run "
                                     f"the same command again to continue with {cfg.stage.name}")
                 cfg.stage.init_from = str(previous.final)
+            set_cpu_threads(cfg.cpu_threads)
             results.append(train_stage(cfg, runtime))
     except Preempted as err:  # exit 0; the requeue file asks the SLURM script to requeue, the rerun resumes
         _say(f"longvl: {err}", error=True)
@@ -207,18 +209,14 @@ def summary_table(results: Sequence[StageResult]) -> str:
     return "\n".join(lines)
 
 
-# Pipelines that write their own synthetic corpus (data.synth preset) when <data_root> has none.
-SYNTH_CORPUS_PIPELINES = {"demo": "demo", "needle": "needle", "needle_read": "needle_read"}
-
-
 def ensure_demo_corpus(configs: Sequence[TrainConfig]) -> None:
-    """The demo and needle pipelines write their own corpus (data.synth) when <data_root> has none: `make
-    train` / `make needle` work on a fresh checkout. Other pipelines never generate data: a missing shard is
-    a preflight error."""
+    """A pipeline with `pipeline.synth_corpus` (demo, needle) writes that data.synth corpus when <data_root>
+    has none: `make train` / `make needle` work on a fresh checkout. Other pipelines never generate data: a
+    missing shard is a preflight error."""
     cfg = configs[0]
     root = Path(cfg.data_root)
-    preset = SYNTH_CORPUS_PIPELINES.get(cfg.pipeline.name)
-    if preset is None or (root / "manifest.json").is_file():
+    preset = cfg.pipeline.synth_corpus
+    if not preset or (root / "manifest.json").is_file():
         return
     from data.synth import make_corpus
 

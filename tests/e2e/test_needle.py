@@ -1,7 +1,8 @@
-"""The needle miniature end to end, shortened for CI: `python -m train pipeline=needle` (its four stages,
-S0 and S1 long enough to find the needle, S2 and S3 a few steps each) on a small needle corpus
-(`--preset needle_small`), then `python -m train.eval vniah` at the eval's own protocol (1 fps, the last
-stage's frame sizes and token budget) on haystacks it never saw (eval seed 17; training seed 0).
+"""The needle miniature end to end, shortened for CI: `python -m train pipeline=needle_position` (the recipe's
+four stages without the language-model ones of `pipeline=needle`; S0 and S1 long enough to find the needle,
+S2 and S3 a few steps each) on a small needle corpus (`--preset needle_small`), then `python -m train.eval
+vniah` at the eval's own protocol (1 fps, the last stage's frame sizes and token budget) on haystacks it never
+saw (eval seed 17; training seed 0).
 
 Bars (lower than issue 14 asks of the full pipeline; docs/eval.md "Needle miniature"):
 (1) at least 90% of the answers in the format the training prompt teaches (`<t seconds> A <color> <shape>.`);
@@ -33,7 +34,7 @@ ANSWER = re.compile(rf"^<\d+\.\d seconds> A ({'|'.join(NEEDLE_COLORS)}) ({'|'.jo
 def test_shortened_needle_pipeline_finds_the_needle_and_tells_when(tmp_path: Path) -> None:
     corpus, run_dir = tmp_path / "needle_data", tmp_path / "needle"
     make_corpus(corpus, shards_per_set=2, preset="needle_small")
-    result = run([FAULTS, "--max-steps", "300,600,8,4", "pipeline=needle", f"data_root={corpus}",
+    result = run([FAULTS, "--max-steps", "300,600,8,4", "pipeline=needle_position", f"data_root={corpus}",
                   f"run_dir={run_dir}", "logging=quiet", "data.num_workers=0"], timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout[result.stdout.index("stage  "):]

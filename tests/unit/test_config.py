@@ -62,6 +62,8 @@ BAD_VALUES = [
     (["model.vision.deepstack_visual_indexes=[0,99]"], "model.vision.deepstack_visual_indexes[1]"),
     (["model.text.mrope_section=[1,1,1]"], "model.text.mrope_section"),
     (["no_such_key=1"], "no_such_key"),
+    (["cpu_threads=-1"], "cpu_threads"),
+    (["pipeline.synth_corpus=nope"], "pipeline.synth_corpus"),
 ]
 
 

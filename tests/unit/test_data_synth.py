@@ -164,12 +164,13 @@ def test_needle_read_clips_start_at_zero_a_quarter_of_the_time():
     assert clips.count(0) <= 2, clips
 
 
-@pytest.mark.parametrize("pipeline", ["needle", "needle_read"])
-def test_needle_pipelines_read_only_data_sets_their_preset_writes(pipeline):
-    """`python -m train pipeline=P` writes the corpus of data.synth's preset P on first use: every data set its
-    stages mix must be one that preset writes."""
+@pytest.mark.parametrize("pipeline", ["demo", "needle", "needle_position"])
+def test_pipelines_read_only_data_sets_their_synth_corpus_writes(pipeline):
+    """`python -m train pipeline=P` writes the corpus of its `pipeline.synth_corpus` preset on first use: every
+    data set its stages mix must be one that preset writes."""
     from data.synth import PRESETS
     from train.config.compose import stage_configs
-    from train.pipeline import SYNTH_CORPUS_PIPELINES
-    read = {d.name for cfg in stage_configs([f"pipeline={pipeline}"]) for d in cfg.data.datasets}
-    assert read and read <= set(PRESETS[SYNTH_CORPUS_PIPELINES[pipeline]]), read
+    configs = stage_configs([f"pipeline={pipeline}"])
+    preset = configs[0].pipeline.synth_corpus
+    read = {d.name for cfg in configs for d in cfg.data.datasets}
+    assert preset and read and read <= set(PRESETS[preset]), (preset, read)

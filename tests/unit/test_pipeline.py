@@ -141,6 +141,29 @@ def test_stages_run_in_order_and_hand_over_final_weights(data_root: Path, tmp_pa
     assert log == []
 
 
+def test_cpu_threads_is_set_before_each_stage_builds_its_model(data_root: Path, tmp_path: Path,
+                                                                monkeypatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    before = torch.get_num_threads()
+    threads: list[tuple[str, int, str]] = []
+
+    def build(cfg: TrainConfig, weights: WeightSource | None) -> StandInBackend:
+        threads.append((cfg.stage.name, torch.get_num_threads(), os.environ["OMP_NUM_THREADS"]))
+        return StandInBackend(cfg, [], weights=weights)
+
+    runtime = StageRuntime(build_backend=build, build_loader=lambda cfg, info, seed: StandInLoader(cfg.stage.seq_len))
+    pinned = 2 if before == 1 else 1  # a count this process does not already run with
+    try:
+        configs = _configs(data_root, tmp_path, f"cpu_threads={pinned}")
+        configs[2].cpu_threads = 0  # a stage that leaves the count as it finds it
+        configs[3].cpu_threads = pinned + 1
+        assert run_pipeline(configs, runtime) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert threads == [("s0", pinned, str(pinned)), ("s1", pinned, str(pinned)), ("s2", pinned, str(pinned)),
+                       ("s3", pinned + 1, str(pinned + 1))]
+
+
 def test_rerun_after_a_stop_skips_done_stages_and_resumes_from_the_checkpoint(data_root: Path,
                                                                               tmp_path: Path) -> None:
     def configs() -> list[TrainConfig]:

@@ -100,6 +100,9 @@ class PipelineConfig:
     # in the whole pipeline, starting from the previous stage's final/ in the same run dir. "" runs them all.
     only: str = ""
     hf_dtype: str = "bf16"  # dtype of the run's hf/ export, one of HF_DTYPES (final/ handoffs are always fp32)
+    # A `python -m data.synth` preset written to data_root when it holds no corpus, so `make train` and `make
+    # needle` work on a fresh checkout; "" (every real recipe): a missing shard is a preflight error.
+    synth_corpus: str = ""
 
 
 @dataclass
@@ -256,6 +259,10 @@ class TrainConfig:
     # Root of the data sets; data YAMLs refer to it as ${data_root}/<data set>/shard-*.tar.
     data_root: str = "demo_data"
     seed: int = 1234
+    # torch threads per rank on the CPU, set before the first stage builds its model; 0: the launcher's choice.
+    # A config that pins it reproduces its figures by itself: the floating-point sums, and so the results,
+    # depend on the thread count (configs/pipeline/needle_read.yaml).
+    cpu_threads: int = 0
 
     def moe_aux_loss_form(self) -> str:
         """The MoE load-balancing loss form of this run (train/models/qwen3vl/moe.py load_balancing_loss):
@@ -273,6 +280,14 @@ class TrainConfig:
         self.parallel.validate("parallel")
         self.logging.validate("logging")
         self.data.validate("data")
+        if self.cpu_threads < 0:
+            raise ConfigError(f"cpu_threads={self.cpu_threads} must be >= 0 (0: the launcher's choice)")
+        if self.pipeline.synth_corpus:
+            from data.synth import PRESETS
+
+            if self.pipeline.synth_corpus not in PRESETS:
+                raise ConfigError(f"pipeline.synth_corpus={self.pipeline.synth_corpus!r} is not one of "
+                                  f"{sorted(PRESETS)} (data.synth presets)")
         if self.pipeline.hf_dtype not in HF_DTYPES:
             raise ConfigError(f"pipeline.hf_dtype={self.pipeline.hf_dtype!r} is not one of {list(HF_DTYPES)}")
         if self.stage.seq_len % (2 * self.parallel.cp):
