@@ -12,11 +12,11 @@ the loss falls within a few hundred steps):
   DIR/tokenizer.model  sentencepiece model (vocab 2048, the project's fixed special ids)
   DIR/manifest.json    data sets, sample counts, shards
 
-`--preset needle` (and `needle_small`) writes the needle miniature's corpus instead (configs/pipeline/
-needle.yaml): captions, and haystacks of three length ranges answered at the needle's middle;
-`--preset needle_clips` the same with each haystack a clip of a 144 s video (docs/eval.md); `--preset
-needle_read` (configs/pipeline/needle_read.yaml) those clips, a quarter of the short ones cut at the video's
-start, and DIR/stamp_text/ and DIR/stamp_text_long/: needle clips of 4-30 s and 30-144 s written in words.
+`--preset needle` (and `needle_small`) writes the corpus of the needle miniature's position pipeline instead
+(configs/pipeline/needle_position.yaml): captions, and haystacks of three length ranges answered at the
+needle's middle; `--preset needle_clips` the same with each haystack a clip of a 144 s video (docs/eval.md);
+`--preset needle_read` (the needle miniature, configs/pipeline/needle.yaml) those clips, a quarter of the
+short ones cut at the video's start, and DIR/stamp_text/ and DIR/stamp_text_long/: needle clips of 4-30 s and 30-144 s written in words.
 
 Same seed and scale -> byte-identical files: every sample draws from its own RNG seeded by (seed, data set,
 index), images are rendered without randomness outside that RNG, mp4s are written bit-exact.

@@ -261,7 +261,7 @@ class TrainConfig:
     seed: int = 1234
     # torch threads per rank on the CPU, set before the first stage builds its model; 0: the launcher's choice.
     # A config that pins it reproduces its figures by itself: the floating-point sums, and so the results,
-    # depend on the thread count (configs/pipeline/needle_read.yaml).
+    # depend on the thread count (configs/pipeline/needle.yaml).
     cpu_threads: int = 0
 
     def moe_aux_loss_form(self) -> str:
