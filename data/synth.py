@@ -16,7 +16,8 @@ the loss falls within a few hundred steps):
 (configs/pipeline/needle_position.yaml): captions, and haystacks of three length ranges answered at the
 needle's middle; `--preset needle_clips` the same with each haystack a clip of a 144 s video (docs/eval.md);
 `--preset needle_read` (the needle miniature, configs/pipeline/needle.yaml) those clips, a quarter of the
-short ones cut at the video's start, and DIR/stamp_text/ and DIR/stamp_text_long/: needle clips of 4-30 s and 30-144 s written in words.
+short ones cut at the video's start, and DIR/stamp_text/ and DIR/stamp_text_long/: needle clips of 4-30 s
+and 30-144 s written in words.
 
 Same seed and scale -> byte-identical files: every sample draws from its own RNG seeded by (seed, data set,
 index), images are rendered without randomness outside that RNG, mp4s are written bit-exact.

@@ -259,7 +259,7 @@ class TrainConfig:
     # Root of the data sets; data YAMLs refer to it as ${data_root}/<data set>/shard-*.tar.
     data_root: str = "demo_data"
     seed: int = 1234
-    # torch threads per rank on the CPU, set before the first stage builds its model; 0: the launcher's choice.
+    # torch threads per rank on the CPU, set before each stage builds its model; 0: the launcher's choice.
     # A config that pins it reproduces its figures by itself: the floating-point sums, and so the results,
     # depend on the thread count (configs/pipeline/needle.yaml).
     cpu_threads: int = 0
