@@ -38,8 +38,9 @@ NEEDLE_PIPELINE ?= needle
 NEEDLE_RUN ?= runs/$(NEEDLE_PIPELINE)
 NEEDLE_EVAL ?= lengths=[8,36,72,108,144,288] depths=[0,0.25,0.5,0.75,1] trials=4 budget=921 \
 	video.min_pixels=1024 video.max_pixels=4096
-NEEDLE_LAST_AND_DATA = $(shell $(PY) -c 'from train.config.compose import stage_configs; \
-	c = stage_configs(["pipeline=$(NEEDLE_PIPELINE)"])[-1]; print(c.stage.name, c.data_root)')
+# "<last stage> <data_root>", composed once when the recipe runs (after setup has made $(PY)), not per use.
+NEEDLE_LAST_AND_DATA = $(eval NEEDLE_LAST_AND_DATA := $(shell $(PY) -c 'from train.config.compose import \
+	stage_configs; c = stage_configs(["pipeline=$(NEEDLE_PIPELINE)"])[-1]; print(c.stage.name, c.data_root)'))$(NEEDLE_LAST_AND_DATA)
 needle: setup
 	$(PY) -m train pipeline=$(NEEDLE_PIPELINE) run_dir=$(NEEDLE_RUN)
 	$(PY) -m train.eval vniah checkpoint=$(NEEDLE_RUN)/$(word 1,$(NEEDLE_LAST_AND_DATA))/final \

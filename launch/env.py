@@ -260,8 +260,7 @@ def _set_omp_threads(env: DistEnv) -> None:
     per rank: local_world_size x oversubscription)."""
     threads = omp_threads(os.environ, env.local_world_size, len(os.sched_getaffinity(0)), os.cpu_count() or 1)
     if threads is not None:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        torch.set_num_threads(threads)
+        set_cpu_threads(threads)
 
 
 def set_cpu_threads(threads: int) -> None:

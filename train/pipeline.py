@@ -63,7 +63,7 @@ def run_pipeline(configs: Sequence[TrainConfig], runtime: StageRuntime | None = 
             print(f"longvl: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     if env.rank == 0:
-        ensure_demo_corpus(configs)
+        ensure_synth_corpus(configs)
     started_group = not dist.is_initialized()
     if started_group:
         init_distributed(env)
@@ -209,7 +209,7 @@ def summary_table(results: Sequence[StageResult]) -> str:
     return "\n".join(lines)
 
 
-def ensure_demo_corpus(configs: Sequence[TrainConfig]) -> None:
+def ensure_synth_corpus(configs: Sequence[TrainConfig]) -> None:
     """A pipeline with `pipeline.synth_corpus` (demo, needle) writes that data.synth corpus when <data_root>
     has none: `make train` / `make needle` work on a fresh checkout. Other pipelines never generate data: a
     missing shard is a preflight error."""
